@@ -1,0 +1,19 @@
+"""bn_triton: batch normalization for PyTorch written in Triton.
+
+Layers of the stack, one module each:
+  bn_triton.kernels     @triton.jit kernels (the repo's kernels/ folder)
+  bn_triton._config     launch settings (tiles, split factor, warps)
+  bn_triton.launch      launchers: layouts, allocation, grids
+  bn_triton.ops         torch.library custom ops + autograd
+  bn_triton.functional  batch_norm (drop-in for torch.nn.functional.batch_norm)
+  bn_triton.modules     BatchNorm1d/2d/3d (drop-ins for torch.nn's) and convert_batchnorm
+  bn_triton.reference   NumPy float64 reference (the lecture note's derivation)
+"""
+
+from bn_triton import reference
+from bn_triton.functional import batch_norm
+from bn_triton.modules import BatchNorm1d, BatchNorm2d, BatchNorm3d, convert_batchnorm
+
+__version__ = "0.1.0"
+
+__all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "batch_norm", "convert_batchnorm", "reference", "__version__"]

@@ -1,0 +1,108 @@
+"""The functional API: ``batch_norm``, a drop-in for ``torch.nn.functional.batch_norm``.
+
+Validation happens here, before any kernel runs or any running statistic changes. Then:
+* CUDA tensors always go to our Triton kernels (through the ops in ops.py);
+* CPU tensors go to them too when Triton's interpreter is on (TRITON_INTERPRET=1: how the tests run
+  without a GPU); otherwise to torch's own CPU batch_norm, so a model with our layers still runs on
+  a CPU;
+* an empty batch (no values per channel) returns what torch returns: nothing to compute.
+"""
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from bn_triton import ops
+from bn_triton._config import interpreting
+
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def uses_triton(input: Tensor) -> bool:
+    """Whether ``input`` is computed by our kernels (else by torch's batch_norm)."""
+    if input.device.type == "cuda":
+        return True
+    return input.device.type == "cpu" and interpreting()
+
+
+def check_inputs(
+    input: Tensor,
+    running_mean: Optional[Tensor],
+    running_var: Optional[Tensor],
+    weight: Optional[Tensor],
+    bias: Optional[Tensor],
+    training: bool,
+) -> None:
+    """Raise a clear error for anything batch_norm cannot compute; torch's messages where it has one."""
+    if input.dim() < 2:
+        raise ValueError(f"batch_norm: expected an input with at least 2 dimensions (N, C, ...), got {input.dim()}D input")
+    if input.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"batch_norm: expected a floating-point input (float16, bfloat16, float32 or float64), got {input.dtype}")
+    if (running_mean is None) != (running_var is None):
+        raise ValueError("running_mean and running_var must either both be None or neither be None")
+    if not training and running_mean is None:
+        raise RuntimeError("running_mean must be defined in evaluation mode")
+    C = input.shape[1]
+    for name, t in (("running_mean", running_mean), ("running_var", running_var), ("weight", weight), ("bias", bias)):
+        if t is None:
+            continue
+        if t.numel() != C:
+            raise RuntimeError(f"{name} should contain {C} elements not {t.numel()}")
+        if t.device != input.device:
+            raise RuntimeError(
+                f"Expected all tensors to be on the same device, but found input on {input.device} and {name} on {t.device}"
+            )
+        if t.dtype not in (input.dtype, torch.float32):
+            raise TypeError(f"batch_norm: {name} must be float32 or the input's dtype ({input.dtype}), got {t.dtype}")
+    if training and input.numel() // C == 1:
+        raise ValueError(f"Expected more than 1 value per channel when training, got input size {input.size()}")
+
+
+def batch_norm(
+    input: Tensor,
+    running_mean: Optional[Tensor],
+    running_var: Optional[Tensor],
+    weight: Optional[Tensor] = None,
+    bias: Optional[Tensor] = None,
+    training: bool = False,
+    momentum: float = 0.1,
+    eps: float = 1e-5,
+) -> Tensor:
+    """Batch normalization over the channel axis (dim 1); same signature and semantics as torch's.
+
+    In training, normalizes with the batch statistics and, if running_mean/running_var are given,
+    updates them in place: running <- (1 - momentum) * running + momentum * batch (unbiased var).
+    In eval, normalizes with running_mean/running_var. Differentiable in input, weight and bias.
+    """
+    check_inputs(input, running_mean, running_var, weight, bias, training)
+    return _batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
+
+
+def _batch_norm(
+    input: Tensor,
+    running_mean: Optional[Tensor],
+    running_var: Optional[Tensor],
+    weight: Optional[Tensor],
+    bias: Optional[Tensor],
+    training: bool,
+    momentum: Optional[float],
+    eps: float,
+    num_batches_tracked: Optional[Tensor] = None,
+) -> Tensor:
+    """batch_norm after validation. With ``num_batches_tracked`` given, the running statistics use the
+    cumulative factor 1 / num_batches_tracked (momentum=None), computed on the device."""
+    if not uses_triton(input) or input.numel() == 0:
+        if num_batches_tracked is not None:  # torch's own path needs the factor on the host
+            momentum = 1.0 / float(num_batches_tracked)
+        return F.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
+    if not training:
+        return ops.eval_forward(input, running_mean, running_var, weight, bias, eps)
+    y, mean, _rstd, var = ops.train_forward(input, weight, bias, eps)
+    if running_mean is not None:
+        count = input.numel() // input.shape[1]
+        ops.update_running_stats(
+            running_mean, running_var, mean, var, 0.0 if momentum is None else momentum, count, num_batches_tracked
+        )
+    return y

@@ -1,0 +1,87 @@
+"""Drop-in modules: torch.nn.BatchNorm1d/2d/3d with our kernels in forward.
+
+They subclass torch's classes, so constructor arguments and defaults, parameters, buffers,
+state_dict keys, ``_check_input_dim`` and isinstance checks are torch's. Only ``forward`` changes:
+validation comes before ``num_batches_tracked`` moves, and momentum=None reads the cumulative factor
+1 / num_batches_tracked on the device (torch calls ``.item()``, a host sync and a graph break).
+"""
+
+import torch
+from torch import Tensor
+
+from bn_triton import functional
+
+
+class _TritonBatchNorm:
+    """Mixin placed before torch's _BatchNorm subclass in the MRO; replaces forward only."""
+
+    def forward(self, input: Tensor) -> Tensor:
+        self._check_input_dim(input)
+        if not functional.uses_triton(input):
+            return super().forward(input)
+        # Eval with track_running_stats=False normalizes with batch statistics, as torch does.
+        bn_training = self.training or (self.running_mean is None and self.running_var is None)
+        use_running = not self.training or self.track_running_stats
+        running_mean = self.running_mean if use_running else None
+        running_var = self.running_var if use_running else None
+        functional.check_inputs(input, running_mean, running_var, self.weight, self.bias, bn_training)
+        num_batches = None
+        if self.training and self.track_running_stats and self.num_batches_tracked is not None:
+            self.num_batches_tracked.add_(1)
+            if self.momentum is None:
+                num_batches = self.num_batches_tracked
+        return functional._batch_norm(
+            input, running_mean, running_var, self.weight, self.bias, bn_training, self.momentum, self.eps, num_batches
+        )
+
+
+class BatchNorm1d(_TritonBatchNorm, torch.nn.BatchNorm1d):
+    """torch.nn.BatchNorm1d on (N, C) or (N, C, L), computed by bn_triton's kernels."""
+
+
+class BatchNorm2d(_TritonBatchNorm, torch.nn.BatchNorm2d):
+    """torch.nn.BatchNorm2d on (N, C, H, W), contiguous or channels_last, computed by bn_triton's kernels."""
+
+
+class BatchNorm3d(_TritonBatchNorm, torch.nn.BatchNorm3d):
+    """torch.nn.BatchNorm3d on (N, C, D, H, W), contiguous or channels_last_3d, computed by bn_triton's kernels."""
+
+
+_REPLACEMENTS = {
+    torch.nn.BatchNorm1d: BatchNorm1d,
+    torch.nn.BatchNorm2d: BatchNorm2d,
+    torch.nn.BatchNorm3d: BatchNorm3d,
+}
+
+
+def _convert_one(bn: torch.nn.Module) -> torch.nn.Module:
+    new_cls = _REPLACEMENTS[type(bn)]
+    new = new_cls(
+        bn.num_features,
+        eps=bn.eps,
+        momentum=bn.momentum,
+        affine=bn.affine,
+        track_running_stats=bn.track_running_stats,
+        device="meta",
+    )
+    # Keep the very same Parameter and buffer objects: optimizers and hooks that hold them stay valid.
+    for name, param in bn.named_parameters(recurse=False):
+        setattr(new, name, param)
+    for name, buf in bn.named_buffers(recurse=False):
+        new.register_buffer(name, buf, persistent=name not in bn._non_persistent_buffers_set)
+    new.train(bn.training)
+    return new
+
+
+def convert_batchnorm(module: torch.nn.Module) -> torch.nn.Module:
+    """Replace every torch.nn.BatchNorm1d/2d/3d inside ``module`` by ours, in place; returns the module.
+
+    Parameters and buffers are kept as the same objects (device, dtype, requires_grad, values), and
+    so is each layer's train/eval mode. Subclasses of torch's classes (SyncBatchNorm, ours, users'
+    own) are left alone: their behaviour may differ.
+    """
+    if type(module) in _REPLACEMENTS:
+        return _convert_one(module)
+    for name, child in module.named_children():
+        setattr(module, name, convert_batchnorm(child))
+    return module

@@ -1,0 +1,66 @@
+"""The elementwise normalize pass: y = (x - mean) * (rstd * weight) + bias, one tile per program.
+
+Training passes the batch mean and rstd; eval passes running_mean and running_var
+(``SCALE_IS_VAR``), whose rsqrt is taken here per channel rather than in an extra launch. With
+``mean`` omitted (``HAS_MEAN=False``) the same kernel scales dy by rstd * weight: the eval backward.
+
+Why (x - mean) * a + bias and not x * a + (bias - mean * a): the subtraction first is exact for x
+near the mean, so a large mean offset (1e4 in fp32) costs no digits of y; the pass is memory-bound,
+so the extra subtract is free.
+"""
+
+import triton
+import triton.language as tl
+
+from .tile import inv_sqrt, tile_offsets
+
+
+@triton.jit
+def channel_scale(SCALE, W, c, cm, eps, ACC: tl.constexpr, SCALE_IS_VAR: tl.constexpr, HAS_W: tl.constexpr):
+    """rstd * weight per channel, where SCALE holds rstd, or the variance when SCALE_IS_VAR."""
+    scale = tl.load(SCALE + c, mask=cm, other=1.0).to(ACC)
+    if SCALE_IS_VAR:
+        scale = inv_sqrt(scale + eps)
+    if HAS_W:
+        scale = scale * tl.load(W + c, mask=cm, other=0.0).to(ACC)
+    return scale
+
+
+@triton.jit
+def normalize_kernel(
+    X,  # input, viewed as (R, C, S)
+    Y,  # output, same strides as X
+    MEAN,  # [C]: batch mean or running_mean (unused unless HAS_MEAN)
+    SCALE,  # [C]: rstd, or running_var when SCALE_IS_VAR
+    W,  # [C] weight (unused unless HAS_W)
+    B,  # [C] bias (unused unless HAS_B)
+    R,
+    C,
+    S,
+    stride_r,
+    stride_c,
+    num_c_blocks,
+    eps,
+    ACC: tl.constexpr,
+    HAS_MEAN: tl.constexpr,
+    SCALE_IS_VAR: tl.constexpr,
+    HAS_W: tl.constexpr,
+    HAS_B: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+    CHANNELS_CONTIG: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    pid_c = pid % num_c_blocks
+    tile = pid // num_c_blocks
+    offs, mask, c, _ = tile_offsets(tile, pid_c, R, C, S, stride_r, stride_c, BLOCK_R, BLOCK_C, BLOCK_S, CHANNELS_CONTIG)
+    cm = c < C
+    a = channel_scale(SCALE, W, c, cm, eps, ACC, SCALE_IS_VAR, HAS_W)
+    x = tl.load(X + offs, mask=mask, other=0.0).to(ACC)
+    if HAS_MEAN:
+        x = x - tl.load(MEAN + c, mask=cm, other=0.0).to(ACC)[None, :, None]
+    y = x * a[None, :, None]
+    if HAS_B:
+        y = y + tl.load(B + c, mask=cm, other=0.0).to(ACC)[None, :, None]
+    tl.store(Y + offs, y.to(Y.dtype.element_ty), mask=mask)
