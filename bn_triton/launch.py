@@ -179,8 +179,12 @@ def grad_sums(dy, x, geom, mean, scale, scale_is_var, eps, dweight=None, dbias=N
     return sums[0], sums[1]
 
 
-def grad_input(dy, x, geom, mean, rstd, weight, sum_dy, sum_dy_xhat):
-    """Training dx from the two per-channel sums (closed form in kernels/grad.py)."""
+def grad_input(dy, x, geom, mean, rstd, weight, sum_dy, sum_dy_xhat, count=None):
+    """Training dx from the two per-channel sums (closed form in kernels/grad.py).
+
+    ``count`` is the m of the closed form: values per channel behind the sums and statistics. It is
+    this tensor's own (geom.per_channel) unless given; SyncBatchNorm passes the global batch's.
+    """
     cfg = launch_config(geom, x.device)
     dx = torch.empty_like(x)
     kernels.grad_input_kernel[(cfg.num_tiles * cfg.num_c_blocks,)](
@@ -194,7 +198,7 @@ def grad_input(dy, x, geom, mean, rstd, weight, sum_dy, sum_dy_xhat):
         sum_dy_xhat,
         *_shape_args(geom),
         cfg.num_c_blocks,
-        1.0 / geom.per_channel,
+        1.0 / (geom.per_channel if count is None else count),
         HAS_W=weight is not None,
         **_tile_args(geom, cfg),
     )
