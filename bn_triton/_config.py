@@ -92,7 +92,9 @@ def launch_config(geom: Geometry, device: torch.device) -> LaunchConfig:
     # Split each channel block's tiles so that the reduction grid reaches target_programs; the
     # grid's second axis caps the split at 65535.
     want = max(1, min(num_tiles, triton.cdiv(target_programs, num_c_blocks), 65535))
-    tiles_per_split = triton.cdiv(num_tiles, want)
+    tiles_per_split = max(1, num_tiles // want)  # rounding down gives at least `want` splits
+    if triton.cdiv(num_tiles, tiles_per_split) > 65535:
+        tiles_per_split = triton.cdiv(num_tiles, 65535)
     num_splits = triton.cdiv(num_tiles, tiles_per_split)
     num_warps = 8 if block_r * block_c * block_s >= 2048 else 4
     return LaunchConfig(block_r, block_c, block_s, num_c_blocks, num_tiles, num_splits, tiles_per_split, num_warps)

@@ -1,0 +1,90 @@
+"""Numerical promises: split reductions merge exactly enough, stay stable at large offsets, are
+bitwise deterministic, and keep a NaN inside its own channel."""
+
+import numpy as np
+import pytest
+import torch
+
+import bn_triton
+from bn_triton import _config, launch, reference
+from tests.helpers import assert_close, make, np64
+
+
+@pytest.fixture
+def many_splits(monkeypatch):
+    """Tiny tiles and many reduction programs, so every channel is merged from several partials."""
+    monkeypatch.setattr(_config, "TILE_ELEMS_INTERPRETER", 32)
+    monkeypatch.setattr(_config, "TILE_ELEMS_GPU", 32)
+    monkeypatch.setattr(_config, "INTERPRETER_PROGRAMS", 24)
+    monkeypatch.setattr(_config, "PROGRAMS_PER_SM", 1)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_split_reduction_merges_partials(layout, many_splits, device):
+    x = make((5, 3, 6, 5), torch.float32, device, layout, offset=3.0, scale=2.0, seed=21)
+    x_, geom = launch.canonical(x)
+    cfg = _config.launch_config(geom, x_.device)
+    assert cfg.num_splits > 1 and cfg.tiles_per_split >= 1
+    xg = x.clone().requires_grad_()
+    y = bn_triton.batch_norm(xg, None, None, training=True)
+    dy = make(x.shape, torch.float32, device, seed=22)
+    y.backward(dy)
+    y_ref, _, _ = reference.forward(np64(x))
+    dx_ref, _, _ = reference.backward(np64(dy), np64(x))
+    assert_close(y, y_ref, torch.float32, what="y")
+    assert_close(xg.grad, dx_ref, torch.float32, scale=4, what="dx")
+
+
+def test_launch_config_fills_the_gpu_at_small_c(monkeypatch):
+    """At C=64 one program per channel leaves most of a 132-SM GPU idle; the split must not."""
+    monkeypatch.setattr(_config, "sm_count", lambda index: 132)
+    geom = _config.Geometry(R=256, C=64, S=112 * 112, stride_r=64 * 112 * 112, stride_c=112 * 112, channels_contig=False)
+    cfg = _config.launch_config(geom, torch.device("cuda", 0))
+    assert cfg.num_c_blocks * cfg.num_splits >= 132 * _config.PROGRAMS_PER_SM
+    cl = _config.Geometry(R=256 * 56 * 56, C=64, S=1, stride_r=64, stride_c=1, channels_contig=True)
+    cfg = _config.launch_config(cl, torch.device("cuda", 0))
+    assert cfg.num_c_blocks * cfg.num_splits >= 132 * _config.PROGRAMS_PER_SM
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_variance_at_large_mean_offset(layout, many_splits, device):
+    """A mean of 1e4 with std 1 in fp32: E[x^2] - E[x]^2 would lose every digit; we must not."""
+    x = make((4, 2, 8, 8), torch.float32, device, layout, offset=1e4, seed=23)
+    _, mean_ref, var_ref = reference.forward(np64(x))
+    x_, geom = launch.canonical(x)
+    mean, rstd, var = launch.batch_stats(x_, geom, 1e-5)
+    np.testing.assert_allclose(np64(var), var_ref, rtol=1e-3)
+    np.testing.assert_allclose(np64(mean), mean_ref, rtol=1e-6)
+    rm, rv = torch.zeros(2, device=device), torch.ones(2, device=device)
+    y = bn_triton.batch_norm(x, rm, rv, training=True, momentum=1.0)
+    np.testing.assert_allclose(np64(rv), var_ref * x.numel() / 2 / (x.numel() / 2 - 1), rtol=1e-3)
+    # The normalized output keeps its digits too: (x - mean) is exact near the mean.
+    y_ref, _, _ = reference.forward(np64(x))
+    np.testing.assert_allclose(np64(y), y_ref, atol=1e-3)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_bitwise_deterministic(layout, many_splits, device):
+    x = make((6, 3, 5, 7), torch.float16, device, layout, offset=1.0, seed=24)
+    w = make((3,), torch.float32, device, offset=1.0, seed=25)
+    b = make((3,), torch.float32, device, seed=26)
+    dy = make(x.shape, torch.float16, device, seed=27)
+    results = []
+    for _ in range(2):
+        xg, wg, bg = (t.clone().requires_grad_() for t in (x, w, b))
+        rm, rv = torch.zeros(3, device=device), torch.ones(3, device=device)
+        y = bn_triton.batch_norm(xg, rm, rv, wg, bg, training=True)
+        y.backward(dy)
+        results.append([y, xg.grad, wg.grad, bg.grad, rm, rv])
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
+
+
+def test_nan_stays_in_its_channel(device):
+    x = make((4, 3, 5), torch.float32, device, seed=28)
+    x[1, 1, 2] = float("nan")
+    rm, rv = torch.zeros(3, device=device), torch.ones(3, device=device)
+    y = bn_triton.batch_norm(x, rm, rv, training=True)
+    assert torch.isnan(y[:, 1]).all()
+    assert torch.isfinite(y[:, 0]).all() and torch.isfinite(y[:, 2]).all()
+    assert torch.isnan(rm[1]) and torch.isfinite(rm[[0, 2]]).all() and torch.isfinite(rv[[0, 2]]).all()
