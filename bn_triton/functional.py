@@ -20,11 +20,18 @@ from bn_triton._config import interpreting
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
+@torch.compiler.assume_constant_result
+def _interpreting() -> bool:
+    # Dynamo cannot trace triton.knobs (a C getenv): read it at trace time as a constant. The
+    # interpreter cannot be switched on later anyway (@triton.jit reads it once, at decoration).
+    return interpreting()
+
+
 def uses_triton(input: Tensor) -> bool:
     """Whether ``input`` is computed by our kernels (else by torch's batch_norm)."""
     if input.device.type == "cuda":
         return True
-    return input.device.type == "cpu" and interpreting()
+    return input.device.type == "cpu" and _interpreting()
 
 
 def check_inputs(
