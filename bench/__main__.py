@@ -1,0 +1,198 @@
+"""``python -m bench``: bn_triton against cuDNN, torch's native kernels and torch.compile.
+
+On a CUDA GPU: suite v1 (or --quick), checked then timed, summary table last; results under
+bench/results/<gpu-name>-<date>/ (or --out). Without one: a smoke of the same code path on tiny
+inputs in Triton's interpreter: correctness and backend detection only, no times.
+"""
+
+import argparse
+import datetime
+import os
+import re
+import signal
+import sys
+import time
+
+
+def parse_args(argv):
+    from bench import impls, suite
+
+    p = argparse.ArgumentParser(
+        prog="python -m bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help=f"subset: shapes {','.join(suite.QUICK_SHAPES)}, configs {','.join(suite.QUICK_CONFIGS)}",
+    )
+    p.add_argument(
+        "--smoke",
+        action="store_true",
+        help="tiny inputs, correctness and backends only, no timing (the default without a GPU)",
+    )
+    p.add_argument("--shapes", help="comma-separated: suite names like 64@56 or 8192x1024, C@HW (N=256), or NxC[xHxW]")
+    p.add_argument(
+        "--dtypes",
+        help=f"comma-separated dtype-layout configs from {', '.join(suite.CONFIGS)} "
+        f"(default {','.join(suite.DEFAULT_CONFIGS)})",
+    )
+    p.add_argument("--passes", help=f"comma-separated from {', '.join(suite.PASSES)} (default all)")
+    p.add_argument("--impls", help=f"comma-separated from {', '.join(impls.IMPLS)} (default all)")
+    p.add_argument(
+        "--out", help="output folder (default bench/results/<gpu-name>-<date>/ on a GPU; none for the smoke)"
+    )
+    p.add_argument(
+        "--budget-s", type=float, help="start no new case after this many seconds; the rest is recorded as skipped"
+    )
+    p.add_argument("--warmup-ms", type=int, help="do_bench warm-up (default 25, --quick 10)")
+    p.add_argument("--rep-ms", type=int, help="do_bench measuring time per call site (default 100, --quick 40)")
+    return p.parse_args(argv)
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9.]+", "-", text).strip("-")
+
+
+def default_out_dir(name: str) -> str:
+    date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d")
+    return os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", f"{_slug(name)}-{date}")
+
+
+class Progress:
+    """One live line on a terminal; one line per step in a log file (every 'every'-th step)."""
+
+    def __init__(self, stream=None):
+        self.stream = stream or sys.stderr
+        self.tty = self.stream.isatty()
+        self.start = time.monotonic()
+
+    def __call__(self, text: str) -> None:
+        line = f"{time.monotonic() - self.start:6.1f}s {text}"
+        if self.tty:
+            self.stream.write("\r\033[K" + line[:150])
+        else:
+            self.stream.write(line + "\n")
+        self.stream.flush()
+
+    def done(self) -> None:
+        if self.tty:
+            self.stream.write("\r\033[K")
+            self.stream.flush()
+
+
+def main(argv=None) -> int:
+    import torch
+
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    cuda = torch.cuda.is_available()
+    smoke = args.smoke or not cuda
+    if not cuda:
+        print("No CUDA GPU: timings need a CUDA GPU. Running the smoke instead: the same checks on tiny inputs")
+        print("in Triton's interpreter (correctness and backend detection only; no times are reported).")
+        # Must be set before bn_triton's kernels are imported (@triton.jit reads it then).
+        os.environ["TRITON_INTERPRET"] = "1"
+    elif smoke:
+        print("--smoke: tiny inputs, correctness and backend detection only; no times are reported.")
+
+    from bench import impls, report, runner, suite
+
+    impl_names = suite.parse_list(args.impls, impls.IMPLS, "implementation") if args.impls else list(impls.IMPLS)
+    passes = suite.parse_list(args.passes, suite.PASSES, "pass") if args.passes else list(suite.PASSES)
+    if smoke:
+        cases = suite.smoke_cases()
+        if args.shapes or args.dtypes:
+            print("(--shapes/--dtypes are ignored by the smoke: it uses its own tiny cases)")
+    else:
+        shape_tokens = (
+            args.shapes.split(",")
+            if args.shapes
+            else (suite.QUICK_SHAPES if args.quick else [s.name for s in suite.SUITE_V1])
+        )
+        shapes = [suite.parse_shape(t) for t in shape_tokens if t.strip()]
+        configs = (
+            suite.parse_list(args.dtypes, suite.CONFIGS, "dtype-layout config")
+            if args.dtypes
+            else list(suite.QUICK_CONFIGS if args.quick else suite.DEFAULT_CONFIGS)
+        )
+        cases = suite.make_cases(shapes, configs)
+
+    device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
+    settings = runner.Settings(
+        device=device,
+        timing=not smoke,
+        warmup_ms=args.warmup_ms or (10 if args.quick else 25),
+        rep_ms=args.rep_ms or (40 if args.quick else 100),
+    )
+    name = report.device_name(device)
+    out = args.out or (None if smoke else default_out_dir(name))
+
+    # `timeout` and schedulers send SIGTERM: stop like Ctrl-C, so the rows measured so far are written.
+    def on_term(signum, frame):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, on_term)
+
+    print(f"device: {name}; {len(cases)} cases x {len(passes)} passes x {len(impl_names)} implementations")
+    t0 = time.monotonic()
+    if settings.timing:
+        settings.copy_gbps = runner.measure_copy_gbps(device, warmup_ms=settings.warmup_ms, rep_ms=settings.rep_ms)
+        print(f"device-to-device copy bandwidth (1 GiB copy, read + write): {settings.copy_gbps:.0f} GB/s")
+    if args.budget_s is not None:
+        settings.deadline = t0 + args.budget_s
+
+    rows, progress, interrupted = [], Progress(), False
+    try:
+        runner.run_suite(cases, impl_names, passes, settings, rows, progress)
+    except KeyboardInterrupt:
+        interrupted = True
+    progress.done()
+    report.add_speedups(rows)
+    elapsed = time.monotonic() - t0
+
+    if smoke:
+        text = "## Smoke: checks against float64, backends that ran (no timing)\n\n" + report.check_table(rows)
+    else:
+        text = (
+            f"## bn_triton vs torch batch norm on {name} (suite {suite.SUITE_VERSION}"
+            + (", quick" if args.quick else "")
+            + f"); copy bandwidth {settings.copy_gbps:.0f} GB/s\n\n"
+            + report.detail_table(rows)
+            + "\n\n### Geomean speedup of bn_triton (baseline time / bn_triton time; > 1: bn_triton faster)\n\n"
+            + report.summary_table(rows)
+        )
+    issues = report.problem_lines(rows)
+    if issues:
+        text += "\n\n### Not timed\n\n" + issues
+    if interrupted:
+        text += "\n\n(interrupted: partial results)"
+    text += f"\n\n{len(rows)} rows in {elapsed:.0f} s.\n"
+
+    if out:
+        os.makedirs(out, exist_ok=True)
+        report.write_csv(rows, os.path.join(out, "results.csv"))
+        env = report.collect_env(
+            device,
+            settings.copy_gbps,
+            sys.argv if argv is None else ["python", "-m", "bench"] + list(argv),
+            extra=dict(suite=suite.SUITE_VERSION, quick=args.quick, smoke=smoke, elapsed_s=round(elapsed, 1)),
+        )
+        report.write_env(env, os.path.join(out, "env.json"))
+        with open(os.path.join(out, "summary.md"), "w") as f:
+            f.write(text)
+        try:
+            plots = report.write_plots(rows, out, settings.copy_gbps, name)
+        except ImportError:
+            plots = []
+            print("matplotlib is not installed: no plots (pip install matplotlib, or the 'bench' extra)")
+        text += f"Wrote {out}: results.csv, env.json, summary.md" + (f", {len(plots)} PNGs" if plots else "") + "\n"
+
+    print()
+    print(text, end="")
+    if interrupted:
+        return 130
+    wrong = [r for r in rows if r["status"] in ("wrong", "error")]
+    return 1 if wrong else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,159 @@
+"""The implementations under comparison, defined once, and how to tell which backend really ran.
+
+Every implementation is a forward function with one signature,
+``fn(x, running_mean, running_var, weight, bias, training) -> y``, with momentum and eps fixed; the
+passes (train forward, eval forward, backward, both) are built from it in runner.py, the same way
+for all of them:
+
+  bn_triton  bn_triton.batch_norm (our Triton kernels)
+  cudnn      torch.nn.functional.batch_norm, eager, cuDNN enabled. torch still routes some inputs
+             to its native kernels (2-D inputs; bf16, and fp16 with fp16 weights, in the torch
+             versions we know): detect_backend() records what actually ran
+  native     the same call with torch.backends.cudnn.enabled = False: torch's own CUDA kernels
+  compile    torch.compile (inductor, default mode) of the same torch function, compiled and
+             warmed before timing; a fresh compile per case (dynamo's cache is reset), so no case
+             runs a graph guarded for another shape or falls back after the recompile limit.
+             Compiled with donated buffers off (torch >= 2.6 turns them on): the backward-only pass
+             runs backward repeatedly on one graph (retain_graph=True), which donation forbids. It
+             only lets backward reuse saved-tensor memory for outputs; with the caching allocator
+             the timing does not depend on it.
+"""
+
+import contextlib
+import dataclasses
+import os
+import sys
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+MOMENTUM = 0.1
+EPS = 1e-5
+
+IMPLS = ("bn_triton", "cudnn", "native", "compile")
+
+
+def torch_bn(x, running_mean, running_var, weight, bias, training: bool):
+    return F.batch_norm(x, running_mean, running_var, weight, bias, training, MOMENTUM, EPS)
+
+
+def triton_bn(x, running_mean, running_var, weight, bias, training: bool):
+    import bn_triton  # imported late: TRITON_INTERPRET must be set first on CPU (see __main__.py)
+
+    return bn_triton.batch_norm(x, running_mean, running_var, weight, bias, training, MOMENTUM, EPS)
+
+
+@dataclasses.dataclass
+class Impl:
+    name: str
+    fn: Callable
+    cudnn: bool | None = None  # torch.backends.cudnn.enabled while this runs; None: leave as is
+    compiled: bool = False
+
+    @contextlib.contextmanager
+    def active(self):
+        """Set the global switches this implementation runs under (around a whole timing loop, not
+        inside the timed callable: toggling them costs host time the kernels would be charged)."""
+        with contextlib.ExitStack() as stack:
+            import torch._functorch.config
+
+            if self.compiled and hasattr(torch._functorch.config, "donated_buffer"):
+                # Read when the graph compiles, i.e. at the first call, which happens in here.
+                stack.enter_context(torch._functorch.config.patch(donated_buffer=False))
+            if self.cudnn is not None:
+                saved = torch.backends.cudnn.enabled
+                torch.backends.cudnn.enabled = self.cudnn
+                stack.callback(setattr, torch.backends.cudnn, "enabled", saved)
+            yield
+
+
+def make_impl(name: str, compile_backend: str = "inductor") -> Impl:
+    """A fresh implementation for one case (for ``compile``: a fresh compiled function)."""
+    if name == "bn_triton":
+        return Impl(name, triton_bn)
+    if name == "cudnn":
+        return Impl(name, torch_bn, cudnn=True)
+    if name == "native":
+        return Impl(name, torch_bn, cudnn=False)
+    if name == "compile":
+        torch._dynamo.reset()
+        # cuDNN stays enabled, as in a default training run: inductor lowers batch_norm to its own
+        # kernels, and if it fell back to eager, detect_backend() would show which kernels ran.
+        return Impl(name, torch.compile(torch_bn, backend=compile_backend), cudnn=True, compiled=True)
+    raise ValueError(f"unknown implementation {name!r}; choose from {', '.join(IMPLS)}")
+
+
+# Aten ops that only dispatch to the real batch-norm kernels (cuDNN, MIOpen or native).
+_DISPATCHERS = {
+    "aten::batch_norm",
+    "aten::_batch_norm_impl_index",
+    "aten::_batch_norm_impl_index_backward",
+    "aten::_batch_norm_with_update",
+    "aten::_batch_norm_no_update",
+    "aten::batch_norm_backward",
+}
+
+
+def classify(event_names, triton_launches: int = 0) -> str:
+    """Name the batch-norm backend(s) seen in profiler event names (and bn_triton's launch count),
+    e.g. 'cudnn', 'native', 'bn_triton', 'inductor', or several joined by '+' (a fallback shows up
+    that way)."""
+    found = {"bn_triton"} if triton_launches else set()
+    compiled = False
+    for name in event_names:
+        if name.startswith("bn_triton::"):
+            found.add("bn_triton")
+        elif name.startswith("Torch-Compiled Region") or name in ("CompiledFunction", "CompiledFunctionBackward"):
+            compiled = True
+        elif name.startswith("aten::") and "batch_norm" in name and name not in _DISPATCHERS:
+            if "cudnn" in name:
+                found.add("cudnn")
+            elif "miopen" in name:
+                found.add("miopen")
+            else:
+                found.add("native")  # native_batch_norm, _native_batch_norm_legit, batch_norm_stats, ...
+    if compiled:
+        found.add("inductor")
+    return "+".join(sorted(found)) if found else "unknown"
+
+
+@contextlib.contextmanager
+def _quiet_stderr_fd():
+    """Silence file descriptor 2: some torch builds print a 'USDT: profiler_start/stop' line from
+    C++ every time the profiler starts or stops, which would bury the progress output."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 2)
+    os.close(devnull)
+    try:
+        yield
+    finally:
+        sys.stderr.flush()
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+def detect_backend(run: Callable[[], object]) -> str:
+    """Run ``run`` once under torch's profiler (CPU activity: the aten ops dispatched) and classify.
+
+    Op names, not kernel names: they are what torch's dispatch rules decide on, they read the same
+    on every GPU and CUDA version, and recording them needs no CUPTI. bn_triton's eager fast path
+    bypasses the dispatcher, so its kernels are counted by bn_triton.launch.LAUNCHES instead. Only
+    the profiler's start and stop are silenced; whatever ``run`` prints still shows.
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    from bn_triton import launch
+
+    launches = sum(launch.LAUNCHES.values())
+    prof = profile(activities=[ProfilerActivity.CPU])
+    with _quiet_stderr_fd():
+        prof.start()
+    try:
+        run()
+    finally:
+        with _quiet_stderr_fd():
+            prof.stop()
+    return classify((e.name for e in prof.events()), sum(launch.LAUNCHES.values()) - launches)

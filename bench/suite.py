@@ -1,0 +1,168 @@
+"""What gets measured: shapes, dtype/layout configurations, passes.
+
+Suite v1 is fixed so that numbers compare over time; change it only by adding a v2 next to it.
+"""
+
+import dataclasses
+
+import torch
+
+SUITE_VERSION = "v1"
+
+# ResNet-50's BatchNorm2d layers as (C, H=W) at batch 256: the stem, then each stage's widths.
+RESNET50_BATCH = 256
+RESNET50_BN = [
+    (64, 112),
+    (64, 56),
+    (256, 56),
+    (128, 56),
+    (128, 28),
+    (512, 28),
+    (256, 28),
+    (256, 14),
+    (1024, 14),
+    (512, 14),
+    (512, 7),
+    (2048, 7),
+]
+# BatchNorm1d on (N, C): many rows/medium C, very many rows/few C, few rows/wide C.
+BN1D = [(8192, 1024), (65536, 256), (2048, 4096)]
+
+PASSES = ("train_fwd", "eval_fwd", "bwd", "fwd_bwd")
+
+# --quick: the two ends of ResNet-50 (large maps/few channels, small maps/many channels) and one
+# BatchNorm1d shape, in the two configurations training mostly uses; runs in about 2 minutes on an
+# H100, most of it torch.compile compiling (two graphs per case).
+QUICK_SHAPES = ("64@56", "2048@7", "8192x1024")
+QUICK_CONFIGS = ("fp32-nchw", "bf16-cl")
+
+
+@dataclasses.dataclass(frozen=True)
+class Shape:
+    name: str
+    dims: tuple
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for d in self.dims:
+            n *= d
+        return n
+
+    @property
+    def spatial(self) -> bool:
+        return len(self.dims) > 2
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """A dtype and a memory layout; the layout applies to inputs with spatial dimensions only."""
+
+    key: str
+    dtype: torch.dtype
+    channels_last: bool
+
+
+CONFIGS = {
+    c.key: c
+    for c in (
+        Config("fp32-nchw", torch.float32, False),
+        Config("bf16-cl", torch.bfloat16, True),
+        Config("fp16-cl", torch.float16, True),
+        Config("fp32-cl", torch.float32, True),
+        Config("bf16-nchw", torch.bfloat16, False),
+        Config("fp16-nchw", torch.float16, False),
+    )
+}
+DEFAULT_CONFIGS = ("fp32-nchw", "bf16-cl", "fp16-cl")
+
+DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    """One input to benchmark: a shape in a dtype and an actual memory layout."""
+
+    shape: Shape
+    dtype: torch.dtype
+    # "NCHW" (contiguous 4-D), "contiguous" (other ranks), "channels_last" (4-D/5-D), or "NC" (2-D:
+    # no spatial layout to choose)
+    layout: str
+
+    @property
+    def dtype_name(self) -> str:
+        return DTYPE_NAMES[self.dtype]
+
+    @property
+    def label(self) -> str:
+        return f"{self.dtype_name}/{self.layout} {self.shape.name}"
+
+
+def _resnet_shape(c: int, hw: int) -> Shape:
+    return Shape(f"{c}@{hw}", (RESNET50_BATCH, c, hw, hw))
+
+
+SUITE_V1 = [_resnet_shape(c, hw) for c, hw in RESNET50_BN] + [Shape(f"{n}x{c}", (n, c)) for n, c in BN1D]
+SUITE_BY_NAME = {s.name: s for s in SUITE_V1}
+
+# The CPU smoke (Triton interpreter): tiny, odd sizes; three cases cover both kernel layouts,
+# all three dtypes and a 2-D input, and keep torch.compile's CPU compile time low.
+SMOKE_SHAPE_4D = Shape("4x6x5x5", (4, 6, 5, 5))
+SMOKE_SHAPE_2D = Shape("24x10", (24, 10))
+
+
+def smoke_cases() -> list:
+    return [
+        Case(SMOKE_SHAPE_4D, torch.float32, "NCHW"),
+        Case(SMOKE_SHAPE_4D, torch.bfloat16, "channels_last"),
+        Case(SMOKE_SHAPE_2D, torch.float16, "NC"),
+    ]
+
+
+def parse_shape(token: str) -> Shape:
+    """'C@HW' (ResNet-style, N=256), a suite name, or explicit dims 'NxC' / 'NxCxL' / 'NxCxHxW'."""
+    token = token.strip()
+    if token in SUITE_BY_NAME:
+        return SUITE_BY_NAME[token]
+    if "@" in token:
+        c, hw = token.split("@")
+        return _resnet_shape(int(c), int(hw))
+    try:
+        dims = tuple(int(d) for d in token.lower().split("x"))
+    except ValueError:
+        raise ValueError(f"bad shape {token!r}: use C@HW (batch {RESNET50_BATCH}) or NxC[xHxW]") from None
+    if len(dims) < 2 or min(dims) < 1:
+        raise ValueError(f"bad shape {token!r}: need at least (N, C), all positive")
+    return Shape(token.lower(), dims)
+
+
+def parse_list(value: str, allowed, what: str) -> list:
+    items = [v.strip() for v in value.split(",") if v.strip()]
+    for item in items:
+        if item not in allowed:
+            raise ValueError(f"unknown {what} {item!r}; choose from {', '.join(allowed)}")
+    return items
+
+
+def layout_of(shape: Shape, channels_last: bool) -> str:
+    rank = len(shape.dims)
+    if rank == 2:
+        return "NC"
+    if channels_last and rank in (4, 5):  # torch has channels_last formats for 4-D and 5-D only
+        return "channels_last"
+    return "NCHW" if rank == 4 else "contiguous"
+
+
+def make_cases(shapes, config_keys) -> list:
+    """Cross shapes with configurations. 2-D shapes have no layout to choose: each runs once per
+    dtype, with layout 'NC', however many layouts of that dtype were asked for (likewise 3-D
+    shapes, which have no channels_last format)."""
+    cases, seen = [], set()
+    for key in config_keys:
+        cfg = CONFIGS[key]
+        for shape in shapes:
+            case = Case(shape, cfg.dtype, layout_of(shape, cfg.channels_last))
+            if case not in seen:
+                seen.add(case)
+                cases.append(case)
+    return cases
