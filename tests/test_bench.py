@@ -9,6 +9,7 @@ import csv
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 
@@ -290,3 +291,25 @@ def test_cli_smoke(tmp_path, request):
     with open(tmp_path / "env.json") as f:
         assert json.load(f)["smoke"] is True
     assert (tmp_path / "summary.md").read_text().startswith("## Smoke")
+
+
+GPU_CHECK = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench", "gpu_check.sh")
+
+
+def test_gpu_check_script_parses_and_lints():
+    subprocess.run(["bash", "-n", GPU_CHECK], check=True, timeout=30)
+    if shutil.which("shellcheck") is None:
+        pytest.skip("shellcheck not installed")
+    res = subprocess.run(["shellcheck", GPU_CHECK], capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0, res.stdout
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without a GPU")
+def test_gpu_check_refuses_without_a_gpu(tmp_path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GPU_CHECK_")}
+    res = subprocess.run(
+        ["bash", GPU_CHECK, "--out", str(tmp_path / "out")], capture_output=True, text=True, env=env, timeout=120
+    )
+    assert res.returncode == 3, res.stdout + res.stderr
+    assert "no CUDA GPU" in res.stderr
+    assert not (tmp_path / "out").exists()  # nothing written, nothing run
