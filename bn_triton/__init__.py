@@ -8,12 +8,23 @@ Layers of the stack, one module each:
   bn_triton.functional  batch_norm (drop-in for torch.nn.functional.batch_norm)
   bn_triton.modules     BatchNorm1d/2d/3d (drop-ins for torch.nn's) and convert_batchnorm
   bn_triton.reference   NumPy float64 reference (the lecture note's derivation)
+  bn_triton.sync_batchnorm  SyncBatchNorm: global-batch statistics over torch.distributed
 """
 
 from bn_triton import reference
 from bn_triton.functional import batch_norm
 from bn_triton.modules import BatchNorm1d, BatchNorm2d, BatchNorm3d, convert_batchnorm
+from bn_triton.sync_batchnorm import SyncBatchNorm
 
 __version__ = "0.1.0"
 
-__all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "batch_norm", "convert_batchnorm", "reference", "__version__"]
+__all__ = [
+    "BatchNorm1d",
+    "BatchNorm2d",
+    "BatchNorm3d",
+    "SyncBatchNorm",
+    "batch_norm",
+    "convert_batchnorm",
+    "reference",
+    "__version__",
+]

@@ -1,0 +1,287 @@
+"""SyncBatchNorm: batch statistics of the global batch across a torch.distributed process group.
+
+A drop-in for ``torch.nn.SyncBatchNorm`` (it subclasses it: constructor, parameters, buffers and
+state_dict keys are torch's) whose local work runs in our kernels. torch.distributed is the only
+transport (NCCL between GPUs, gloo on CPU or GPU tensors). Per training step, one collective in the
+forward and one in the backward:
+
+Forward
+  1. each rank: local mean and biased variance per channel (our stats kernel, fp32; fp64 inputs fp64)
+     and its local count n (the same for every channel);
+  2. one all_reduce (SUM) of the float64 payload ``[n_bad, n, S1[C], S2[C]]`` where, around a pivot
+     K that is identical on every rank, S1 = n (mean - K) and S2 = M2 + n (mean - K)^2 = sum (x - K)^2;
+     ``n_bad`` counts ranks whose input failed validation (see below);
+  3. every rank: global mean = K + S1/N, M2 = S2 - S1^2/N (in float64), running statistics with the
+     global count N (our running-stats kernel), and y with our normalize kernel.
+Backward
+  4. each rank: local sum(dy) and sum(dy * xhat) with the global mean/rstd (our reduction kernel);
+     these are also the local weight/bias grads, which stay local (DDP averages them, as with torch);
+  5. one all_reduce (SUM) of the 2C sums; our dx kernel with the global count N.
+
+Bytes per step (C channels, w ranks): forward 8 (2C + 2) bytes, backward 2C values of the
+accumulation dtype (8C bytes for fp32), so 24C + 16 bytes per rank in all whatever w is (a ring
+all_reduce moves about 2 (w - 1) / w times that per rank). torch's SyncBatchNorm all-gathers
+(2C + 1) fp32 values from every rank: 4 (2C + 1) w bytes received per rank, growing with w.
+
+Why shifted sums in float64 rather than an all_gather of (n, mean, M2) merged with Chan's formula:
+the all_gather is exact but its payload grows with the world size; shifted sums add up with a plain
+all_reduce. Their weak point is cancellation in S2 - S1^2/N, which loses about 2 log10(|mean - K| / std)
+significant digits. float64 carries ~16, so even with K = 0 and |mean| = 1e4 std (the first step of
+a badly centred input) M2 keeps ~8 digits, at least as many as the fp32 statistics of the plain
+BatchNorm; with a good K it loses none. The per-rank means are fp32 roundings, but that is harmless:
+a rank's (mean + delta, M2) are the exact statistics of its data shifted by delta, an error of order
+delta^2 in the variance.
+
+The pivot K must be identical on every rank, and agreeing on one would cost a collective. We use the
+global batch mean of this layer's previous synchronized step: an output of the previous all_reduce,
+so the same on every rank by construction, and the best guess of this batch's mean. The first step
+(and a change of channel count) uses K = 0. running_mean would be the other candidate, but it does
+not exist with track_running_stats=False, is 0 on the first step, lags the batch mean by about
+1/momentum steps, and is identical across ranks only while buffers are kept in sync. The pivot is a
+plain attribute, not a buffer: it is no part of the state_dict and moves with no ``.to()``.
+
+Bad input: every rank validates its input before any collective, and a rank whose input is invalid
+still takes part in the forward all_reduce, with n_bad = 1 and no statistics. Then every rank raises:
+the invalid ones their own error (torch's message), the others a RuntimeError naming how many ranks
+failed. No collective is left hanging and no state (running statistics, num_batches_tracked) moves.
+The payload is ``num_features`` wide on every rank, so an input whose channel count differs from
+num_features is refused even when the layer has no weight or running statistics (torch's would run).
+Failures that are not validation (out of memory in a kernel, a rank that skips the backward) still
+leave the other ranks waiting in the collective until the process group's timeout, as with torch.
+
+With no initialised process group, a world of one, or outside training, it behaves exactly as our
+plain BatchNorm (torch's does the same with its plain batch_norm).
+"""
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+from torch.autograd.function import once_differentiable
+
+from bn_triton import functional, launch, ops
+from bn_triton._config import Geometry
+from bn_triton.modules import _TritonBatchNorm
+
+
+class _SyncBatchNormFunction(torch.autograd.Function):
+    """y = (x - mean) * rstd * weight + bias with global mean/rstd; backward with the global sums.
+
+    ``x`` is already canonical (``launch.canonical``); ``mean`` and ``rstd`` are the global batch
+    statistics (constants here: the paths through them are in the closed form of the dx kernel).
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, mean, rstd, geom: Geometry, count: int, eps: float, group):
+        if x.numel():
+            y = launch.normalize(x, geom, mean, rstd, False, eps, weight, bias)
+        else:
+            y = torch.empty_like(x)
+        ctx.save_for_backward(x, weight, mean, rstd)
+        ctx.geom, ctx.count, ctx.eps, ctx.group = geom, count, eps, group
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        return y
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dy):
+        x, weight, mean, rstd = ctx.saved_tensors
+        geom = ctx.geom
+        want_dx, want_dw, want_db = ctx.needs_input_grad[:3]
+        want_dw = want_dw and weight is not None
+        want_db = want_db and ctx.bias_dtype is not None
+        C = geom.C
+        # An empty rank returns zero weight/bias grads rather than None: DDP waits for a grad of
+        # every parameter, and None would not reach its hooks.
+        dw = torch.zeros(C, dtype=weight.dtype, device=x.device) if want_dw else None
+        db = torch.zeros(C, dtype=ctx.bias_dtype, device=x.device) if want_db else None
+        sums = torch.zeros((2, C), dtype=mean.dtype, device=x.device)
+        if x.numel() and (want_dx or want_dw or want_db):
+            dy = launch.like(dy, x)
+            sums[0], sums[1] = launch.grad_sums(dy, x, geom, mean, rstd, False, ctx.eps, dw, db)
+        dx = None
+        # The collective's condition is the same on every rank (needs_input_grad and the global
+        # count are), so either all ranks all_reduce here or none does.
+        if want_dx and ctx.count > 0:
+            dist.all_reduce(sums, op=dist.ReduceOp.SUM, group=ctx.group)
+        if want_dx:
+            if x.numel():
+                dx = launch.grad_input(dy, x, geom, mean, rstd, weight, sums[0], sums[1], count=ctx.count)
+            else:
+                dx = torch.zeros_like(x)
+        return dx, dw, db, None, None, None, None, None, None
+
+
+class SyncBatchNorm(_TritonBatchNorm, torch.nn.SyncBatchNorm):
+    """torch.nn.SyncBatchNorm computed by bn_triton's kernels, one all_reduce per pass.
+
+    Same constructor as torch's: ``SyncBatchNorm(num_features, eps=1e-5, momentum=0.1, affine=True,
+    track_running_stats=True, process_group=None)``. In training with an initialised process group of
+    more than one rank, statistics are those of the global batch (ranks may hold different batch
+    sizes, including none); otherwise it is our plain BatchNorm. Inputs: CUDA tensors, or CPU tensors
+    with Triton's interpreter on (gloo).
+    """
+
+    # Global batch mean (float64) of this layer's previous synchronized step: the shift of the next
+    # step's sums. Identical on all ranks; None until the first step (see the module docstring).
+    _sync_pivot: Tensor | None = None
+
+    def _sync_group(self):
+        """The process group to synchronize over, or None when no synchronization is needed."""
+        if not (self.training and dist.is_available() and dist.is_initialized()):
+            return None
+        group = self.process_group if self.process_group else dist.group.WORLD
+        return group if dist.get_world_size(group) > 1 else None
+
+    def forward(self, input: Tensor, residual: Tensor | None = None) -> Tensor:
+        group = self._sync_group()
+        if group is None:
+            self._check_input_dim(input)
+            self._check_non_zero_input_channels(input)
+            return super().forward(input) if residual is None else super().forward(input, residual)
+        return self._sync_forward(input, residual, group)
+
+    # torch.compile runs this part eagerly (a graph break around the layer): it reads the global
+    # count on the host and runs collectives, and dynamo cannot trace into the kernel launches.
+    @torch.compiler.disable
+    def _sync_forward(self, input: Tensor, residual: Tensor | None, group) -> Tensor:
+        running_mean = self.running_mean if self.track_running_stats else None
+        running_var = self.running_var if self.track_running_stats else None
+        error = self._validate(input, running_mean, running_var, residual)
+        C = self.num_features
+        acc = launch.acc_dtype(input.dtype) if error is None else torch.float32
+        payload = torch.zeros(2 + 2 * C, dtype=torch.float64, device=self._payload_device(input))
+        pivot = self._pivot(C, payload.device)
+        x, geom, n = input, None, 0
+        if error is not None:
+            payload[0] = 1.0
+        else:
+            x, geom = launch.canonical(input)
+            n = geom.per_channel
+            if n > 0:
+                local_mean, _rstd, local_var = launch.batch_stats(x, geom, self.eps)
+                d = local_mean.to(torch.float64) - pivot
+                payload[1] = float(n)
+                torch.mul(d, n, out=payload[2 : 2 + C])
+                torch.mul(torch.addcmul(local_var.to(torch.float64), d, d), n, out=payload[2 + C :])
+
+        dist.all_reduce(payload, op=dist.ReduceOp.SUM, group=group)
+        # One host sync: the global count sets the unbiasing of running_var and the 1/N of dx, and
+        # both counts decide, identically on every rank, whether to raise.
+        n_bad, N = (int(v) for v in payload[:2].tolist())
+        if error is not None:
+            raise error
+        if n_bad:
+            raise RuntimeError(
+                f"SyncBatchNorm: the input on {n_bad} other rank(s) of the process group was invalid "
+                "(see the error raised there); nothing was computed"
+            )
+        if N == 1:
+            raise ValueError(
+                "Expected more than 1 value per channel when training, got input size "
+                f"{input.size()} on this rank and 1 value per channel in the whole process group"
+            )
+
+        if N > 0:
+            s1, s2 = payload[2 : 2 + C], payload[2 + C :]
+            d = s1 / N
+            mean64 = pivot + d
+            var64 = ((s2 - s1 * d) / N).clamp_(min=0.0)
+            mean, var = mean64.to(acc), var64.to(acc)
+            rstd = torch.rsqrt(var64 + self.eps).to(acc)
+            self._sync_pivot = mean64
+        else:  # every rank is empty: nothing to normalize, running statistics stay (as torch's do)
+            mean = rstd = var = torch.zeros(C, dtype=acc, device=payload.device)
+
+        if self.track_running_stats and self.num_batches_tracked is not None:
+            self.num_batches_tracked.add_(1)
+            if running_mean is not None and N > 0:
+                cumulative = self.momentum is None
+                ops.update_running_stats(
+                    running_mean,
+                    running_var,
+                    mean,
+                    var,
+                    0.0 if cumulative else self.momentum,
+                    N,
+                    self.num_batches_tracked if cumulative else None,
+                )
+        y = _SyncBatchNormFunction.apply(x, self.weight, self.bias, mean, rstd, geom, N, self.eps, group)
+        # The plain layers' fused epilogue, act(BN(x) + residual), is applied unfused here: one more
+        # elementwise pass or two, differentiated by autograd.
+        if residual is not None:
+            y = y + residual
+        return torch.relu(y) if self._activation() == "relu" else y
+
+    def _validate(self, input, running_mean, running_var, residual) -> Exception | None:
+        """The error this rank's input deserves (torch's messages), or None. Raises nothing."""
+        try:
+            self._check_input_dim(input)
+            self._check_non_zero_input_channels(input)
+            if not functional.uses_triton(input):
+                raise ValueError(
+                    "SyncBatchNorm expected input tensor to be on GPU, or on CPU with Triton's "
+                    f"interpreter on (TRITON_INTERPRET=1); got {input.device}"
+                )
+            # A rank may hold a single value per channel (the global batch decides, after the
+            # collective): check that rank's input as if it held two (a view, not a copy).
+            probe = input.expand(2, *input.shape[1:]) if input.numel() == input.shape[1] else input
+            functional.check_inputs(probe, running_mean, running_var, self.weight, self.bias, True)
+            if residual is not None or self._activation() is not None:
+                functional.check_fused(input, self._activation(), residual)
+            if input.shape[1] != self.num_features:
+                raise ValueError(
+                    f"SyncBatchNorm: expected input with {self.num_features} channels, got {input.shape[1]}"
+                )
+        except (ValueError, RuntimeError, TypeError) as e:
+            return e
+        return None
+
+    def _activation(self) -> str | None:
+        # The plain layers' fused activation (None or "relu"); absent on layers built before it.
+        return getattr(self, "activation", None)
+
+    def _payload_device(self, input: Tensor) -> torch.device:
+        # The layer's own device, so that even a rank whose input sits on the wrong device sends a
+        # payload the backend accepts (NCCL takes CUDA tensors only).
+        for t in (self.weight, self.bias, self.running_mean):
+            if t is not None:
+                return t.device
+        return input.device
+
+    def _pivot(self, C: int, device: torch.device) -> Tensor:
+        pivot = self._sync_pivot
+        if pivot is None or pivot.numel() != C:
+            return torch.zeros(C, dtype=torch.float64, device=device)
+        return pivot.to(device)
+
+    @classmethod
+    def convert_sync_batchnorm(cls, module: torch.nn.Module, process_group=None) -> torch.nn.Module:
+        """Replace every BatchNorm*d inside ``module`` (torch's, torch's SyncBatchNorm, ours) by ours.
+
+        As torch's ``convert_sync_batchnorm``: in place for children, and a new layer is returned when
+        ``module`` itself is a batch norm. Parameters and buffers are kept as the same objects (so an
+        optimizer that holds them stays valid), with each layer's train/eval mode and qconfig.
+        """
+        out = module
+        if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+            out = cls(
+                module.num_features,
+                module.eps,
+                module.momentum,
+                module.affine,
+                module.track_running_stats,
+                process_group,
+                device="meta",  # placeholders only: replaced just below by the layer's own tensors
+            )
+            for name in ("weight", "bias"):
+                setattr(out, name, getattr(module, name))
+            for name, buf in module.named_buffers(recurse=False):
+                out.register_buffer(name, buf, persistent=name not in module._non_persistent_buffers_set)
+            out.train(module.training)
+            if getattr(module, "activation", None) is not None:  # our layers' fused ReLU: keep it
+                out.activation = module.activation
+            if hasattr(module, "qconfig"):
+                out.qconfig = module.qconfig
+        for name, child in module.named_children():
+            out.add_module(name, cls.convert_sync_batchnorm(child, process_group))
+        return out
