@@ -96,24 +96,24 @@ def main(argv=None) -> int:
 
     from bench import impls, report, runner, suite
 
-    impl_names = suite.parse_list(args.impls, impls.IMPLS, "implementation") if args.impls else list(impls.IMPLS)
-    passes = suite.parse_list(args.passes, suite.PASSES, "pass") if args.passes else list(suite.PASSES)
+    try:
+        impl_names = suite.parse_list(args.impls, impls.IMPLS, "implementation") if args.impls else list(impls.IMPLS)
+        passes = suite.parse_list(args.passes, suite.PASSES, "pass") if args.passes else list(suite.PASSES)
+        default_shapes = suite.QUICK_SHAPES if args.quick else [s.name for s in suite.SUITE_V1]
+        shape_tokens = args.shapes.split(",") if args.shapes else default_shapes
+        shapes = [suite.parse_shape(t) for t in shape_tokens if t.strip()]
+        default_configs = suite.QUICK_CONFIGS if args.quick else suite.DEFAULT_CONFIGS
+        configs = (
+            suite.parse_list(args.dtypes, suite.CONFIGS, "dtype-layout config") if args.dtypes else default_configs
+        )
+    except ValueError as exc:
+        print(f"python -m bench: {exc}", file=sys.stderr)
+        return 2
     if smoke:
         cases = suite.smoke_cases()
         if args.shapes or args.dtypes:
             print("(--shapes/--dtypes are ignored by the smoke: it uses its own tiny cases)")
     else:
-        shape_tokens = (
-            args.shapes.split(",")
-            if args.shapes
-            else (suite.QUICK_SHAPES if args.quick else [s.name for s in suite.SUITE_V1])
-        )
-        shapes = [suite.parse_shape(t) for t in shape_tokens if t.strip()]
-        configs = (
-            suite.parse_list(args.dtypes, suite.CONFIGS, "dtype-layout config")
-            if args.dtypes
-            else list(suite.QUICK_CONFIGS if args.quick else suite.DEFAULT_CONFIGS)
-        )
         cases = suite.make_cases(shapes, configs)
 
     device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")

@@ -290,8 +290,10 @@ def write_plots(rows: list, out_dir: str, copy_gbps=None, device_name: str = "")
                 ax.axis("off")
                 continue
             _draw(ax, group, copy_gbps, f"{p} · {dtype}/{layout}")
-    fig.suptitle(f"bn_triton vs torch batch norm · {device_name}")
-    fig.tight_layout()
+            if j:
+                ax.set_ylabel("")
+    fig.suptitle(f"bn_triton vs torch batch norm: effective GB/s · {device_name}")
+    fig.tight_layout(rect=(0, 0, 1, 0.97))  # leave the top strip to the suptitle
     path = os.path.join(out_dir, "overview.png")
     fig.savefig(path, dpi=90)
     plt.close(fig)
