@@ -54,25 +54,43 @@ def _close(actual, expected, atol, rtol, what):
     )
 
 
+# atol and rtol of y and dx against float64, by input dtype (fp16: rounding of the output, 2^-11
+# relative on values up to ~4; fp32: accumulation; fp64 inputs accumulate, and sum, in fp64).
+TOL = {torch.float16: 4e-3, torch.float32: 2e-5, torch.float64: 1e-10}
+
+
 def _check_case(
-    rank, device, counts, tail, layout="contiguous", steps=1, offset=0.0, atol=2e-5, grad_atol=1e-4, **kwargs
+    rank,
+    device,
+    counts,
+    tail,
+    layout="contiguous",
+    steps=1,
+    offset=0.0,
+    dtype=torch.float32,
+    atol=None,
+    grad_atol=1e-4,
+    **kwargs,
 ):
     """SyncBatchNorm on this rank's slice of a global batch of sum(counts) samples of shape ``tail``,
-    for ``steps`` training steps, then one eval step: y, dx, summed dweight/dbias, running stats."""
+    for ``steps`` training steps, then one eval step: y, dx, summed dweight/dbias, running stats.
+    Weight, bias and running statistics stay float32 (the AMP case for fp16 inputs)."""
     C = tail[0]
+    atol = TOL[dtype] if atol is None else atol
+    rtol = TOL[dtype]
     gen = torch.Generator().manual_seed(1234)
     mod = bn_triton.SyncBatchNorm(C, eps=EPS, **kwargs).to(device)
     w = b = None
-    if mod.affine:
-        w, b = torch.randn(C, generator=gen, dtype=torch.float64), torch.randn(C, generator=gen, dtype=torch.float64)
+    if mod.affine:  # float32 values, so that the float64 reference sees exactly the layer's weights
+        w, b = torch.randn(C, generator=gen).double(), torch.randn(C, generator=gen).double()
         with torch.no_grad():
             mod.weight.copy_(w)
             mod.bias.copy_(b)
     rm, rv = np.zeros(C), np.ones(C)
     start, stop = sum(counts[:rank]), sum(counts[: rank + 1])
     for step in range(steps):
-        X = (torch.randn((sum(counts), *tail), generator=gen, dtype=torch.float64) * 2 + offset).float()
-        dY = torch.randn(X.shape, generator=gen, dtype=torch.float64).float()
+        X = (torch.randn((sum(counts), *tail), generator=gen, dtype=torch.float64) * 2 + offset).to(dtype)
+        dY = torch.randn(X.shape, generator=gen, dtype=torch.float64).to(dtype)
         x = X[start:stop].to(device)
         if layout == "channels_last":
             x = x.contiguous(memory_format=torch.channels_last)
@@ -83,9 +101,10 @@ def _check_case(
         Xd, dYd = X.double().numpy(), dY.double().numpy()
         y_ref, mean, var = reference.forward(Xd, w, b, EPS)
         dx_ref, dw_ref, db_ref = reference.backward(dYd, Xd, w, EPS)
-        what = f"{layout} counts={counts} step {step}"
-        _close(y, y_ref[start:stop], atol, 2e-5, f"y, {what}")
-        _close(x.grad, dx_ref[start:stop], atol, 2e-5, f"dx, {what}")
+        what = f"{layout} {dtype} counts={counts} step {step}"
+        assert y.dtype == x.grad.dtype == dtype, what
+        _close(y, y_ref[start:stop], atol, rtol, f"y, {what}")
+        _close(x.grad, dx_ref[start:stop], atol, rtol, f"dx, {what}")
         if layout == "channels_last" and x.numel():
             assert y.is_contiguous(memory_format=torch.channels_last), what
         if mod.affine:
@@ -103,7 +122,8 @@ def _check_case(
     if mod.track_running_stats and stop > start:  # eval: local, with the (synchronized) running stats
         mod.eval()
         x = X[start:stop].to(device)
-        _close(mod(x), reference.eval_forward(X.double().numpy()[start:stop], rm, rv, w, b, EPS), atol, 2e-5, "eval")
+        y_ref = reference.eval_forward(X.double().numpy()[start:stop], rm, rv, w, b, EPS)
+        _close(mod(x), y_ref, max(atol, 1e-5), rtol, "eval")  # running stats are float32
 
 
 def _expect_error(fn, exc, match):
@@ -213,6 +233,8 @@ def _check_compiled(rank, device):
 def _world2(rank, world, device):
     # Uneven batches, momentum=None, two steps (the second one shifted by the first one's mean).
     _check_case(rank, device, (3, 2), (3, 5, 4), steps=2, momentum=None)
+    # fp16 input with float32 weights and buffers (autocast's BatchNorm).
+    _check_case(rank, device, (2, 1), (3, 7), dtype=torch.float16, grad_atol=1e-2)
     # channels_last, one sample on rank 0, data offset by 1e4: no E[x^2] cancellation on the first
     # step (pivot 0) nor later: running_var keeps its tight tolerance. y, dx and dweight are limited
     # by the fp32 rounding of the mean (ulp(1e4)/2 = 5e-4, times rstd = 0.5, times sum |dy| for dw),
@@ -232,6 +254,8 @@ def _world3(rank, world, device):
     _check_case(rank, device, (0, 2, 1), (3, 3, 3), "channels_last", affine=False, track_running_stats=False)
     # (N, C) inputs with one value per channel on two ranks: fine, the global batch has two.
     _check_case(rank, device, (1, 0, 1), (5,))
+    # float64 inputs: statistics and both collectives in float64, to 1e-10.
+    _check_case(rank, device, (1, 2, 0), (2, 3, 3), dtype=torch.float64, grad_atol=1e-9)
     # A global batch of one value per channel: every rank raises torch's error, nothing moves.
     mod = bn_triton.SyncBatchNorm(5).to(device)
     x = torch.randn(1 if rank == 0 else 0, 5, device=device)
