@@ -41,8 +41,12 @@ def check_inputs(
     weight: Optional[Tensor],
     bias: Optional[Tensor],
     training: bool,
+    *,
+    activation: Optional[str] = None,
+    residual: Optional[Tensor] = None,
 ) -> None:
     """Raise a clear error for anything batch_norm cannot compute; torch's messages where it has one."""
+    check_fused(input, activation, residual)
     if input.dim() < 2:
         raise ValueError(f"batch_norm: expected an input with at least 2 dimensions (N, C, ...), got {input.dim()}D input")
     if input.dtype not in SUPPORTED_DTYPES:
@@ -67,6 +71,29 @@ def check_inputs(
         raise ValueError(f"Expected more than 1 value per channel when training, got input size {input.size()}")
 
 
+ACTIVATIONS = (None, "relu")
+
+
+def check_fused(input: Tensor, activation: Optional[str], residual: Optional[Tensor]) -> None:
+    """Validate the fused-epilogue arguments: a known activation, a residual exactly like input."""
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"batch_norm: unknown activation {activation!r}; expected None or 'relu'")
+    if residual is None:
+        return
+    if not isinstance(residual, Tensor):
+        raise TypeError(f"batch_norm: residual must be a Tensor or None, got {type(residual).__name__}")
+    if residual.shape != input.shape:
+        raise RuntimeError(
+            f"batch_norm: residual must have the input's shape {tuple(input.shape)}, got {tuple(residual.shape)}"
+        )
+    if residual.dtype != input.dtype:
+        raise TypeError(f"batch_norm: residual must have the input's dtype ({input.dtype}), got {residual.dtype}")
+    if residual.device != input.device:
+        raise RuntimeError(
+            f"Expected all tensors to be on the same device, but found input on {input.device} and residual on {residual.device}"
+        )
+
+
 def batch_norm(
     input: Tensor,
     running_mean: Optional[Tensor],
@@ -76,15 +103,24 @@ def batch_norm(
     training: bool = False,
     momentum: float = 0.1,
     eps: float = 1e-5,
+    *,
+    activation: Optional[str] = None,
+    residual: Optional[Tensor] = None,
 ) -> Tensor:
     """Batch normalization over the channel axis (dim 1); same signature and semantics as torch's.
 
     In training, normalizes with the batch statistics and, if running_mean/running_var are given,
     updates them in place: running <- (1 - momentum) * running + momentum * batch (unbiased var).
     In eval, normalizes with running_mean/running_var. Differentiable in input, weight and bias.
+
+    Fused epilogue (keyword-only): returns ``act(BN(input) + residual)`` computed in the normalize
+    pass, where ``activation`` is None or ``"relu"`` and ``residual`` (optional) has input's shape,
+    dtype and device, in any layout. Differentiable in residual too.
     """
-    check_inputs(input, running_mean, running_var, weight, bias, training)
-    return _batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
+    check_inputs(input, running_mean, running_var, weight, bias, training, activation=activation, residual=residual)
+    return _batch_norm(
+        input, running_mean, running_var, weight, bias, training, momentum, eps, activation=activation, residual=residual
+    )
 
 
 def _batch_norm(
@@ -97,16 +133,24 @@ def _batch_norm(
     momentum: Optional[float],
     eps: float,
     num_batches_tracked: Optional[Tensor] = None,
+    *,
+    activation: Optional[str] = None,
+    residual: Optional[Tensor] = None,
 ) -> Tensor:
     """batch_norm after validation. With ``num_batches_tracked`` given, the running statistics use the
     cumulative factor 1 / num_batches_tracked (momentum=None), computed on the device."""
     if not uses_triton(input) or input.numel() == 0:
         if num_batches_tracked is not None:  # torch's own path needs the factor on the host
             momentum = 1.0 / float(num_batches_tracked)
-        return F.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
+        y = F.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
+        if residual is not None:
+            y = y + residual
+        return torch.relu(y) if activation == "relu" else y
+    # The plain ops are called exactly as before when nothing is fused (same graphs, same schemas).
+    fused = () if activation is None and residual is None else (residual, activation == "relu")
     if not training:
-        return ops.eval_forward(input, running_mean, running_var, weight, bias, eps)
-    y, mean, _rstd, var = ops.train_forward(input, weight, bias, eps)
+        return ops.eval_forward(input, running_mean, running_var, weight, bias, eps, *fused)
+    y, mean, _rstd, var = ops.train_forward(input, weight, bias, eps, *fused)
     if running_mean is not None:
         count = input.numel() // input.shape[1]
         ops.update_running_stats(

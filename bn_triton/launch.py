@@ -96,10 +96,11 @@ def batch_stats(x: torch.Tensor, geom: Geometry, eps: float):
     return mean, rstd, var
 
 
-def normalize(x, geom, mean, scale, scale_is_var, eps, weight, bias, out=None):
+def normalize(x, geom, mean, scale, scale_is_var, eps, weight, bias, out=None, residual=None, relu=False):
     """y = (x - mean) * scale' * weight + bias where scale' = rstd, or rsqrt(scale + eps) if scale_is_var.
 
-    With mean=None and bias=None this is dy * rstd * weight: the eval-mode dx.
+    With mean=None and bias=None this is dy * rstd * weight: the eval-mode dx. With ``residual``
+    (x's strides: see ``like``) and/or ``relu`` it is relu(... + residual), fused in the same pass.
     """
     cfg = launch_config(geom, x.device)
     y = torch.empty_like(x) if out is None else out
@@ -119,6 +120,9 @@ def normalize(x, geom, mean, scale, scale_is_var, eps, weight, bias, out=None):
         HAS_W=weight is not None,
         HAS_B=bias is not None,
         **_tile_args(geom, cfg),
+        RES=residual,
+        HAS_RESIDUAL=residual is not None,
+        RELU=relu,
     )
     LAUNCHES["normalize"] += 1
     return y
@@ -142,8 +146,15 @@ def update_running_stats(running_mean, running_var, mean, var, momentum, count, 
     LAUNCHES["running_stats"] += 1
 
 
-def grad_sums(dy, x, geom, mean, scale, scale_is_var, eps, dweight=None, dbias=None):
-    """sum(dy) and sum(dy * xhat) per channel (acc dtype); also written to dweight/dbias if given."""
+def grad_sums(
+    dy, x, geom, mean, scale, scale_is_var, eps, dweight=None, dbias=None, *, relu=False, y=None, weight=None, bias=None, dz=None
+):
+    """sum(dy) and sum(dy * xhat) per channel (acc dtype); also written to dweight/dbias if given.
+
+    With ``relu``, dy is first masked by the fused ReLU: by y > 0 when ``y`` is given, else by the
+    pre-activation recomputed from x, ``weight`` and ``bias``; the masked dy is written to ``dz`` if given.
+    """
+    recompute = relu and y is None
     cfg = launch_config(geom, x.device)
     acc = acc_dtype(x.dtype)
     parts = torch.empty((2, cfg.num_splits, geom.C), dtype=acc, device=x.device)
@@ -160,6 +171,15 @@ def grad_sums(dy, x, geom, mean, scale, scale_is_var, eps, dweight=None, dbias=N
         eps,
         SCALE_IS_VAR=scale_is_var,
         **_tile_args(geom, cfg),
+        Y=y,
+        W=weight if recompute else None,
+        B=bias if recompute else None,
+        DZ=dz,
+        RELU=relu,
+        MASK_FROM_Y=y is not None,
+        HAS_W=recompute and weight is not None,
+        HAS_B=recompute and bias is not None,
+        STORE_DZ=dz is not None,
     )
     sums = torch.empty((2, geom.C), dtype=acc, device=x.device)
     kernels.grad_finalize_kernel[_finalize_grid(geom.C)](
@@ -179,14 +199,37 @@ def grad_sums(dy, x, geom, mean, scale, scale_is_var, eps, dweight=None, dbias=N
     return sums[0], sums[1]
 
 
-def grad_input(dy, x, geom, mean, rstd, weight, sum_dy, sum_dy_xhat, count=None):
+def grad_input(
+    dy,
+    x,
+    geom,
+    mean,
+    rstd,
+    weight,
+    sum_dy,
+    sum_dy_xhat,
+    count=None,
+    *,
+    training=True,
+    eps=0.0,
+    relu=False,
+    y=None,
+    bias=None,
+    dz=None,
+    want_dx=True,
+):
     """Training dx from the two per-channel sums (closed form in kernels/grad.py).
 
     ``count`` is the m of the closed form: values per channel behind the sums and statistics. It is
     this tensor's own (geom.per_channel) unless given; SyncBatchNorm passes the global batch's.
+
+    ``training=False``: the eval dx, dy * weight * rsqrt(rstd + eps) with ``rstd`` holding
+    running_var and no sums. ``relu``: dy is masked first, as in ``grad_sums`` (by y > 0 when ``y``
+    is given, else recomputed from x, ``weight`` and ``bias``); the masked dy goes to ``dz`` if given.
+    Returns dx, or None when ``want_dx`` is False (only dz wanted).
     """
     cfg = launch_config(geom, x.device)
-    dx = torch.empty_like(x)
+    dx = torch.empty_like(x) if want_dx else None
     kernels.grad_input_kernel[(cfg.num_tiles * cfg.num_c_blocks,)](
         dy,
         x,
@@ -201,6 +244,17 @@ def grad_input(dy, x, geom, mean, rstd, weight, sum_dy, sum_dy_xhat, count=None)
         1.0 / (geom.per_channel if count is None else count),
         HAS_W=weight is not None,
         **_tile_args(geom, cfg),
+        Y=y,
+        B=bias if relu and y is None else None,
+        DZ=dz,
+        eps=eps,
+        EVAL_ACC=_tl_acc(x.dtype),
+        TRAINING=training,
+        RELU=relu,
+        MASK_FROM_Y=y is not None,
+        HAS_B=relu and y is None and bias is not None,
+        STORE_DZ=dz is not None,
+        STORE_DX=want_dx,
     )
     LAUNCHES["grad_input"] += 1
     return dx

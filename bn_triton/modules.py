@@ -4,6 +4,10 @@ They subclass torch's classes, so constructor arguments and defaults, parameters
 state_dict keys, ``_check_input_dim`` and isinstance checks are torch's. Only ``forward`` changes:
 validation comes before ``num_batches_tracked`` moves, and momentum=None reads the cumulative factor
 1 / num_batches_tracked on the device (torch calls ``.item()``, a host sync and a graph break).
+
+Fused epilogue: ``activation="relu"`` in the constructor and ``forward(input, residual=None)`` give
+``act(BN(input) + residual)`` in one normalize pass. ``activation`` is a plain attribute, not a
+parameter or buffer, so state_dicts stay torch's; with the defaults the modules are exact drop-ins.
 """
 
 import torch
@@ -15,23 +19,52 @@ from bn_triton import functional
 class _TritonBatchNorm:
     """Mixin placed before torch's _BatchNorm subclass in the MRO; replaces forward only."""
 
-    def forward(self, input: Tensor) -> Tensor:
+    activation = None  # class default: instances unpickled from before the fused epilogue existed
+
+    def __init__(self, *args, activation=None, **kwargs):
+        """torch's constructor arguments, plus keyword-only ``activation`` (None or "relu")."""
+        functional.check_fused(torch.empty(0), activation, None)  # unknown names fail at construction
+        super().__init__(*args, **kwargs)
+        self.activation = activation
+
+    def extra_repr(self) -> str:
+        base = super().extra_repr()
+        return base if self.activation is None else f"{base}, activation={self.activation!r}"
+
+    def forward(self, input: Tensor, residual=None) -> Tensor:
         self._check_input_dim(input)
+        # Before anything runs or num_batches_tracked moves, on every path.
+        functional.check_fused(input, self.activation, residual)
         if not functional.uses_triton(input):
-            return super().forward(input)
+            y = super().forward(input)
+            if residual is not None:
+                y = y + residual
+            return torch.relu(y) if self.activation == "relu" else y
         # Eval with track_running_stats=False normalizes with batch statistics, as torch does.
         bn_training = self.training or (self.running_mean is None and self.running_var is None)
         use_running = not self.training or self.track_running_stats
         running_mean = self.running_mean if use_running else None
         running_var = self.running_var if use_running else None
-        functional.check_inputs(input, running_mean, running_var, self.weight, self.bias, bn_training)
+        functional.check_inputs(
+            input, running_mean, running_var, self.weight, self.bias, bn_training, activation=self.activation, residual=residual
+        )
         num_batches = None
         if self.training and self.track_running_stats and self.num_batches_tracked is not None:
             self.num_batches_tracked.add_(1)
             if self.momentum is None:
                 num_batches = self.num_batches_tracked
         return functional._batch_norm(
-            input, running_mean, running_var, self.weight, self.bias, bn_training, self.momentum, self.eps, num_batches
+            input,
+            running_mean,
+            running_var,
+            self.weight,
+            self.bias,
+            bn_training,
+            self.momentum,
+            self.eps,
+            num_batches,
+            activation=self.activation,
+            residual=residual,
         )
 
 

@@ -3,14 +3,18 @@
 Ops (namespace ``bn_triton``), each with a fake (meta) implementation so that torch.compile and
 torch.export trace through them without running a kernel:
 
-* ``train_forward(x, weight?, bias?, eps) -> (y, mean, rstd, var)``  batch statistics + normalize
-* ``eval_forward(x, running_mean, running_var, weight?, bias?, eps) -> y``
+* ``train_forward(x, weight?, bias?, eps, residual?=None, relu=False) -> (y, mean, rstd, var)``  batch
+  statistics + normalize (+ residual add + ReLU, fused into the normalize pass)
+* ``eval_forward(x, running_mean, running_var, weight?, bias?, eps, residual?=None, relu=False) -> y``
 * ``backward(dy, x, mean, scale, weight?, eps, training, mask) -> (dx, dweight, dbias)``
+* ``backward_relu(dy, x, y?, mean, scale, weight?, bias?, eps, training, mask) -> (dx, dweight, dbias, dresidual)``
+  the backward through a fused ReLU (y given: the mask is y > 0; else recomputed from x; see kernels/grad.py)
 * ``update_running_stats(running_mean!, running_var!, mean, var, momentum, count, num_batches?)``
 
 The forward ops are functional (``register_autograd`` refuses ops that mutate their inputs); the
 running statistics are updated by their own op, which declares exactly what it mutates.
 Gradients not asked for come back as empty tensors from ``backward`` and as None from autograd.
+Without ReLU, d(residual) is dy itself (the add's gradient): no kernel.
 """
 
 from typing import Optional
@@ -28,32 +32,42 @@ def _stat_like(x: Tensor) -> Tensor:
 # ---------------------------------------------------------------- training forward
 @torch.library.custom_op("bn_triton::train_forward", mutates_args=())
 def train_forward(
-    x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float
+    x: Tensor,
+    weight: Optional[Tensor],
+    bias: Optional[Tensor],
+    eps: float,
+    residual: Optional[Tensor] = None,
+    relu: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     x_, geom = launch.canonical(x)
     mean, rstd, var = launch.batch_stats(x_, geom, eps)
-    y = launch.normalize(x_, geom, mean, rstd, False, eps, weight, bias)
+    res = None if residual is None else launch.like(residual, x_)
+    y = launch.normalize(x_, geom, mean, rstd, False, eps, weight, bias, residual=res, relu=relu)
     return y, mean, rstd, var
 
 
 @train_forward.register_fake
-def _(x, weight, bias, eps):
+def _(x, weight, bias, eps, residual=None, relu=False):
     x_, _ = launch.canonical(x)
     return torch.empty_like(x_), _stat_like(x), _stat_like(x), _stat_like(x)
 
 
 def _train_setup_context(ctx, inputs, output):
-    x, weight, _bias, eps = inputs
-    _y, mean, rstd, _var = output
-    ctx.save_for_backward(x, weight, mean, rstd)
+    x, weight, bias, eps, residual, relu = inputs
+    y, mean, rstd, _var = output
+    ctx.save_for_backward(x, weight, mean, rstd, *_relu_saved(y, bias, residual, relu))
     ctx.eps = eps
+    ctx.relu = relu
     ctx.mark_non_differentiable(mean, rstd, _var)
 
 
 def _train_backward(ctx, dy, _dmean, _drstd, _dvar):
-    x, weight, mean, rstd = ctx.saved_tensors
+    x, weight, mean, rstd, y, bias = ctx.saved_tensors
+    if ctx.relu:
+        dx, dw, db, dres = _backward_relu(ctx, dy, x, y, mean, rstd, weight, bias, True)
+        return _trim(ctx, dx, dw, db, None, dres, None)
     dx, dw, db = _backward(ctx, dy, x, mean, rstd, weight, training=True)
-    return dx, dw, db, None
+    return _trim(ctx, dx, dw, db, None, _residual_grad(ctx, dy, 4), None)
 
 
 train_forward.register_autograd(_train_backward, setup_context=_train_setup_context)
@@ -68,27 +82,34 @@ def eval_forward(
     weight: Optional[Tensor],
     bias: Optional[Tensor],
     eps: float,
+    residual: Optional[Tensor] = None,
+    relu: bool = False,
 ) -> Tensor:
     x_, geom = launch.canonical(x)
-    return launch.normalize(x_, geom, running_mean, running_var, True, eps, weight, bias)
+    res = None if residual is None else launch.like(residual, x_)
+    return launch.normalize(x_, geom, running_mean, running_var, True, eps, weight, bias, residual=res, relu=relu)
 
 
 @eval_forward.register_fake
-def _(x, running_mean, running_var, weight, bias, eps):
+def _(x, running_mean, running_var, weight, bias, eps, residual=None, relu=False):
     x_, _ = launch.canonical(x)
     return torch.empty_like(x_)
 
 
 def _eval_setup_context(ctx, inputs, output):
-    x, running_mean, running_var, weight, _bias, eps = inputs
-    ctx.save_for_backward(x, weight, running_mean, running_var)
+    x, running_mean, running_var, weight, bias, eps, residual, relu = inputs
+    ctx.save_for_backward(x, weight, running_mean, running_var, *_relu_saved(output, bias, residual, relu))
     ctx.eps = eps
+    ctx.relu = relu
 
 
 def _eval_backward(ctx, dy):
-    x, weight, running_mean, running_var = ctx.saved_tensors
+    x, weight, running_mean, running_var, y, bias = ctx.saved_tensors
+    if ctx.relu:
+        dx, dw, db, dres = _backward_relu(ctx, dy, x, y, running_mean, running_var, weight, bias, False, weight_index=3)
+        return _trim(ctx, dx, None, None, dw, db, None, dres, None)
     dx, dw, db = _backward(ctx, dy, x, running_mean, running_var, weight, training=False, weight_index=3)
-    return dx, None, None, dw, db, None
+    return _trim(ctx, dx, None, None, dw, db, None, _residual_grad(ctx, dy, 6), None)
 
 
 eval_forward.register_autograd(_eval_backward, setup_context=_eval_setup_context)
@@ -151,6 +172,101 @@ def _backward(ctx, dy, x, mean, scale, weight, training, weight_index=1):
         dx if mask[0] else None,
         dw if mask[1] and weight is not None else None,
         db if mask[2] else None,
+    )
+
+
+# ---------------------------------------------------------------- backward through a fused ReLU
+@torch.library.custom_op("bn_triton::backward_relu", mutates_args=())
+def backward_relu(
+    dy: Tensor,
+    x: Tensor,
+    y: Optional[Tensor],
+    mean: Tensor,
+    scale: Tensor,
+    weight: Optional[Tensor],
+    bias: Optional[Tensor],
+    eps: float,
+    training: bool,
+    output_mask: list[bool],
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Gradients of out = relu(BN(x) + residual): (dx, dweight, dbias, dresidual).
+
+    g = dy where the ReLU passed (d(residual) = g), then ``backward``'s formulas on g. The mask is
+    y > 0 when the forward's output ``y`` is given (the residual case), else the pre-activation is
+    recomputed from x, weight and bias (kernels/grad.py has the byte counts behind this choice).
+    """
+    want_dx, want_dw, want_db, want_dres = output_mask
+    want_dw = want_dw and weight is not None
+    want_dres = want_dres and y is not None  # without a residual there is no d(residual)
+    x_, geom = launch.canonical(x)
+    dy_ = launch.like(dy, x_)
+    y_ = None if y is None else launch.like(y, x_)
+    dx, dw, db = _empty_grads(x, weight, output_mask[:3])
+    dres = x.new_empty((0,))
+    need_sums = want_dw or want_db or (training and want_dx)
+    # With a residual, pass 1 writes g: it is d(residual), and pass 2 then reads g instead of dy and y.
+    dz = torch.empty_like(x_) if y is not None and (want_dres or (need_sums and want_dx)) else None
+    relu_args = dict(relu=True, y=y_, bias=bias)
+    if need_sums:
+        sum_dy, sum_dy_xhat = launch.grad_sums(
+            dy_, x_, geom, mean, scale, not training, eps, dw if want_dw else None, db if want_db else None,
+            weight=weight, dz=dz, **relu_args,
+        )
+        if want_dx:
+            if dz is not None:  # already masked
+                dx = launch.grad_input(dz, x_, geom, mean, scale, weight, sum_dy, sum_dy_xhat, training=training, eps=eps)
+            else:
+                dx = launch.grad_input(
+                    dy_, x_, geom, mean, scale, weight, sum_dy, sum_dy_xhat, training=training, eps=eps, **relu_args
+                )
+    elif want_dx or dz is not None:  # elementwise only: eval dx, and/or d(residual)
+        dx_ = launch.grad_input(
+            dy_, x_, geom, mean, scale, weight, None, None, training=False, eps=eps, dz=dz, want_dx=want_dx, **relu_args
+        )
+        dx = dx_ if want_dx else dx
+    if want_dres:
+        dres = dz
+    return dx, dw, db, dres
+
+
+@backward_relu.register_fake
+def _(dy, x, y, mean, scale, weight, bias, eps, training, output_mask):
+    _, dw, db = _empty_grads(x, weight, output_mask[:3])
+    full = lambda want: torch.empty_like(launch.canonical(x)[0]) if want else x.new_empty((0,))
+    return full(output_mask[0]), dw, db, full(output_mask[3] and y is not None)
+
+
+def _relu_saved(y, bias, residual, relu):
+    """What the ReLU backward needs beyond BN's: y for the mask with a residual, else bias to recompute it."""
+    if not relu:
+        return None, None
+    return (y, None) if residual is not None else (None, bias)
+
+
+def _trim(ctx, *grads):
+    """One gradient per input the op was called with (trailing defaulted arguments may be absent)."""
+    return grads[: len(ctx.needs_input_grad)]
+
+
+def _needs(ctx, index):
+    needs = ctx.needs_input_grad
+    return index < len(needs) and needs[index]
+
+
+def _residual_grad(ctx, dy, index):
+    """d(residual) of a plain add: dy itself."""
+    return dy if _needs(ctx, index) else None
+
+
+def _backward_relu(ctx, dy, x, y, mean, scale, weight, bias, training, weight_index=1):
+    residual_index = 4 if training else 6
+    mask = [_needs(ctx, 0), _needs(ctx, weight_index), _needs(ctx, weight_index + 1), _needs(ctx, residual_index)]
+    dx, dw, db, dres = backward_relu(dy, x, y, mean, scale, weight, bias, ctx.eps, training, mask)
+    return (
+        dx if mask[0] else None,
+        dw if mask[1] and weight is not None else None,
+        db if mask[2] else None,
+        dres if mask[3] and y is not None else None,
     )
 
 

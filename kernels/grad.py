@@ -5,13 +5,42 @@ With those two sums (they are dbias and dweight) the training dx is elementwise:
 (the closed form of the three-path derivation; see shared/docs/bn-math.md). x is read again and xhat
 recomputed, so the forward saves only mean and rstd. In eval mode the statistics are constants and
 dx = dy * weight * rsqrt(running_var + eps), which ``normalize_kernel`` computes.
+
+Fused ReLU (``RELU``): every formula above runs on g = dy masked by the ReLU, g = where(keep, dy, 0),
+which is also d(residual). ``keep`` comes either from the stored output y (``MASK_FROM_Y``: y > 0) or
+from the pre-activation recomputed from x (bn_affine, the forward's own code) when there is no
+residual. Why, in bytes moved (B = one full tensor in the input dtype, E = its element count):
+
+  no residual, training:  recompute costs 0 (x is read by both passes anyway): 5B, as plain BN.
+                          A mask from y would add 2B (one read per pass); a 1-byte mask +2E.
+  residual, training:     pass 1 reads dy, x, y and writes g (it is d(residual), wanted anyway);
+                          pass 2 reads g and x and writes dx: 4B + 3B = 7B. Recomputing instead
+                          needs the residual in pass 1, the same 7B. A saved 1-byte mask would move
+                          6B + E in backward (+E written in forward): equal for fp16/bf16 (E = B/2),
+                          0.5B less of 11B for fp32, at E more bytes of saved activations per layer;
+                          y costs no memory, autograd keeps it (the next layer saves its input). A
+                          1-bit mask (6B + E/8, +E/8 in forward) would move least; not done here.
+  eval (dx only):         residual: dy, y in; dx, g out: 4B (recompute: 5B). No residual: dy, x
+                          in, dx out: 3B (y instead of x: the same).
+Never a full-size pre-activation. A user writing into y in place makes backward raise (autograd's
+version check), as with torch's own relu, which also saves its output.
 """
 
 import triton
 import triton.language as tl
 
-from .normalize import channel_scale
+from .normalize import bn_affine, channel_scale, relu_keep
 from .tile import sum_rs, tile_offsets
+
+
+@triton.jit
+def relu_mask(x, Y, offs, mask, MEAN, B, a, c, cm, ACC: tl.constexpr, OUT_DTYPE: tl.constexpr, HAS_B: tl.constexpr,
+              MASK_FROM_Y: tl.constexpr):
+    """Where the fused ReLU let the gradient through: y > 0, read or recomputed (see the module doc)."""
+    if MASK_FROM_Y:
+        return tl.load(Y + offs, mask=mask, other=0.0).to(ACC) > 0
+    else:
+        return relu_keep(bn_affine(x, MEAN, B, a, c, cm, ACC, True, HAS_B), OUT_DTYPE)
 
 
 @triton.jit
@@ -35,12 +64,22 @@ def grad_partials_kernel(
     BLOCK_C: tl.constexpr,
     BLOCK_S: tl.constexpr,
     CHANNELS_CONTIG: tl.constexpr,
+    Y=None,  # forward output, same strides as X (read when MASK_FROM_Y)
+    W=None,  # [C] weight, bias: to recompute the pre-activation (RELU and not MASK_FROM_Y)
+    B=None,
+    DZ=None,  # out, same strides as X: the masked dy (when STORE_DZ)
+    RELU: tl.constexpr = False,
+    MASK_FROM_Y: tl.constexpr = False,
+    HAS_W: tl.constexpr = False,
+    HAS_B: tl.constexpr = False,
+    STORE_DZ: tl.constexpr = False,
 ):
     pid_c = tl.program_id(0)
     split = tl.program_id(1)
     ACC = PART_SUM_DY.dtype.element_ty
     c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     cm = c < C
+    a = channel_scale(SCALE, W, c, cm, eps, ACC, SCALE_IS_VAR, HAS_W)  # weight * rstd: the recompute's scale
     mean = tl.load(MEAN + c, mask=cm, other=0.0).to(ACC)[None, :, None]
     rstd = channel_scale(SCALE, SCALE, c, cm, eps, ACC, SCALE_IS_VAR, False)[None, :, None]
     sum_dy = tl.zeros([BLOCK_C], ACC)
@@ -53,6 +92,10 @@ def grad_partials_kernel(
         )
         dy = tl.load(DY + offs, mask=mask, other=0.0).to(ACC)
         x = tl.load(X + offs, mask=mask, other=0.0).to(ACC)
+        if RELU:
+            dy = tl.where(relu_mask(x, Y, offs, mask, MEAN, B, a, c, cm, ACC, X.dtype.element_ty, HAS_B, MASK_FROM_Y), dy, 0.0)
+            if STORE_DZ:
+                tl.store(DZ + offs, dy.to(DZ.dtype.element_ty), mask=mask)
         xhat = tl.where(mask, (x - mean) * rstd, 0.0)
         sum_dy += sum_rs(dy)
         sum_dy_xhat += sum_rs(dy * xhat)
@@ -113,20 +156,45 @@ def grad_input_kernel(
     BLOCK_C: tl.constexpr,
     BLOCK_S: tl.constexpr,
     CHANNELS_CONTIG: tl.constexpr,
+    Y=None,  # forward output (read when MASK_FROM_Y)
+    B=None,  # [C] bias (recompute of the pre-activation)
+    DZ=None,  # out: the masked dy, d(residual) (when STORE_DZ)
+    eps=0.0,
+    EVAL_ACC: tl.constexpr = None,  # accumulation dtype when not TRAINING (no sums to take it from)
+    TRAINING: tl.constexpr = True,  # False: dx = dy * weight * rsqrt(running_var + eps), RSTD holds running_var
+    RELU: tl.constexpr = False,
+    MASK_FROM_Y: tl.constexpr = False,
+    HAS_B: tl.constexpr = False,
+    STORE_DZ: tl.constexpr = False,
+    STORE_DX: tl.constexpr = True,
 ):
     pid = tl.program_id(0)
     pid_c = pid % num_c_blocks
     tile = pid // num_c_blocks
     offs, mask, c, _ = tile_offsets(tile, pid_c, R, C, S, stride_r, stride_c, BLOCK_R, BLOCK_C, BLOCK_S, CHANNELS_CONTIG)
     cm = c < C
-    ACC = SUM_DY.dtype.element_ty
-    rstd = tl.load(RSTD + c, mask=cm, other=0.0).to(ACC)
-    a = channel_scale(RSTD, W, c, cm, 0.0, ACC, False, HAS_W)
-    mean = tl.load(MEAN + c, mask=cm, other=0.0).to(ACC)
-    mean_dy = tl.load(SUM_DY + c, mask=cm, other=0.0) * inv_m
-    mean_dy_xhat = tl.load(SUM_DY_XHAT + c, mask=cm, other=0.0) * inv_m
+    if TRAINING:
+        ACC = SUM_DY.dtype.element_ty
+    else:
+        ACC = EVAL_ACC
+    a = channel_scale(RSTD, W, c, cm, eps, ACC, not TRAINING, HAS_W)
     dy = tl.load(DY + offs, mask=mask, other=0.0).to(ACC)
-    x = tl.load(X + offs, mask=mask, other=0.0).to(ACC)
-    xhat = (x - mean[None, :, None]) * rstd[None, :, None]
-    dx = a[None, :, None] * (dy - mean_dy[None, :, None] - xhat * mean_dy_xhat[None, :, None])
-    tl.store(DX + offs, dx.to(DX.dtype.element_ty), mask=mask)
+    if TRAINING or not MASK_FROM_Y:
+        x = tl.load(X + offs, mask=mask, other=0.0).to(ACC)
+    else:
+        x = dy  # never read: the mask comes from y and eval needs no xhat
+    if RELU:
+        dy = tl.where(relu_mask(x, Y, offs, mask, MEAN, B, a, c, cm, ACC, X.dtype.element_ty, HAS_B, MASK_FROM_Y), dy, 0.0)
+        if STORE_DZ:
+            tl.store(DZ + offs, dy.to(DZ.dtype.element_ty), mask=mask)
+    if TRAINING:
+        rstd = tl.load(RSTD + c, mask=cm, other=0.0).to(ACC)
+        mean = tl.load(MEAN + c, mask=cm, other=0.0).to(ACC)
+        mean_dy = tl.load(SUM_DY + c, mask=cm, other=0.0) * inv_m
+        mean_dy_xhat = tl.load(SUM_DY_XHAT + c, mask=cm, other=0.0) * inv_m
+        xhat = (x - mean[None, :, None]) * rstd[None, :, None]
+        dx = a[None, :, None] * (dy - mean_dy[None, :, None] - xhat * mean_dy_xhat[None, :, None])
+    else:
+        dx = dy * a[None, :, None]
+    if STORE_DX:
+        tl.store(DX + offs, dx.to(DX.dtype.element_ty), mask=mask)

@@ -4,6 +4,11 @@ Training passes the batch mean and rstd; eval passes running_mean and running_va
 (``SCALE_IS_VAR``), whose rsqrt is taken here per channel rather than in an extra launch. With
 ``mean`` omitted (``HAS_MEAN=False``) the same kernel scales dy by rstd * weight: the eval backward.
 
+Fusion (``HAS_RESIDUAL``, ``RELU``): y = relu((x - mean) * a + bias + residual), all in ACC before the
+single store, so BN -> add -> ReLU costs one extra read (the residual) instead of two more passes.
+``bn_affine`` and ``relu_keep`` are shared with the backward (kernels/grad.py), which recomputes the
+pre-activation to get the ReLU mask: the same code on the same inputs gives the same bits.
+
 Why (x - mean) * a + bias and not x * a + (bias - mean * a): the subtraction first is exact for x
 near the mean, so a large mean offset (1e4 in fp32) costs no digits of y; the pass is memory-bound,
 so the extra subtract is free.
@@ -24,6 +29,34 @@ def channel_scale(SCALE, W, c, cm, eps, ACC: tl.constexpr, SCALE_IS_VAR: tl.cons
     if HAS_W:
         scale = scale * tl.load(W + c, mask=cm, other=0.0).to(ACC)
     return scale
+
+
+@triton.jit
+def bn_affine(x, MEAN, B, a, c, cm, ACC: tl.constexpr, HAS_MEAN: tl.constexpr, HAS_B: tl.constexpr):
+    """(x - mean) * a + bias on a tile (x already in ACC); forward and the backward's recompute share it."""
+    if HAS_MEAN:
+        x = x - tl.load(MEAN + c, mask=cm, other=0.0).to(ACC)[None, :, None]
+    y = x * a[None, :, None]
+    if HAS_B:
+        y = y + tl.load(B + c, mask=cm, other=0.0).to(ACC)[None, :, None]
+    return y
+
+
+@triton.jit
+def relu(v):
+    """max(v, 0) that keeps NaN (as torch.relu does): NaN < 0 is false."""
+    return tl.where(v < 0, 0.0, v)
+
+
+@triton.jit
+def relu_keep(pre, OUT_DTYPE: tl.constexpr):
+    """Where ReLU passes the gradient: exactly where the stored output relu(pre).to(OUT_DTYPE) > 0.
+
+    Rounding to the output dtype first makes the mask agree bit for bit with a mask taken from the
+    stored y (a tiny positive pre-activation that underflows to 0 in fp16 gets no gradient, as in
+    torch's relu backward, which masks by its output). Gradient at exactly 0 (and at NaN) is 0.
+    """
+    return pre.to(OUT_DTYPE).to(pre.dtype) > 0
 
 
 @triton.jit
@@ -50,6 +83,9 @@ def normalize_kernel(
     BLOCK_C: tl.constexpr,
     BLOCK_S: tl.constexpr,
     CHANNELS_CONTIG: tl.constexpr,
+    RES=None,  # residual, same strides as X (unused unless HAS_RESIDUAL)
+    HAS_RESIDUAL: tl.constexpr = False,
+    RELU: tl.constexpr = False,
 ):
     pid = tl.program_id(0)
     pid_c = pid % num_c_blocks
@@ -58,9 +94,9 @@ def normalize_kernel(
     cm = c < C
     a = channel_scale(SCALE, W, c, cm, eps, ACC, SCALE_IS_VAR, HAS_W)
     x = tl.load(X + offs, mask=mask, other=0.0).to(ACC)
-    if HAS_MEAN:
-        x = x - tl.load(MEAN + c, mask=cm, other=0.0).to(ACC)[None, :, None]
-    y = x * a[None, :, None]
-    if HAS_B:
-        y = y + tl.load(B + c, mask=cm, other=0.0).to(ACC)[None, :, None]
+    y = bn_affine(x, MEAN, B, a, c, cm, ACC, HAS_MEAN, HAS_B)
+    if HAS_RESIDUAL:
+        y = y + tl.load(RES + offs, mask=mask, other=0.0).to(ACC)
+    if RELU:
+        y = relu(y)
     tl.store(Y + offs, y.to(Y.dtype.element_ty), mask=mask)
