@@ -75,8 +75,16 @@ def triton_fused(x, running_mean, running_var, weight, bias, training: bool, res
     import bn_triton  # late: TRITON_INTERPRET must be set first on CPU
 
     return bn_triton.batch_norm(
-        x, running_mean, running_var, weight, bias, training, impls_mod.MOMENTUM, impls_mod.EPS,
-        activation="relu", residual=residual,
+        x,
+        running_mean,
+        running_var,
+        weight,
+        bias,
+        training,
+        impls_mod.MOMENTUM,
+        impls_mod.EPS,
+        activation="relu",
+        residual=residual,
     )
 
 
@@ -142,7 +150,9 @@ def run_fused_case(case, impl_names, passes, settings: runner.Settings, rows: li
             impl = make_fused_impl(name, residual, settings.compile_backend)
             with impl.active():
                 for m in modes:
-                    checks[name, m] = runner.verdict(runner.errors(runs[m](impl.fn, inp), ref[m]), torch_errs[m], case.dtype)
+                    checks[name, m] = runner.verdict(
+                        runner.errors(runs[m](impl.fn, inp), ref[m]), torch_errs[m], case.dtype
+                    )
             impls[name] = impl
         except Exception as exc:
             checks[name, "error"] = runner._short(exc)
@@ -180,16 +190,27 @@ def run_fused_case(case, impl_names, passes, settings: runner.Settings, rows: li
                 torch.cuda.empty_cache()
 
 
-def run_fused_suite(cases, impl_names, passes, settings: runner.Settings, rows: list, progress: Callable = None) -> None:
+def run_fused_suite(
+    cases, impl_names, passes, settings: runner.Settings, rows: list, progress: Callable = None
+) -> None:
     """The fused rows for every case with spatial dimensions (the BN -> add -> ReLU of conv nets)."""
     cases = [c for c in cases if c.shape.spatial]
     for i, case in enumerate(cases):
         if settings.deadline is not None and time.monotonic() > settings.deadline:
-            rows.extend(_row(case, n, p, status="skipped", note="time budget spent") for p in passes for n in impl_names)
+            rows.extend(
+                _row(case, n, p, status="skipped", note="time budget spent") for p in passes for n in impl_names
+            )
             continue
         start = len(rows)
         try:
-            run_fused_case(case, impl_names, passes, settings, rows, progress and (lambda t, _i=i: progress(f"[{_i + 1}/{len(cases)}] {t}")))
+            run_fused_case(
+                case,
+                impl_names,
+                passes,
+                settings,
+                rows,
+                progress and (lambda t, _i=i: progress(f"[{_i + 1}/{len(cases)}] {t}")),
+            )
         except Exception as exc:
             del rows[start:]
             rows.extend(_row(case, n, p, status="error", note=runner._short(exc)) for p in passes for n in impl_names)
@@ -202,7 +223,10 @@ def summary(rows: list) -> str:
     by = {}
     for r in rows:
         by.setdefault((r["dtype"], r["layout"], r["shape"], r["pass"]), {})[r["impl"]] = r
-    lines = [f"{'case':34} {'pass':16} {'ms':>8} {'GB/s':>7} {'%copy':>6}  speedup vs " + " ".join(f"{n:>8}" for n in ("cudnn", "native", "compile"))]
+    lines = [
+        f"{'case':34} {'pass':16} {'ms':>8} {'GB/s':>7} {'%copy':>6}  speedup vs "
+        + " ".join(f"{n:>8}" for n in ("cudnn", "native", "compile"))
+    ]
     for (dtype, layout, shape, pass_name), impls in by.items():
         ours = impls.get("bn_triton")
         if not ours or ours["ms"] is None:
@@ -214,13 +238,16 @@ def summary(rows: list) -> str:
         for n in ("cudnn", "native", "compile"):
             other = impls.get(n)
             sp.append(f"{other['ms'] / ours['ms']:8.2f}" if other and other["ms"] else f"{'-':>8}")
-        lines.append(f"{dtype + '/' + layout + ' ' + shape:34} {pass_name:16} {ours['ms']:8.3f} {ours['gbps']:7.0f} {pct}  {'':11}" + " ".join(sp))
+        case = f"{dtype}/{layout} {shape}"
+        lines.append(f"{case:34} {pass_name:16} {ours['ms']:8.3f} {ours['gbps']:7.0f} {pct}  {'':11}" + " ".join(sp))
     return "\n".join(lines)
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.fused", description="BN -> add -> ReLU: bn_triton fused vs torch")
-    p.add_argument("--quick", action="store_true", help=f"shapes {','.join(QUICK_SHAPES)}, configs {','.join(suite.QUICK_CONFIGS)}")
+    p.add_argument(
+        "--quick", action="store_true", help=f"shapes {','.join(QUICK_SHAPES)}, configs {','.join(suite.QUICK_CONFIGS)}"
+    )
     p.add_argument("--shapes", help="comma-separated C@HW or NxCxHxW (default: suite v1's 4-D shapes)")
     p.add_argument("--dtypes", help=f"configs from {', '.join(suite.CONFIGS)}")
     p.add_argument("--passes", help=f"from {', '.join(suite.PASSES)}")
@@ -236,18 +263,31 @@ def main(argv=None) -> int:
     else:
         names = args.shapes.split(",") if args.shapes else (QUICK_SHAPES if args.quick else FUSED_SHAPES)
         shapes = [suite.parse_shape(n) for n in names]
-        configs = suite.parse_list(args.dtypes, suite.CONFIGS, "config") if args.dtypes else list(
-            suite.QUICK_CONFIGS if args.quick else suite.DEFAULT_CONFIGS
+        configs = (
+            suite.parse_list(args.dtypes, suite.CONFIGS, "config")
+            if args.dtypes
+            else list(suite.QUICK_CONFIGS if args.quick else suite.DEFAULT_CONFIGS)
         )
     passes = suite.parse_list(args.passes, suite.PASSES, "pass") if args.passes else list(suite.PASSES)
-    impl_names = suite.parse_list(args.impls, impls_mod.IMPLS, "implementation") if args.impls else list(impls_mod.IMPLS)
+    impl_names = (
+        suite.parse_list(args.impls, impls_mod.IMPLS, "implementation") if args.impls else list(impls_mod.IMPLS)
+    )
     device = torch.device("cuda" if gpu else "cpu")
-    settings = runner.Settings(device=device, timing=gpu, warmup_ms=10 if args.quick else 25, rep_ms=40 if args.quick else 100)
+    settings = runner.Settings(
+        device=device, timing=gpu, warmup_ms=10 if args.quick else 25, rep_ms=40 if args.quick else 100
+    )
     if gpu:
         settings.copy_gbps = runner.measure_copy_gbps(device)
         print(f"{torch.cuda.get_device_name(device)}: copy bandwidth {settings.copy_gbps:.0f} GB/s", flush=True)
     rows: list = []
-    run_fused_suite(suite.make_cases(shapes, configs), impl_names, passes, settings, rows, lambda t: print(t, file=sys.stderr, flush=True))
+    run_fused_suite(
+        suite.make_cases(shapes, configs),
+        impl_names,
+        passes,
+        settings,
+        rows,
+        lambda t: print(t, file=sys.stderr, flush=True),
+    )
     if args.csv:
         import csv
 

@@ -90,7 +90,8 @@ def check_fused(input: Tensor, activation: Optional[str], residual: Optional[Ten
         raise TypeError(f"batch_norm: residual must have the input's dtype ({input.dtype}), got {residual.dtype}")
     if residual.device != input.device:
         raise RuntimeError(
-            f"Expected all tensors to be on the same device, but found input on {input.device} and residual on {residual.device}"
+            "Expected all tensors to be on the same device, but found input on "
+            f"{input.device} and residual on {residual.device}"
         )
 
 
@@ -119,7 +120,8 @@ def batch_norm(
     """
     check_inputs(input, running_mean, running_var, weight, bias, training, activation=activation, residual=residual)
     return _batch_norm(
-        input, running_mean, running_var, weight, bias, training, momentum, eps, activation=activation, residual=residual
+        input, running_mean, running_var, weight, bias, training, momentum, eps,
+        activation=activation, residual=residual,
     )
 
 

@@ -147,7 +147,8 @@ def update_running_stats(running_mean, running_var, mean, var, momentum, count, 
 
 
 def grad_sums(
-    dy, x, geom, mean, scale, scale_is_var, eps, dweight=None, dbias=None, *, relu=False, y=None, weight=None, bias=None, dz=None
+    dy, x, geom, mean, scale, scale_is_var, eps, dweight=None, dbias=None, *,
+    relu=False, y=None, weight=None, bias=None, dz=None,
 ):
     """sum(dy) and sum(dy * xhat) per channel (acc dtype); also written to dweight/dbias if given.
 

@@ -46,7 +46,8 @@ class _TritonBatchNorm:
         running_mean = self.running_mean if use_running else None
         running_var = self.running_var if use_running else None
         functional.check_inputs(
-            input, running_mean, running_var, self.weight, self.bias, bn_training, activation=self.activation, residual=residual
+            input, running_mean, running_var, self.weight, self.bias, bn_training,
+            activation=self.activation, residual=residual,
         )
         num_batches = None
         if self.training and self.track_running_stats and self.num_batches_tracked is not None:

@@ -214,7 +214,9 @@ def backward_relu(
         )
         if want_dx:
             if dz is not None:  # already masked
-                dx = launch.grad_input(dz, x_, geom, mean, scale, weight, sum_dy, sum_dy_xhat, training=training, eps=eps)
+                dx = launch.grad_input(
+                    dz, x_, geom, mean, scale, weight, sum_dy, sum_dy_xhat, training=training, eps=eps
+                )
             else:
                 dx = launch.grad_input(
                     dy_, x_, geom, mean, scale, weight, sum_dy, sum_dy_xhat, training=training, eps=eps, **relu_args

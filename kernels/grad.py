@@ -93,7 +93,8 @@ def grad_partials_kernel(
         dy = tl.load(DY + offs, mask=mask, other=0.0).to(ACC)
         x = tl.load(X + offs, mask=mask, other=0.0).to(ACC)
         if RELU:
-            dy = tl.where(relu_mask(x, Y, offs, mask, MEAN, B, a, c, cm, ACC, X.dtype.element_ty, HAS_B, MASK_FROM_Y), dy, 0.0)
+            keep = relu_mask(x, Y, offs, mask, MEAN, B, a, c, cm, ACC, X.dtype.element_ty, HAS_B, MASK_FROM_Y)
+            dy = tl.where(keep, dy, 0.0)
             if STORE_DZ:
                 tl.store(DZ + offs, dy.to(DZ.dtype.element_ty), mask=mask)
         xhat = tl.where(mask, (x - mean) * rstd, 0.0)
@@ -184,7 +185,8 @@ def grad_input_kernel(
     else:
         x = dy  # never read: the mask comes from y and eval needs no xhat
     if RELU:
-        dy = tl.where(relu_mask(x, Y, offs, mask, MEAN, B, a, c, cm, ACC, X.dtype.element_ty, HAS_B, MASK_FROM_Y), dy, 0.0)
+        keep = relu_mask(x, Y, offs, mask, MEAN, B, a, c, cm, ACC, X.dtype.element_ty, HAS_B, MASK_FROM_Y)
+        dy = tl.where(keep, dy, 0.0)
         if STORE_DZ:
             tl.store(DZ + offs, dy.to(DZ.dtype.element_ty), mask=mask)
     if TRAINING:

@@ -98,25 +98,36 @@ def _run(x, w, b, r, rm, rv, training, activation, dy, wanted="xwbr"):
     grads = {k: v.detach().requires_grad_(k in wanted) for k, v in leaves.items() if v is not None}
     before = launch.LAUNCHES.copy()
     y = bn_triton.batch_norm(
-        grads["x"], rm, rv, grads["w"], grads["b"], training, MOMENTUM, EPS, activation=activation, residual=grads.get("r")
+        grads["x"],
+        rm,
+        rv,
+        grads["w"],
+        grads["b"],
+        training,
+        MOMENTUM,
+        EPS,
+        activation=activation,
+        residual=grads.get("r"),
     )
     inputs = [k for k, t in grads.items() if t.requires_grad]
     _run.forward_launches = launch.LAUNCHES - before
-    got = dict(zip(inputs, torch.autograd.grad(y, [grads[k] for k in inputs], dy))) if inputs else {}
+    got = dict(zip(inputs, torch.autograd.grad(y, [grads[k] for k in inputs], dy), strict=True)) if inputs else {}
     return y, got
 
 
 def _torch_composition(x, w, b, r, rm, rv, training, relu, dy, torch_bn_forbidden):
     """torch's relu(batch_norm(x) + residual), in float32 on the CPU, with its gradients."""
     with torch_bn_forbidden.allowed():
-        leaves = {k: v.detach().float().cpu().requires_grad_() for k, v in dict(x=x, w=w, b=b, r=r).items() if v is not None}
+        leaves = {
+            k: v.detach().float().cpu().requires_grad_() for k, v in dict(x=x, w=w, b=b, r=r).items() if v is not None
+        }
         rm_t, rv_t = rm.detach().float().cpu().clone(), rv.detach().float().cpu().clone()
         y = F.batch_norm(leaves["x"], rm_t, rv_t, leaves["w"], leaves["b"], training, MOMENTUM, EPS)
         if r is not None:
             y = y + leaves["r"]
         if relu:
             y = torch.relu(y)
-        got = dict(zip(leaves, torch.autograd.grad(y, list(leaves.values()), dy.float().cpu())))
+        got = dict(zip(leaves, torch.autograd.grad(y, list(leaves.values()), dy.float().cpu()), strict=True))
     return y, got, (rm_t, rv_t)
 
 
@@ -223,7 +234,9 @@ def test_gradcheck_float64(fusion, training, device):
 
     def fn(x, w, b, r=None):
         # Fresh running stats each call: gradcheck calls fn many times.
-        return bn_triton.batch_norm(x, rm.clone(), rv.clone(), w, b, training, MOMENTUM, EPS, activation=activation, residual=r)
+        return bn_triton.batch_norm(
+            x, rm.clone(), rv.clone(), w, b, training, MOMENTUM, EPS, activation=activation, residual=r
+        )
 
     # Inputs are random normals: no pre-activation within the finite-difference step of ReLU's kink.
     # fast_mode (one random projection, not one column per input value) keeps this under the
@@ -282,7 +295,10 @@ def test_torch_fallback_path_matches(device, monkeypatch, torch_bn_forbidden):
     with torch_bn_forbidden.allowed():
         y_fb = bn_triton.batch_norm(x, rm.clone(), rv.clone(), w, b, True, activation="relu", residual=r)
         empty = torch.empty(0, 4, 5)
-        assert bn_triton.batch_norm(empty, None, None, training=True, activation="relu", residual=empty).shape == empty.shape
+        assert (
+            bn_triton.batch_norm(empty, None, None, training=True, activation="relu", residual=empty).shape
+            == empty.shape
+        )
     torch.testing.assert_close(y, y_fb)
 
 
@@ -375,7 +391,7 @@ def test_module_parity_resnet_block(memory_format, device, torch_bn_forbidden):
                 loss = F.mse_loss(model(x), target)
             loss.backward()
             opt.step()
-    for (k, a), (k2, t) in zip(ours.state_dict().items(), theirs.state_dict().items()):
+    for (k, a), (k2, t) in zip(ours.state_dict().items(), theirs.state_dict().items(), strict=True):
         assert k == k2
         torch.testing.assert_close(a, t, atol=1e-5, rtol=1e-4, msg=k)
     ours.eval()
@@ -437,5 +453,7 @@ def test_opcheck_fused_ops(training, device):
     # full opcheck traces through AOT autograd, seconds per call under the interpreter).
     for y_, mask in ((None, [True, False, True, False]), (y, [False, False, False, True])):
         torch.library.opcheck(
-            ops.backward_relu, (dy, x.detach(), y_, mean, scale, w, b, EPS, training, mask), test_utils=("test_schema", "test_faketensor")
+            ops.backward_relu,
+            (dy, x.detach(), y_, mean, scale, w, b, EPS, training, mask),
+            test_utils=("test_schema", "test_faketensor"),
         )
