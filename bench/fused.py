@@ -193,8 +193,8 @@ def run_fused_case(case, impl_names, passes, settings: runner.Settings, rows: li
 def run_fused_suite(
     cases, impl_names, passes, settings: runner.Settings, rows: list, progress: Callable = None
 ) -> None:
-    """The fused rows for every case with spatial dimensions (the BN -> add -> ReLU of conv nets)."""
-    cases = [c for c in cases if c.shape.spatial]
+    """The fused rows for every case (``python -m bench.fused`` picks suite v1's 4-D shapes, where
+    conv nets put BN -> add -> ReLU; the fused op runs on BatchNorm1d's (N, C) inputs too)."""
     for i, case in enumerate(cases):
         if settings.deadline is not None and time.monotonic() > settings.deadline:
             rows.extend(
@@ -258,7 +258,7 @@ def main(argv=None) -> int:
     if not gpu:
         os.environ.setdefault("TRITON_INTERPRET", "1")
         print("No CUDA GPU: timings need one. Running the interpreter smoke (checks only).", file=sys.stderr)
-        shapes = [suite.SMOKE_SHAPE_4D]
+        shapes = [suite.SMOKE_SHAPE_4D, suite.SMOKE_SHAPE_2D]
         configs = ["fp32-nchw", "bf16-cl"]
     else:
         names = args.shapes.split(",") if args.shapes else (QUICK_SHAPES if args.quick else FUSED_SHAPES)

@@ -457,3 +457,34 @@ def test_opcheck_fused_ops(training, device):
             (dy, x.detach(), y_, mean, scale, w, b, EPS, training, mask),
             test_utils=("test_schema", "test_faketensor"),
         )
+
+
+# ---------------------------------------------------------------- bench/fused.py
+def test_bench_fused_traffic_model():
+    from bench import fused, traffic
+
+    dims, dtype = (256, 64, 56, 56), torch.bfloat16
+    B = traffic.tensor_bytes(dims, dtype)
+    assert B == 256 * 64 * 56 * 56 * 2
+    factors = {p: fused.model_bytes(p, dims, dtype) // B for p in ("train_fwd", "eval_fwd", "bwd", "fwd_bwd")}
+    assert factors == {"train_fwd": 4, "eval_fwd": 3, "bwd": 7, "fwd_bwd": 11}
+    assert factors["fwd_bwd"] == factors["train_fwd"] + factors["bwd"]
+    with pytest.raises(ValueError, match="unknown pass"):
+        fused.model_bytes("fwd", dims, dtype)
+
+
+def test_bench_fused_smoke(device):
+    """The fused rows' code path (inputs, float64 check, backend detection), untimed, on a tiny case."""
+    from bench import fused, runner, suite
+
+    rows = []
+    settings = runner.Settings(device=torch.device(device), timing=False)
+    cases = suite.make_cases([suite.SMOKE_SHAPE_4D], ["bf16-cl"])
+    fused.run_fused_suite(cases, ["bn_triton", "cudnn"], ["fwd_bwd", "eval_fwd"], settings, rows)
+    assert {(r["impl"], r["pass"]) for r in rows} == {
+        (i, p) for i in ("bn_triton", "cudnn") for p in ("fused_fwd_bwd", "fused_eval_fwd")
+    }
+    for r in rows:
+        assert r["status"] == "checked", r
+    assert all(r["backend"] == "bn_triton" for r in rows if r["impl"] == "bn_triton")
+    assert rows[0]["model_bytes"] == fused.model_bytes("fwd_bwd", suite.SMOKE_SHAPE_4D.dims, torch.bfloat16)
