@@ -151,11 +151,11 @@ def _batch_norm(
     # The plain ops are called exactly as before when nothing is fused (same graphs, same schemas).
     fused = () if activation is None and residual is None else (residual, activation == "relu")
     if not training:
-        return ops.eval_forward(input, running_mean, running_var, weight, bias, eps, *fused)
-    y, mean, _rstd, var = ops.train_forward(input, weight, bias, eps, *fused)
+        return ops.call_eval_forward(input, running_mean, running_var, weight, bias, eps, *fused)
+    y, mean, _rstd, var = ops.call_train_forward(input, weight, bias, eps, *fused)
     if running_mean is not None:
         count = input.numel() // input.shape[1]
-        ops.update_running_stats(
+        ops.call_update_running_stats(
             running_mean, running_var, mean, var, 0.0 if momentum is None else momentum, count, num_batches_tracked
         )
     return y

@@ -17,10 +17,14 @@ Gradients not asked for come back as empty tensors from ``backward`` and as None
 Without ReLU, d(residual) is dy itself (the add's gradient): no kernel.
 """
 
+import inspect
 from typing import Optional
 
 import torch
 from torch import Tensor
+from torch._C._functorch import is_functorch_wrapped_tensor as _is_functorch_wrapped
+from torch.autograd.function import once_differentiable
+from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from bn_triton import launch
 
@@ -29,8 +33,18 @@ def _stat_like(x: Tensor) -> Tensor:
     return x.new_empty((x.shape[1],), dtype=launch.acc_dtype(x.dtype))
 
 
+# The ops' plain Python implementations by name, for the eager fast path at the end of this file.
+_IMPL: dict = {}
+
+
+def _keep_impl(fn):
+    _IMPL[fn.__name__] = fn
+    return fn
+
+
 # ---------------------------------------------------------------- training forward
 @torch.library.custom_op("bn_triton::train_forward", mutates_args=())
+@_keep_impl
 def train_forward(
     x: Tensor,
     weight: Optional[Tensor],
@@ -75,6 +89,7 @@ train_forward.register_autograd(_train_backward, setup_context=_train_setup_cont
 
 # ---------------------------------------------------------------- eval forward
 @torch.library.custom_op("bn_triton::eval_forward", mutates_args=())
+@_keep_impl
 def eval_forward(
     x: Tensor,
     running_mean: Tensor,
@@ -117,6 +132,7 @@ eval_forward.register_autograd(_eval_backward, setup_context=_eval_setup_context
 
 # ---------------------------------------------------------------- backward
 @torch.library.custom_op("bn_triton::backward", mutates_args=())
+@_keep_impl
 def backward(
     dy: Tensor,
     x: Tensor,
@@ -167,7 +183,8 @@ def _(dy, x, mean, scale, weight, eps, training, output_mask):
 def _backward(ctx, dy, x, mean, scale, weight, training, weight_index=1):
     needs = ctx.needs_input_grad
     mask = [needs[0], needs[weight_index], needs[weight_index + 1]]
-    dx, dw, db = backward(dy, x, mean, scale, weight, ctx.eps, training, mask)
+    op = _IMPL["backward"] if _plain_eager(dy, x) else backward
+    dx, dw, db = op(dy, x, mean, scale, weight, ctx.eps, training, mask)
     return (
         dx if mask[0] else None,
         dw if mask[1] and weight is not None else None,
@@ -177,6 +194,7 @@ def _backward(ctx, dy, x, mean, scale, weight, training, weight_index=1):
 
 # ---------------------------------------------------------------- backward through a fused ReLU
 @torch.library.custom_op("bn_triton::backward_relu", mutates_args=())
+@_keep_impl
 def backward_relu(
     dy: Tensor,
     x: Tensor,
@@ -263,7 +281,8 @@ def _residual_grad(ctx, dy, index):
 def _backward_relu(ctx, dy, x, y, mean, scale, weight, bias, training, weight_index=1):
     residual_index = 4 if training else 6
     mask = [_needs(ctx, 0), _needs(ctx, weight_index), _needs(ctx, weight_index + 1), _needs(ctx, residual_index)]
-    dx, dw, db, dres = backward_relu(dy, x, y, mean, scale, weight, bias, ctx.eps, training, mask)
+    op = _IMPL["backward_relu"] if _plain_eager(dy, x) else backward_relu
+    dx, dw, db, dres = op(dy, x, y, mean, scale, weight, bias, ctx.eps, training, mask)
     return (
         dx if mask[0] else None,
         dw if mask[1] and weight is not None else None,
@@ -274,6 +293,7 @@ def _backward_relu(ctx, dy, x, y, mean, scale, weight, bias, training, weight_in
 
 # ---------------------------------------------------------------- running statistics
 @torch.library.custom_op("bn_triton::update_running_stats", mutates_args=("running_mean", "running_var"))
+@_keep_impl
 def update_running_stats(
     running_mean: Tensor,
     running_var: Tensor,
@@ -293,3 +313,94 @@ def update_running_stats(
 @update_running_stats.register_fake
 def _(running_mean, running_var, mean, var, momentum, count, num_batches_tracked):
     return None
+
+
+# ---------------------------------------------------------------- eager fast path
+# Calling an op above costs the dispatcher plus custom_op's Python autograd wrapper, tens of
+# microseconds a call on top of the launches (bench/overhead.py), about as much as the launches of a
+# small BatchNorm on a GPU. In plain eager mode nothing needs to see our ops as ops, so the
+# functional API calls the same implementations and the same autograd formulas through one
+# autograd.Function instead. Whenever something traces or intercepts operators (torch.compile,
+# torch.export, make_fx, fake tensors, dispatch modes, functorch transforms, tensor subclasses), the
+# ops are called, exactly as before. Both routes run the same code: only the wrapping differs.
+
+_PLAIN_TYPES = (Tensor, torch.nn.Parameter)
+
+
+def _plain_eager(*args) -> bool:
+    """True when no tracer, mode, transform or tensor subclass needs to see our ops as ops."""
+    if torch.compiler.is_compiling() or _get_current_dispatch_mode() is not None:
+        return False
+    return all(not isinstance(a, Tensor) or (type(a) in _PLAIN_TYPES and not _is_functorch_wrapped(a)) for a in args)
+
+
+def _requires_autograd(args) -> bool:
+    return torch.is_grad_enabled() and any(isinstance(a, Tensor) and a.requires_grad for a in args)
+
+
+# The ops' default arguments, so that the fast path hands setup_context every input, as the
+# dispatcher does for the ops (trailing defaults filled in).
+_DEFAULTS = {name: tuple(p.default for p in inspect.signature(fn).parameters.values()) for name, fn in _IMPL.items()}
+
+
+def _complete(name, args) -> tuple:
+    return args + _DEFAULTS[name][len(args) :]
+
+
+# forward(ctx, ...) calls the setup_context itself: with a separate setup_context staticmethod,
+# Function.apply binds default arguments through inspect.signature on every call, which costs more
+# than the dispatcher it replaces.
+class _TrainForward(torch.autograd.Function):
+    """train_forward without the dispatcher: the op's implementation and autograd formulas."""
+
+    @staticmethod
+    def forward(ctx, *inputs):
+        output = _IMPL["train_forward"](*inputs)
+        _train_setup_context(ctx, inputs, output)
+        return output
+
+    backward = staticmethod(once_differentiable(_train_backward))
+
+
+class _EvalForward(torch.autograd.Function):
+    """eval_forward without the dispatcher: the op's implementation and autograd formulas."""
+
+    @staticmethod
+    def forward(ctx, *inputs):
+        output = _IMPL["eval_forward"](*inputs)
+        _eval_setup_context(ctx, inputs, output)
+        return output
+
+    backward = staticmethod(once_differentiable(_eval_backward))
+
+
+def call_train_forward(*args):
+    """``train_forward(*args)``, through the eager fast path when nothing traces (same results, grads)."""
+    if not _plain_eager(*args):
+        return train_forward(*args)
+    args = _complete("train_forward", args)
+    if _requires_autograd(args):
+        return _TrainForward.apply(*args)
+    return _IMPL["train_forward"](*args)
+
+
+def call_eval_forward(*args):
+    """``eval_forward(*args)``, through the eager fast path when nothing traces (same results, grads)."""
+    if not _plain_eager(*args):
+        return eval_forward(*args)
+    args = _complete("eval_forward", args)
+    if _requires_autograd(args):
+        return _EvalForward.apply(*args)
+    return _IMPL["eval_forward"](*args)
+
+
+def call_update_running_stats(running_mean, running_var, *args):
+    """``update_running_stats(...)``, through the eager fast path when nothing traces."""
+    if not _plain_eager(running_mean, running_var, *args):
+        return update_running_stats(running_mean, running_var, *args)
+    _IMPL["update_running_stats"](running_mean, running_var, *args)
+    # The op bumps the version counters of what it mutates, so autograd catches a running
+    # statistic changed between an eval forward that saved it and its backward: so do we.
+    for t in (running_mean, running_var):
+        if not t.is_inference():
+            torch.autograd.graph.increment_version(t)
