@@ -8,9 +8,10 @@ forward and one in the backward:
 Forward
   1. each rank: local mean and biased variance per channel (our stats kernel, fp32; fp64 inputs fp64)
      and its local count n (the same for every channel);
-  2. one all_reduce (SUM) of the float64 payload ``[n_bad, n, S1[C], S2[C]]`` where, around a pivot
-     K that is identical on every rank, S1 = n (mean - K) and S2 = M2 + n (mean - K)^2 = sum (x - K)^2;
-     ``n_bad`` counts ranks whose input failed validation (see below);
+  2. one all_reduce (SUM) of the float64 payload ``[n_bad, n, h, h^2, S1[C], S2[C]]`` where, around
+     a pivot K that is identical on every rank, S1 = n (mean - K) and S2 = M2 + n (mean - K)^2 =
+     sum (x - K)^2; ``n_bad`` counts ranks whose input failed validation and h is a fingerprint of
+     K (both below);
   3. every rank: global mean = K + S1/N, M2 = S2 - S1^2/N (in float64), running statistics with the
      global count N (our running-stats kernel), and y with our normalize kernel.
 Backward
@@ -18,8 +19,8 @@ Backward
      these are also the local weight/bias grads, which stay local (DDP averages them, as with torch);
   5. one all_reduce (SUM) of the 2C sums; our dx kernel with the global count N.
 
-Bytes per step (C channels, w ranks): forward 8 (2C + 2) bytes, backward 2C values of the
-accumulation dtype (8C bytes for fp32), so 24C + 16 bytes per rank in all whatever w is (a ring
+Bytes per step (C channels, w ranks): forward 8 (2C + 4) bytes, backward 2C values of the
+accumulation dtype (8C bytes for fp32), so 24C + 32 bytes per rank in all whatever w is (a ring
 all_reduce moves about 2 (w - 1) / w times that per rank). torch's SyncBatchNorm all-gathers
 (2C + 1) fp32 values from every rank: 4 (2C + 1) w bytes received per rank, growing with w.
 
@@ -38,7 +39,14 @@ so the same on every rank by construction, and the best guess of this batch's me
 (and a change of channel count) uses K = 0. running_mean would be the other candidate, but it does
 not exist with track_running_stats=False, is 0 on the first step, lags the batch mean by about
 1/momentum steps, and is identical across ranks only while buffers are kept in sync. The pivot is a
-plain attribute, not a buffer: it is no part of the state_dict and moves with no ``.to()``.
+plain attribute, not a buffer: no part of the state_dict, and dropped by pickling and deepcopy, so a
+layer restored or copied starts again from K = 0 (the same on every rank that restores it).
+
+The pivot is right only while every rank has run the same synchronized steps on the layer (which
+the collectives require anyway). Should the ranks' pivots differ all the same, the statistics would
+be silently wrong, so each rank also sends h = sum_c K_c (1 + c/C) and h^2: every rank then sees the
+same sums A = sum h, B = sum h^2, and w B - A^2 = w^2 var(h) is ~0 exactly when all h agree. If not,
+every rank raises a RuntimeError instead of normalizing with a wrong mean.
 
 Bad input: every rank validates its input before any collective, and a rank whose input is invalid
 still takes part in the forward all_reduce, with n_bad = 1 and no statistics. Then every rank raises:
@@ -61,6 +69,9 @@ from torch.autograd.function import once_differentiable
 from bn_triton import functional, launch, ops
 from bn_triton._config import Geometry
 from bn_triton.modules import _TritonBatchNorm
+
+# Payload head: [n_bad, n, h, h^2], then S1[C], S2[C].
+_HEAD = 4
 
 
 class _SyncBatchNormFunction(torch.autograd.Function):
@@ -149,8 +160,10 @@ class SyncBatchNorm(_TritonBatchNorm, torch.nn.SyncBatchNorm):
         error = self._validate(input, running_mean, running_var, residual)
         C = self.num_features
         acc = launch.acc_dtype(input.dtype) if error is None else torch.float32
-        payload = torch.zeros(2 + 2 * C, dtype=torch.float64, device=self._payload_device(input))
+        payload = torch.zeros(_HEAD + 2 * C, dtype=torch.float64, device=self._payload_device(input))
         pivot = self._pivot(C, payload.device)
+        h = torch.dot(pivot, torch.arange(C, dtype=torch.float64, device=payload.device).div_(C).add_(1.0))
+        payload[2:4] = torch.stack((h, h * h))
         x, geom, n = input, None, 0
         if error is not None:
             payload[0] = 1.0
@@ -161,19 +174,27 @@ class SyncBatchNorm(_TritonBatchNorm, torch.nn.SyncBatchNorm):
                 local_mean, _rstd, local_var = launch.batch_stats(x, geom, self.eps)
                 d = local_mean.to(torch.float64) - pivot
                 payload[1] = float(n)
-                torch.mul(d, n, out=payload[2 : 2 + C])
-                torch.mul(torch.addcmul(local_var.to(torch.float64), d, d), n, out=payload[2 + C :])
+                torch.mul(d, n, out=payload[_HEAD : _HEAD + C])
+                torch.mul(torch.addcmul(local_var.to(torch.float64), d, d), n, out=payload[_HEAD + C :])
 
         dist.all_reduce(payload, op=dist.ReduceOp.SUM, group=group)
         # One host sync: the global count sets the unbiasing of running_var and the 1/N of dx, and
         # both counts decide, identically on every rank, whether to raise.
-        n_bad, N = (int(v) for v in payload[:2].tolist())
+        n_bad, N, h_sum, h2_sum = payload[:_HEAD].tolist()
+        n_bad, N = int(n_bad), int(N)
         if error is not None:
             raise error
         if n_bad:
             raise RuntimeError(
                 f"SyncBatchNorm: the input on {n_bad} other rank(s) of the process group was invalid "
                 "(see the error raised there); nothing was computed"
+            )
+        w = dist.get_world_size(group)
+        if w * h2_sum - h_sum * h_sum > 1e-9 * w * h2_sum:
+            raise RuntimeError(
+                "SyncBatchNorm: the ranks disagree on this layer's history (the shift of its sums "
+                "differs), so its statistics cannot be combined; every rank must run the same "
+                "synchronized steps on the layer (one restored or copied on some ranks only?)"
             )
         if N == 1:
             raise ValueError(
@@ -182,7 +203,7 @@ class SyncBatchNorm(_TritonBatchNorm, torch.nn.SyncBatchNorm):
             )
 
         if N > 0:
-            s1, s2 = payload[2 : 2 + C], payload[2 + C :]
+            s1, s2 = payload[_HEAD : _HEAD + C], payload[_HEAD + C :]
             d = s1 / N
             mean64 = pivot + d
             var64 = ((s2 - s1 * d) / N).clamp_(min=0.0)
@@ -235,6 +256,12 @@ class SyncBatchNorm(_TritonBatchNorm, torch.nn.SyncBatchNorm):
         except (ValueError, RuntimeError, TypeError) as e:
             return e
         return None
+
+    def __getstate__(self):
+        # Pickling and deepcopy drop the pivot (see the module docstring).
+        state = self.__dict__.copy()
+        state.pop("_sync_pivot", None)
+        return state
 
     def _activation(self) -> str | None:
         # The plain layers' fused activation (None or "relu"); absent on layers built before it.

@@ -10,6 +10,7 @@ spawn runs many cases in a row; the interpreter (TRITON_INTERPRET, set by confte
 import copy
 import datetime
 import os
+import pickle
 import re
 import tempfile
 
@@ -70,11 +71,13 @@ def _check_case(
     dtype=torch.float32,
     atol=None,
     grad_atol=1e-4,
+    first_atol=None,
     **kwargs,
 ):
     """SyncBatchNorm on this rank's slice of a global batch of sum(counts) samples of shape ``tail``,
     for ``steps`` training steps, then one eval step: y, dx, summed dweight/dbias, running stats.
-    Weight, bias and running statistics stay float32 (the AMP case for fp16 inputs)."""
+    Weight, bias and running statistics stay float32 (the AMP case for fp16 inputs). ``first_atol``:
+    the first step's tolerance for y and dx (10x for the weight/bias grads), when it differs."""
     C = tail[0]
     atol = TOL[dtype] if atol is None else atol
     rtol = TOL[dtype]
@@ -103,15 +106,18 @@ def _check_case(
         dx_ref, dw_ref, db_ref = reference.backward(dYd, Xd, w, EPS)
         what = f"{layout} {dtype} counts={counts} step {step}"
         assert y.dtype == x.grad.dtype == dtype, what
-        _close(y, y_ref[start:stop], atol, rtol, f"y, {what}")
-        _close(x.grad, dx_ref[start:stop], atol, rtol, f"dx, {what}")
+        step_atol, step_grad_atol = atol, grad_atol
+        if step == 0 and first_atol is not None:
+            step_atol, step_grad_atol = first_atol, 10 * first_atol
+        _close(y, y_ref[start:stop], step_atol, rtol, f"y, {what}")
+        _close(x.grad, dx_ref[start:stop], step_atol, rtol, f"dx, {what}")
         if layout == "channels_last" and x.numel():
             assert y.is_contiguous(memory_format=torch.channels_last), what
         if mod.affine:
             grads = torch.stack([mod.weight.grad, mod.bias.grad])
             dist.all_reduce(grads)  # weight/bias grads stay local: their sum is the global grad
-            _close(grads[0], dw_ref, grad_atol, 2e-5, f"sum of dweight, {what}")
-            _close(grads[1], db_ref, grad_atol, 2e-5, f"sum of dbias, {what}")
+            _close(grads[0], dw_ref, step_grad_atol, 2e-5, f"sum of dweight, {what}")
+            _close(grads[1], db_ref, step_grad_atol, 2e-5, f"sum of dbias, {what}")
             mod.weight.grad = mod.bias.grad = None
         if mod.track_running_stats:
             momentum = 1.0 / (step + 1) if mod.momentum is None else mod.momentum
@@ -122,13 +128,20 @@ def _check_case(
     if mod.track_running_stats and stop > start:  # eval: local, with the (synchronized) running stats
         mod.eval()
         x = X[start:stop].to(device)
-        y_ref = reference.eval_forward(X.double().numpy()[start:stop], rm, rv, w, b, EPS)
-        _close(mod(x), y_ref, max(atol, 1e-5), rtol, "eval")  # running stats are float32
+        # The buffers (float32, checked above) are the reference's running statistics here.
+        rm, rv = (t.detach().cpu().double().numpy() for t in (mod.running_mean, mod.running_var))
+        _close(mod(x), reference.eval_forward(X.double().numpy()[start:stop], rm, rv, w, b, EPS), atol, rtol, "eval")
 
 
 def _expect_error(fn, exc, match):
-    with pytest.raises(exc, match=match):
+    # Not pytest.raises: its failure is a BaseException, which a spawned process reports as a bare
+    # exit code without the traceback.
+    try:
         fn()
+    except exc as e:
+        assert re.search(match, str(e)), f"rank {dist.get_rank()}: {exc.__name__}({e}) does not match {match!r}"
+        return
+    raise AssertionError(f"rank {dist.get_rank()}: expected {exc.__name__} matching {match!r}; nothing was raised")
 
 
 def _check_bad_input(rank, world, device):
@@ -154,6 +167,11 @@ def _check_bad_input(rank, world, device):
     # The ranks are still in step: a valid call completes everywhere.
     mod(good).sum().backward()
     assert int(mod.num_batches_tracked) == 1
+    # A layer copied on rank 0 only: its pivot (the previous global mean) is dropped there and kept
+    # elsewhere, so combining the shifted sums would be wrong. Every rank refuses, nothing moves.
+    layer = copy.deepcopy(mod) if rank == 0 else mod
+    _expect_error(lambda: layer(good), RuntimeError, "disagree on this layer's history")
+    assert int(layer.num_batches_tracked) == 1
 
 
 def _check_ddp_step(rank, world, device):
@@ -240,6 +258,22 @@ def _world2(rank, world, device):
     # by the fp32 rounding of the mean (ulp(1e4)/2 = 5e-4, times rstd = 0.5, times sum |dy| for dw),
     # as with the plain BatchNorm.
     _check_case(rank, device, (1, 2), (4, 3, 3), "channels_last", steps=2, offset=1e4, atol=2e-3, grad_atol=1e-2)
+    # The pivot at work: float64 data offset by 1e6 (std 2). Step 1 shifts by 0 and the float64 sums
+    # lose ~2 log10(1e6 / 2) = 11 of their 16 digits (measured: y off by 3e-5); step 2 shifts by
+    # step 1's global mean and keeps them (measured: 3e-11). Weight grads are stored in float32.
+    _check_case(
+        rank,
+        device,
+        (1, 2),
+        (4, 3, 3),
+        "channels_last",
+        steps=2,
+        offset=1e6,
+        dtype=torch.float64,
+        atol=1e-9,
+        grad_atol=1e-5,
+        first_atol=1e-4,
+    )
     if hasattr(bn_triton.functional, "check_fused"):  # the plain layers' fused epilogue, where it exists
         _check_fused_epilogue(rank, device)
     _check_compiled(rank, device)
@@ -335,6 +369,15 @@ def test_errors_match_torch(device):
             theirs(bad)
         with pytest.raises(ValueError, match=re.escape(str(expected.value))):
             ours(bad)
+
+
+def test_pivot_is_not_copied_or_pickled():
+    """The pivot is per-process history: copies and unpickled layers start again from 0."""
+    mod = bn_triton.SyncBatchNorm(3)
+    mod._sync_pivot = torch.ones(3, dtype=torch.float64)
+    for other in (copy.deepcopy(mod), pickle.loads(pickle.dumps(mod))):
+        assert other._sync_pivot is None and list(other.state_dict()) == list(mod.state_dict())
+    assert mod._sync_pivot is not None
 
 
 def test_convert_sync_batchnorm_keeps_state():
