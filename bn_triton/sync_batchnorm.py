@@ -129,7 +129,8 @@ class SyncBatchNorm(_TritonBatchNorm, torch.nn.SyncBatchNorm):
     track_running_stats=True, process_group=None)``. In training with an initialised process group of
     more than one rank, statistics are those of the global batch (ranks may hold different batch
     sizes, including none); otherwise it is our plain BatchNorm. Inputs: CUDA tensors, or CPU tensors
-    with Triton's interpreter on (gloo).
+    with Triton's interpreter on (gloo). Like our plain layers it also takes keyword-only
+    ``activation=None | "relu"`` and ``forward(input, residual=None)``: act(BN(input) + residual).
     """
 
     # Global batch mean (float64) of this layer's previous synchronized step: the shift of the next
@@ -148,7 +149,7 @@ class SyncBatchNorm(_TritonBatchNorm, torch.nn.SyncBatchNorm):
         if group is None:
             self._check_input_dim(input)
             self._check_non_zero_input_channels(input)
-            return super().forward(input) if residual is None else super().forward(input, residual)
+            return super().forward(input, residual)
         return self._sync_forward(input, residual, group)
 
     # torch.compile runs this part eagerly (a graph break around the layer): it reads the global
@@ -231,7 +232,7 @@ class SyncBatchNorm(_TritonBatchNorm, torch.nn.SyncBatchNorm):
         # elementwise pass or two, differentiated by autograd.
         if residual is not None:
             y = y + residual
-        return torch.relu(y) if self._activation() == "relu" else y
+        return torch.relu(y) if self.activation == "relu" else y
 
     def _validate(self, input, running_mean, running_var, residual) -> Exception | None:
         """The error this rank's input deserves (torch's messages), or None. Raises nothing."""
@@ -247,8 +248,7 @@ class SyncBatchNorm(_TritonBatchNorm, torch.nn.SyncBatchNorm):
             # collective): check that rank's input as if it held two (a view, not a copy).
             probe = input.expand(2, *input.shape[1:]) if input.numel() == input.shape[1] else input
             functional.check_inputs(probe, running_mean, running_var, self.weight, self.bias, True)
-            if residual is not None or self._activation() is not None:
-                functional.check_fused(input, self._activation(), residual)
+            functional.check_fused(input, self.activation, residual)
             if input.shape[1] != self.num_features:
                 raise ValueError(
                     f"SyncBatchNorm: expected input with {self.num_features} channels, got {input.shape[1]}"
@@ -262,10 +262,6 @@ class SyncBatchNorm(_TritonBatchNorm, torch.nn.SyncBatchNorm):
         state = self.__dict__.copy()
         state.pop("_sync_pivot", None)
         return state
-
-    def _activation(self) -> str | None:
-        # The plain layers' fused activation (None or "relu"); absent on layers built before it.
-        return getattr(self, "activation", None)
 
     def _payload_device(self, input: Tensor) -> torch.device:
         # The layer's own device, so that even a rank whose input sits on the wrong device sends a

@@ -274,8 +274,7 @@ def _world2(rank, world, device):
         grad_atol=1e-5,
         first_atol=1e-4,
     )
-    if hasattr(bn_triton.functional, "check_fused"):  # the plain layers' fused epilogue, where it exists
-        _check_fused_epilogue(rank, device)
+    _check_fused_epilogue(rank, device)
     _check_compiled(rank, device)
     _check_bad_input(rank, world, device)
     _check_ddp_step(rank, world, device)
@@ -415,6 +414,9 @@ def test_convert_sync_batchnorm_keeps_state():
         assert id(v) == before[k][0] and torch.equal(v, before[k][1]), k
     assert all(p is params[k] for k, p in out.named_parameters())
     assert all(m.weight.device.type != "meta" for m in converted if m.affine)
+    # Our layers' fused ReLU comes along (dropping it would change the model).
+    fused = bn_triton.SyncBatchNorm.convert_sync_batchnorm(bn_triton.BatchNorm2d(3, activation="relu"))
+    assert fused.activation == "relu"
     # A layer itself: a new SyncBatchNorm with the same tensors, as torch's convert does.
     bn = torch.nn.BatchNorm1d(3)
     new = bn_triton.SyncBatchNorm.convert_sync_batchnorm(bn)
