@@ -82,7 +82,8 @@ def _timing(device):
         dy = torch.randn_like(x)
         times = []
         for fn in (bn_triton.batch_norm, F.batch_norm):
-            times.append(triton.testing.do_bench(lambda fn=fn: fn(x, None, None, w, b, True).backward(dy)))
+            step = lambda fn=fn, x=x, w=w, b=b, dy=dy: fn(x, None, None, w, b, True).backward(dy)
+            times.append(triton.testing.do_bench(step))
         print(f"{str(tuple(shape)):<28}{str(dtype):<16}{times[0]:>10.3f}{times[1]:>10.3f}{times[1] / times[0]:>8.2f}x")
 
 
@@ -95,7 +96,10 @@ def main() -> int:
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     where = torch.cuda.get_device_name() if device == "cuda" else "CPU, Triton interpreter (TRITON_INTERPRET=1)"
-    print(f"bn_triton {bn_triton.__version__} self-check on {where}; torch {torch.__version__}, triton {triton.__version__}")
+    print(
+        f"bn_triton {bn_triton.__version__} self-check on {where}; "
+        f"torch {torch.__version__}, triton {triton.__version__}"
+    )
     print("Training mode, max |error| of y and dx against torch's batch_norm and the float64 reference\n")
     cols = ["y vs torch", "y vs ref", "dx vs torch", "dx vs ref"]
     print(f"{'case':<32}{'dtype':<16}" + "".join(f"{c:>13}" for c in cols) + "  ok")
@@ -105,7 +109,11 @@ def main() -> int:
             errs = _check(shape, fmt, dtype, device)
             ok = max(errs["y vs ref"], errs["dx vs ref"]) <= TOLERANCE[str(dtype)]
             failures += not ok
-            print(f"{label:<32}{str(dtype):<16}" + "".join(f"{errs[c]:>13.2e}" for c in cols) + ("  ok" if ok else "  FAIL"))
+            print(
+                f"{label:<32}{str(dtype):<16}"
+                + "".join(f"{errs[c]:>13.2e}" for c in cols)
+                + ("  ok" if ok else "  FAIL")
+            )
     if device == "cuda":
         _timing(device)
     print(f"\n{'all checks passed' if not failures else f'{failures} check(s) over tolerance'}")

@@ -66,7 +66,7 @@ class LaunchConfig:
     num_warps: int
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
@@ -88,7 +88,9 @@ def launch_config(geom: Geometry, device: torch.device) -> LaunchConfig:
     if interp:
         target_programs = INTERPRETER_PROGRAMS
     else:
-        target_programs = PROGRAMS_PER_SM * sm_count(device.index if device.index is not None else torch.cuda.current_device())
+        target_programs = PROGRAMS_PER_SM * sm_count(
+            device.index if device.index is not None else torch.cuda.current_device()
+        )
     # Split each channel block's tiles so that the reduction grid reaches target_programs; the
     # grid's second axis caps the split at 65535.
     want = max(1, min(num_tiles, triton.cdiv(target_programs, num_c_blocks), 65535))

@@ -48,9 +48,13 @@ def check_inputs(
     """Raise a clear error for anything batch_norm cannot compute; torch's messages where it has one."""
     check_fused(input, activation, residual)
     if input.dim() < 2:
-        raise ValueError(f"batch_norm: expected an input with at least 2 dimensions (N, C, ...), got {input.dim()}D input")
+        raise ValueError(
+            f"batch_norm: expected an input with at least 2 dimensions (N, C, ...), got {input.dim()}D input"
+        )
     if input.dtype not in SUPPORTED_DTYPES:
-        raise TypeError(f"batch_norm: expected a floating-point input (float16, bfloat16, float32 or float64), got {input.dtype}")
+        raise TypeError(
+            f"batch_norm: expected a floating-point input (float16, bfloat16, float32 or float64), got {input.dtype}"
+        )
     if (running_mean is None) != (running_var is None):
         raise ValueError("running_mean and running_var must either both be None or neither be None")
     if not training and running_mean is None:
@@ -63,7 +67,8 @@ def check_inputs(
             raise RuntimeError(f"{name} should contain {C} elements not {t.numel()}")
         if t.device != input.device:
             raise RuntimeError(
-                f"Expected all tensors to be on the same device, but found input on {input.device} and {name} on {t.device}"
+                "Expected all tensors to be on the same device, "
+                f"but found input on {input.device} and {name} on {t.device}"
             )
         if t.dtype not in (input.dtype, torch.float32):
             raise TypeError(f"batch_norm: {name} must be float32 or the input's dtype ({input.dtype}), got {t.dtype}")
@@ -120,8 +125,16 @@ def batch_norm(
     """
     check_inputs(input, running_mean, running_var, weight, bias, training, activation=activation, residual=residual)
     return _batch_norm(
-        input, running_mean, running_var, weight, bias, training, momentum, eps,
-        activation=activation, residual=residual,
+        input,
+        running_mean,
+        running_var,
+        weight,
+        bias,
+        training,
+        momentum,
+        eps,
+        activation=activation,
+        residual=residual,
     )
 
 

@@ -168,7 +168,9 @@ def _empty_grads(x, weight, output_mask):
     """Output buffers for dweight/dbias (empty when not asked for), and a placeholder for dx."""
     acc = launch.acc_dtype(x.dtype)
     C = x.shape[1]
-    dw = x.new_empty((C,), dtype=weight.dtype) if output_mask[1] and weight is not None else x.new_empty((0,), dtype=acc)
+    dw = (
+        x.new_empty((C,), dtype=weight.dtype) if output_mask[1] and weight is not None else x.new_empty((0,), dtype=acc)
+    )
     db = x.new_empty((C,), dtype=acc) if output_mask[2] else x.new_empty((0,), dtype=acc)
     return x.new_empty((0,)), dw, db
 
@@ -227,8 +229,18 @@ def backward_relu(
     relu_args = dict(relu=True, y=y_, bias=bias)
     if need_sums:
         sum_dy, sum_dy_xhat = launch.grad_sums(
-            dy_, x_, geom, mean, scale, not training, eps, dw if want_dw else None, db if want_db else None,
-            weight=weight, dz=dz, **relu_args,
+            dy_,
+            x_,
+            geom,
+            mean,
+            scale,
+            not training,
+            eps,
+            dw if want_dw else None,
+            db if want_db else None,
+            weight=weight,
+            dz=dz,
+            **relu_args,
         )
         if want_dx:
             if dz is not None:  # already masked

@@ -34,8 +34,21 @@ from .tile import sum_rs, tile_offsets
 
 
 @triton.jit
-def relu_mask(x, Y, offs, mask, MEAN, B, a, c, cm, ACC: tl.constexpr, OUT_DTYPE: tl.constexpr, HAS_B: tl.constexpr,
-              MASK_FROM_Y: tl.constexpr):
+def relu_mask(
+    x,
+    Y,
+    offs,
+    mask,
+    MEAN,
+    B,
+    a,
+    c,
+    cm,
+    ACC: tl.constexpr,
+    OUT_DTYPE: tl.constexpr,
+    HAS_B: tl.constexpr,
+    MASK_FROM_Y: tl.constexpr,
+):
     """Where the fused ReLU let the gradient through: y > 0, read or recomputed (see the module doc)."""
     if MASK_FROM_Y:
         return tl.load(Y + offs, mask=mask, other=0.0).to(ACC) > 0
@@ -172,7 +185,9 @@ def grad_input_kernel(
     pid = tl.program_id(0)
     pid_c = pid % num_c_blocks
     tile = pid // num_c_blocks
-    offs, mask, c, _ = tile_offsets(tile, pid_c, R, C, S, stride_r, stride_c, BLOCK_R, BLOCK_C, BLOCK_S, CHANNELS_CONTIG)
+    offs, mask, c, _ = tile_offsets(
+        tile, pid_c, R, C, S, stride_r, stride_c, BLOCK_R, BLOCK_C, BLOCK_S, CHANNELS_CONTIG
+    )
     cm = c < C
     if TRAINING:
         ACC = SUM_DY.dtype.element_ty

@@ -90,7 +90,9 @@ def normalize_kernel(
     pid = tl.program_id(0)
     pid_c = pid % num_c_blocks
     tile = pid // num_c_blocks
-    offs, mask, c, _ = tile_offsets(tile, pid_c, R, C, S, stride_r, stride_c, BLOCK_R, BLOCK_C, BLOCK_S, CHANNELS_CONTIG)
+    offs, mask, c, _ = tile_offsets(
+        tile, pid_c, R, C, S, stride_r, stride_c, BLOCK_R, BLOCK_C, BLOCK_S, CHANNELS_CONTIG
+    )
     cm = c < C
     a = channel_scale(SCALE, W, c, cm, eps, ACC, SCALE_IS_VAR, HAS_W)
     x = tl.load(X + offs, mask=mask, other=0.0).to(ACC)

@@ -44,7 +44,9 @@ def _check_train(x, w, b, device, torch_bn_forbidden, eps=1e-5):
     dy = make(x.shape, dtype, device, seed=1)
     y.backward(dy)
 
-    y_ref, mean_ref, var_ref = reference.forward(np64(x), None if w is None else np64(w), None if b is None else np64(b), eps)
+    y_ref, mean_ref, var_ref = reference.forward(
+        np64(x), None if w is None else np64(w), None if b is None else np64(b), eps
+    )
     dx_ref, dw_ref, db_ref = reference.backward(np64(dy), np64(x), None if w is None else np64(w), eps)
     m = x.numel() // C
     rm_ref, rv_ref = reference.running_stats(np64(rm0), np64(rv0), mean_ref, var_ref, m, 0.1)
@@ -59,7 +61,16 @@ def _check_train(x, w, b, device, torch_bn_forbidden, eps=1e-5):
     # Second opinion: torch's own batch_norm on the same input (float32 math on CPU).
     with torch_bn_forbidden.allowed():
         xt = x.detach().float().cpu().requires_grad_()
-        yt = F.batch_norm(xt, None, None, None if w is None else w.float().cpu(), None if b is None else b.float().cpu(), True, 0.1, eps)
+        yt = F.batch_norm(
+            xt,
+            None,
+            None,
+            None if w is None else w.float().cpu(),
+            None if b is None else b.float().cpu(),
+            True,
+            0.1,
+            eps,
+        )
         yt.backward(dy.float().cpu())
     torch.testing.assert_close(y.float().cpu(), yt, **TOL[dtype])
     torch.testing.assert_close(xg.grad.float().cpu(), xt.grad, atol=TOL[dtype]["atol"] * 4, rtol=TOL[dtype]["rtol"])
@@ -78,7 +89,9 @@ def _check_eval(x, w, b, device, torch_bn_forbidden, eps=1e-5):
     y = bn_triton.batch_norm(xg, rm, rv, wg, bg, training=False, eps=eps)
     dy = make(x.shape, dtype, device, seed=2)
     y.backward(dy)
-    y_ref = reference.eval_forward(np64(x), np64(rm), np64(rv), None if w is None else np64(w), None if b is None else np64(b), eps)
+    y_ref = reference.eval_forward(
+        np64(x), np64(rm), np64(rv), None if w is None else np64(w), None if b is None else np64(b), eps
+    )
     dx_ref = reference.eval_backward(np64(dy), np64(rv), None if w is None else np64(w), eps)
     assert_close(y, y_ref, dtype, what="y")
     assert_close(xg.grad, dx_ref, dtype, scale=4, what="dx")
@@ -152,7 +165,7 @@ def test_needs_input_grad(mask, training, device):
     x0 = make(SHAPES[3], torch.float32, device, seed=11)
     w0 = make((4,), torch.float32, device, offset=1.0, seed=12)
     b0 = make((4,), torch.float32, device, seed=13)
-    x, w, b = (t.clone().requires_grad_(bool(r)) for t, r in zip((x0, w0, b0), mask))
+    x, w, b = (t.clone().requires_grad_(bool(r)) for t, r in zip((x0, w0, b0), mask, strict=True))
     rm, rv = torch.zeros(4, device=device), torch.ones(4, device=device)
     y = bn_triton.batch_norm(x, rm, rv, w, b, training=training)
     dy = make(SHAPES[3], torch.float32, device, seed=14)

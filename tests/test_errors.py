@@ -15,8 +15,18 @@ CASES = [
     # (name, build(device) -> kwargs, error type, message pattern)
     ("rank 1", lambda d: dict(input=torch.randn(3, device=d)), ValueError, "at least 2 dimensions"),
     ("integer input", lambda d: dict(input=torch.ones(4, 3, device=d, dtype=torch.int32)), TypeError, "floating-point"),
-    ("weight of other size", lambda d: dict(weight=torch.ones(4, device=d)), RuntimeError, "weight should contain 3 elements not 4"),
-    ("bias of other size", lambda d: dict(bias=torch.ones(2, device=d)), RuntimeError, "bias should contain 3 elements not 2"),
+    (
+        "weight of other size",
+        lambda d: dict(weight=torch.ones(4, device=d)),
+        RuntimeError,
+        "weight should contain 3 elements not 4",
+    ),
+    (
+        "bias of other size",
+        lambda d: dict(bias=torch.ones(2, device=d)),
+        RuntimeError,
+        "bias should contain 3 elements not 2",
+    ),
     (
         "running stats of other size",
         lambda d: dict(running_mean=torch.zeros(5, device=d), running_var=torch.ones(5, device=d)),
@@ -37,7 +47,12 @@ CASES = [
         "Expected more than 1 value per channel when training",
     ),
     ("weight on another device", lambda d: dict(weight=torch.ones(3, device="meta")), RuntimeError, "same device"),
-    ("float16 weight with float32 input", lambda d: dict(weight=torch.ones(3, device=d, dtype=torch.float16)), TypeError, "float32 or the input's dtype"),
+    (
+        "float16 weight with float32 input",
+        lambda d: dict(weight=torch.ones(3, device=d, dtype=torch.float16)),
+        TypeError,
+        "float32 or the input's dtype",
+    ),
 ]
 
 

@@ -35,7 +35,7 @@ def test_module_matches_torch(ours, theirs, shape, kwargs, device, torch_bn_forb
     assert list(mod.state_dict()) == list(ref.state_dict())
     if mod.affine:
         with torch.no_grad():
-            for p, q in zip(mod.parameters(), ref.parameters()):
+            for p, q in zip(mod.parameters(), ref.parameters(), strict=True):
                 p.copy_(torch.randn_like(p))
                 q.copy_(p)
     for step in range(3):
@@ -88,7 +88,7 @@ def test_small_conv_net_trains_like_torch(channels_last, device):
     for step in range(3):
         x = make((4, 3, 4, 4), torch.float32, device, seed=step).contiguous(memory_format=fmt)
         target = make((4, 6), torch.float32, device, seed=50 + step)
-        for model, opt in zip((theirs, ours), opts):
+        for model, opt in zip((theirs, ours), opts, strict=True):
             opt.zero_grad()
             loss = torch.nn.functional.mse_loss(model(x), target)
             loss.backward()
@@ -161,7 +161,7 @@ def test_convert_batchnorm_keeps_state(device):
     # The converted model computes what torch's did, and moves its buffers the same way.
     x = make((2, 3, 3, 3), torch.float32, device, seed=1)
     torch.testing.assert_close(model[:3](x), twin[:3](x), atol=2e-5, rtol=2e-5)
-    for (k, v), (_, w) in zip(model.state_dict().items(), twin.state_dict().items()):
+    for (k, v), (_, w) in zip(model.state_dict().items(), twin.state_dict().items(), strict=True):
         torch.testing.assert_close(v, w, atol=2e-5, rtol=2e-5, msg=k)
     # A torch BN layer passed directly is returned converted.
     single = bn_triton.convert_batchnorm(torch.nn.BatchNorm1d(3))

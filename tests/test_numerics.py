@@ -38,7 +38,9 @@ def test_split_reduction_merges_partials(layout, many_splits, device):
 def test_launch_config_fills_the_gpu_at_small_c(monkeypatch):
     """At C=64 one program per channel leaves most of a 132-SM GPU idle; the split must not."""
     monkeypatch.setattr(_config, "sm_count", lambda index: 132)
-    geom = _config.Geometry(R=256, C=64, S=112 * 112, stride_r=64 * 112 * 112, stride_c=112 * 112, channels_contig=False)
+    geom = _config.Geometry(
+        R=256, C=64, S=112 * 112, stride_r=64 * 112 * 112, stride_c=112 * 112, channels_contig=False
+    )
     cfg = _config.launch_config(geom, torch.device("cuda", 0))
     assert cfg.num_c_blocks * cfg.num_splits >= 132 * _config.PROGRAMS_PER_SM
     cl = _config.Geometry(R=256 * 56 * 56, C=64, S=1, stride_r=64, stride_c=1, channels_contig=True)
@@ -76,7 +78,7 @@ def test_bitwise_deterministic(layout, many_splits, device):
         y = bn_triton.batch_norm(xg, rm, rv, wg, bg, training=True)
         y.backward(dy)
         results.append([y, xg.grad, wg.grad, bg.grad, rm, rv])
-    for a, b in zip(*results):
+    for a, b in zip(*results, strict=True):
         assert torch.equal(a, b)
 
 
