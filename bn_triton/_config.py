@@ -31,11 +31,14 @@ TILE_ELEMS_INTERPRETER = 16384
 # 16-B vectors per thread; 1024 spatial positions (NCHW) covers a full row of most feature maps.
 MAX_BLOCK_C = 128
 MAX_BLOCK_S = 1024
-# Reduction programs per SM: 4 resident programs of 8 warps each keep every SM busy, and the
-# partials stay tiny ([SPLIT, C] floats). The interpreter gets few programs but still >1 split so
-# the partial merge is exercised on CPU too.
-PROGRAMS_PER_SM = 4
-INTERPRETER_PROGRAMS = 4
+# Reduction programs per SM: the grid aims at one wave of resident programs (a second, nearly empty
+# wave would cost a whole program's time). Compiled for sm_90 (triton 3.8, bench/inspect_sass.py),
+# the fp16/bf16 reductions take 71-80 registers: 3 programs of 8 warps fit per SM (fp32: 4-5), so
+# 3 keeps every dtype inside one wave; 24 warps per SM still keep enough loads in flight. The
+# partials stay tiny ([SPLIT, C] floats). The interpreter gets few programs, but more
+# than one split for small C so that the partial merge runs on CPU too.
+PROGRAMS_PER_SM = 3
+INTERPRETER_PROGRAMS = 8
 # Finalize kernels: one program per 128 channels; they touch [SPLIT, C] floats only.
 FINALIZE_BLOCK_C = 128
 
@@ -59,10 +62,10 @@ class LaunchConfig:
     block_r: int
     block_c: int
     block_s: int
+    s_div: int  # largest power of two (<= 16) dividing S: alignment the kernels can prove (kernels/tile.py)
     num_c_blocks: int
     num_tiles: int  # tiles of the (R, S) plane
-    num_splits: int  # reduction programs per channel block
-    tiles_per_split: int
+    num_splits: int  # reduction programs per channel block; split k takes tiles [k*T/P, (k+1)*T/P)
     num_warps: int
 
 
@@ -71,32 +74,35 @@ def sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)  # plain ints: triton.cdiv costs microseconds per call on the host
+
+
 def _pow2_at_most(n: int, cap: int) -> int:
-    return min(triton.next_power_of_2(max(n, 1)), cap)
+    return min(1 << (max(n, 1) - 1).bit_length(), cap)
 
 
 def launch_config(geom: Geometry, device: torch.device) -> LaunchConfig:
-    interp = device.type != "cuda"
-    tile = TILE_ELEMS_INTERPRETER if interp else TILE_ELEMS_GPU
+    """Tile, split and warps for ``geom`` on ``device`` (CUDA, or CPU under the interpreter)."""
+    if device.type != "cuda":
+        return _launch_config(geom, TILE_ELEMS_INTERPRETER, INTERPRETER_PROGRAMS, MAX_BLOCK_C, MAX_BLOCK_S)
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return _launch_config(geom, TILE_ELEMS_GPU, PROGRAMS_PER_SM * sm_count(index), MAX_BLOCK_C, MAX_BLOCK_S)
+
+
+@functools.lru_cache(maxsize=4096)  # on the eager hot path: every input decides it again
+def _launch_config(geom: Geometry, tile: int, target_programs: int, max_block_c: int, max_block_s: int):
     if geom.channels_contig:
-        block_c, block_s = _pow2_at_most(geom.C, MAX_BLOCK_C), 1
+        block_c, block_s = _pow2_at_most(geom.C, max_block_c), 1
     else:
-        block_c, block_s = 1, _pow2_at_most(geom.S, MAX_BLOCK_S)
+        block_c, block_s = 1, _pow2_at_most(geom.S, max_block_s)
     block_r = _pow2_at_most(geom.R, max(tile // (block_c * block_s), 1))
-    num_c_blocks = triton.cdiv(geom.C, block_c)
-    num_tiles = triton.cdiv(geom.R, block_r) * triton.cdiv(geom.S, block_s)
-    if interp:
-        target_programs = INTERPRETER_PROGRAMS
-    else:
-        target_programs = PROGRAMS_PER_SM * sm_count(
-            device.index if device.index is not None else torch.cuda.current_device()
-        )
-    # Split each channel block's tiles so that the reduction grid reaches target_programs; the
-    # grid's second axis caps the split at 65535.
-    want = max(1, min(num_tiles, triton.cdiv(target_programs, num_c_blocks), 65535))
-    tiles_per_split = max(1, num_tiles // want)  # rounding down gives at least `want` splits
-    if triton.cdiv(num_tiles, tiles_per_split) > 65535:
-        tiles_per_split = triton.cdiv(num_tiles, 65535)
-    num_splits = triton.cdiv(num_tiles, tiles_per_split)
+    num_c_blocks = _cdiv(geom.C, block_c)
+    num_tiles = _cdiv(geom.R, block_r) * _cdiv(geom.S, block_s)
+    # Split each channel block's tiles over as many programs as keep the grid at one wave of
+    # target_programs (at least one split; at most one per tile; grid axis 1 caps it at 65535). The
+    # tiles are dealt out evenly, so no split runs longer than the others by more than one tile.
+    num_splits = max(1, min(num_tiles, target_programs // num_c_blocks, 65535))
+    s_div = min(geom.S & -geom.S, 16)
     num_warps = 8 if block_r * block_c * block_s >= 2048 else 4
-    return LaunchConfig(block_r, block_c, block_s, num_c_blocks, num_tiles, num_splits, tiles_per_split, num_warps)
+    return LaunchConfig(block_r, block_c, block_s, s_div, num_c_blocks, num_tiles, num_splits, num_warps)

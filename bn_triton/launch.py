@@ -67,6 +67,7 @@ def _tile_args(geom: Geometry, cfg: LaunchConfig) -> dict:
         BLOCK_C=cfg.block_c,
         BLOCK_S=cfg.block_s,
         CHANNELS_CONTIG=geom.channels_contig,
+        S_DIV=cfg.s_div,
         num_warps=cfg.num_warps,
     )
 
@@ -85,7 +86,7 @@ def batch_stats(x: torch.Tensor, geom: Geometry, eps: float):
     acc = acc_dtype(x.dtype)
     parts = torch.empty((3, cfg.num_splits, geom.C), dtype=acc, device=x.device)
     kernels.stats_partials_kernel[(cfg.num_c_blocks, cfg.num_splits)](
-        x, parts[0], parts[1], parts[2], *_shape_args(geom), cfg.num_tiles, cfg.tiles_per_split, **_tile_args(geom, cfg)
+        x, parts[0], parts[1], parts[2], *_shape_args(geom), cfg.num_tiles, cfg.num_splits, **_tile_args(geom, cfg)
     )
     # Three separate tensors (not views of one): ops return them, and op outputs must not alias.
     mean, rstd, var = (torch.empty(geom.C, dtype=acc, device=x.device) for _ in range(3))
@@ -168,7 +169,7 @@ def grad_sums(
         parts[1],
         *_shape_args(geom),
         cfg.num_tiles,
-        cfg.tiles_per_split,
+        cfg.num_splits,
         eps,
         SCALE_IS_VAR=scale_is_var,
         **_tile_args(geom, cfg),

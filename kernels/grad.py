@@ -70,13 +70,14 @@ def grad_partials_kernel(
     stride_r,
     stride_c,
     num_tiles,
-    tiles_per_split,
+    num_splits,  # programs sharing one channel block's tiles (grid axis 1)
     eps,
     SCALE_IS_VAR: tl.constexpr,
     BLOCK_R: tl.constexpr,
     BLOCK_C: tl.constexpr,
     BLOCK_S: tl.constexpr,
     CHANNELS_CONTIG: tl.constexpr,
+    S_DIV: tl.constexpr,
     Y=None,  # forward output, same strides as X (read when MASK_FROM_Y)
     W=None,  # [C] weight, bias: to recompute the pre-activation (RELU and not MASK_FROM_Y)
     B=None,
@@ -97,11 +98,13 @@ def grad_partials_kernel(
     rstd = channel_scale(SCALE, SCALE, c, cm, eps, ACC, SCALE_IS_VAR, False)[None, :, None]
     sum_dy = tl.zeros([BLOCK_C], ACC)
     sum_dy_xhat = tl.zeros([BLOCK_C], ACC)
-    first = split * tiles_per_split
-    last = tl.minimum(first + tiles_per_split, num_tiles)
+    # Split k takes tiles [k*T/P, (k+1)*T/P): every split gets floor or ceil of T/P tiles, so the
+    # programs finish together (int64: k*T may pass 2**31).
+    first = (split.to(tl.int64) * num_tiles) // num_splits
+    last = ((split.to(tl.int64) + 1) * num_tiles) // num_splits
     for tile in range(first, last):
         offs, mask, _, _ = tile_offsets(
-            tile, pid_c, R, C, S, stride_r, stride_c, BLOCK_R, BLOCK_C, BLOCK_S, CHANNELS_CONTIG
+            tile, pid_c, R, C, S, stride_r, stride_c, BLOCK_R, BLOCK_C, BLOCK_S, CHANNELS_CONTIG, S_DIV
         )
         dy = tl.load(DY + offs, mask=mask, other=0.0).to(ACC)
         x = tl.load(X + offs, mask=mask, other=0.0).to(ACC)
@@ -170,6 +173,7 @@ def grad_input_kernel(
     BLOCK_C: tl.constexpr,
     BLOCK_S: tl.constexpr,
     CHANNELS_CONTIG: tl.constexpr,
+    S_DIV: tl.constexpr,
     Y=None,  # forward output (read when MASK_FROM_Y)
     B=None,  # [C] bias (recompute of the pre-activation)
     DZ=None,  # out: the masked dy, d(residual) (when STORE_DZ)
@@ -186,7 +190,7 @@ def grad_input_kernel(
     pid_c = pid % num_c_blocks
     tile = pid // num_c_blocks
     offs, mask, c, _ = tile_offsets(
-        tile, pid_c, R, C, S, stride_r, stride_c, BLOCK_R, BLOCK_C, BLOCK_S, CHANNELS_CONTIG
+        tile, pid_c, R, C, S, stride_r, stride_c, BLOCK_R, BLOCK_C, BLOCK_S, CHANNELS_CONTIG, S_DIV
     )
     cm = c < C
     if TRAINING:

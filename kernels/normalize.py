@@ -83,6 +83,7 @@ def normalize_kernel(
     BLOCK_C: tl.constexpr,
     BLOCK_S: tl.constexpr,
     CHANNELS_CONTIG: tl.constexpr,
+    S_DIV: tl.constexpr,
     RES=None,  # residual, same strides as X (unused unless HAS_RESIDUAL)
     HAS_RESIDUAL: tl.constexpr = False,
     RELU: tl.constexpr = False,
@@ -91,7 +92,7 @@ def normalize_kernel(
     pid_c = pid % num_c_blocks
     tile = pid // num_c_blocks
     offs, mask, c, _ = tile_offsets(
-        tile, pid_c, R, C, S, stride_r, stride_c, BLOCK_R, BLOCK_C, BLOCK_S, CHANNELS_CONTIG
+        tile, pid_c, R, C, S, stride_r, stride_c, BLOCK_R, BLOCK_C, BLOCK_S, CHANNELS_CONTIG, S_DIV
     )
     cm = c < C
     a = channel_scale(SCALE, W, c, cm, eps, ACC, SCALE_IS_VAR, HAS_W)

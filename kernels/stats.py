@@ -31,11 +31,12 @@ def stats_partials_kernel(
     stride_r,
     stride_c,
     num_tiles,  # tiles of the (R, S) plane
-    tiles_per_split,
+    num_splits,  # programs sharing one channel block's tiles (grid axis 1)
     BLOCK_R: tl.constexpr,
     BLOCK_C: tl.constexpr,
     BLOCK_S: tl.constexpr,
     CHANNELS_CONTIG: tl.constexpr,
+    S_DIV: tl.constexpr,
 ):
     pid_c = tl.program_id(0)
     split = tl.program_id(1)
@@ -43,11 +44,13 @@ def stats_partials_kernel(
     n_acc = tl.zeros([BLOCK_C], ACC)
     mean_acc = tl.zeros([BLOCK_C], ACC)
     m2_acc = tl.zeros([BLOCK_C], ACC)
-    first = split * tiles_per_split
-    last = tl.minimum(first + tiles_per_split, num_tiles)
+    # Split k takes tiles [k*T/P, (k+1)*T/P): every split gets floor or ceil of T/P tiles, so the
+    # programs finish together (int64: k*T may pass 2**31).
+    first = (split.to(tl.int64) * num_tiles) // num_splits
+    last = ((split.to(tl.int64) + 1) * num_tiles) // num_splits
     for tile in range(first, last):
         offs, mask, c, count = tile_offsets(
-            tile, pid_c, R, C, S, stride_r, stride_c, BLOCK_R, BLOCK_C, BLOCK_S, CHANNELS_CONTIG
+            tile, pid_c, R, C, S, stride_r, stride_c, BLOCK_R, BLOCK_C, BLOCK_S, CHANNELS_CONTIG, S_DIV
         )
         x = tl.load(X + offs, mask=mask, other=0.0).to(ACC)
         n_tile = count.to(ACC)

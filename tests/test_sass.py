@@ -38,7 +38,11 @@ def test_reduction_grid_fills_h100(monkeypatch, config):
         where = f"{case.label}: {cfg}"
         assert cfg.num_c_blocks * cfg.num_splits >= H100_SMS, where
         assert cfg.num_splits <= 65535, where
-        assert (cfg.num_splits - 1) * cfg.tiles_per_split < cfg.num_tiles <= cfg.num_splits * cfg.tiles_per_split, where
+        # Split k takes tiles [k*T//P, (k+1)*T//P): none empty, and together exactly the T tiles.
+        assert cfg.num_splits <= cfg.num_tiles, where
+        assert cfg.num_c_blocks > H100_SMS * _config.PROGRAMS_PER_SM or (
+            cfg.num_c_blocks * cfg.num_splits <= H100_SMS * _config.PROGRAMS_PER_SM
+        ), f"more than one wave: {where}"
 
 
 def _tools_present() -> bool:
