@@ -44,6 +44,11 @@ def parse_args(argv):
     p.add_argument(
         "--budget-s", type=float, help="start no new case after this many seconds; the rest is recorded as skipped"
     )
+    p.add_argument(
+        "--no-fused",
+        action="store_true",
+        help="skip the fused BN -> add -> ReLU rows (pass fused_*; run on the 4-D cases, see bench/fused.py)",
+    )
     p.add_argument("--warmup-ms", type=int, help="do_bench warm-up (default 25, --quick 10)")
     p.add_argument("--rep-ms", type=int, help="do_bench measuring time per call site (default 100, --quick 40)")
     return p.parse_args(argv)
@@ -143,6 +148,12 @@ def main(argv=None) -> int:
     rows, progress, interrupted = [], Progress(), False
     try:
         runner.run_suite(cases, impl_names, passes, settings, rows, progress)
+        if not args.no_fused:
+            # BN -> add -> ReLU where conv nets have it: the 4-D (N, C, H, W) cases.
+            from bench import fused
+
+            fused_cases = [c for c in cases if len(c.shape.dims) == 4]
+            fused.run_fused_suite(fused_cases, impl_names, passes, settings, rows, progress)
     except KeyboardInterrupt:
         interrupted = True
     progress.done()

@@ -134,6 +134,11 @@ print('bn_triton from', bn_triton.__file__, '| kernels from', bn_triton.kernels.
   fi
 
   echo
+  echo "== 4. eager per-call overhead (bench/overhead.py: op path vs fast path vs direct launch; limit 90 s)"
+  (cd "$run_dir" && timeout -k 10 90 "$PY" bench/overhead.py && timeout -k 10 60 "$PY" bench/overhead.py --stub) \
+    || echo "gpu_check.sh: overhead measurement failed (not counted as a test failure)"
+
+  echo
   echo "== gpu_check done in $(( $(date +%s) - t0 )) s: tests exit $test_rc, bench exit $bench_rc; files in $OUT:"
   ls -l "$OUT"
   if [ -f "$OUT/summary.md" ]; then

@@ -282,7 +282,10 @@ def test_cli_smoke(tmp_path, request):
     if not torch.cuda.is_available():
         assert "timings need a CUDA GPU" in proc.stdout
     rows = report.read_csv(str(tmp_path / "results.csv"))
-    assert len(rows) == 3 * 4 * 4  # smoke cases x passes x implementations
+    plain = [r for r in rows if not r["pass"].startswith("fused_")]
+    fused = [r for r in rows if r["pass"].startswith("fused_")]
+    assert len(plain) == 3 * 4 * 4  # smoke cases x passes x implementations
+    assert len(fused) == 2 * 4 * 4  # the 4-D smoke cases get the fused BN -> add -> ReLU rows too
     assert {r["status"] for r in rows} == {"checked"}
     assert all(r["ms"] is None and r["gbps"] is None for r in rows)
     assert {r["backend"] for r in rows if r["impl"] == "bn_triton"} == {"bn_triton"}
