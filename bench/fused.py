@@ -132,62 +132,12 @@ def _row(case, impl, pass_name, **fields):
 
 def run_fused_case(case, impl_names, passes, settings: runner.Settings, rows: list, progress: Callable = None) -> None:
     """runner.run_case for the fused op: check every implementation, then (unless smoke) time it."""
-    dev = settings.device
-    timer = settings.timer or runner.do_bench_timer(settings.warmup_ms, settings.rep_ms)
-    inp = runner.make_inputs(case, dev)
+    inp = runner.make_inputs(case, settings.device)
     residual = make_residual(inp.x)
-    ref = _reference(inp, residual)
-    modes = sorted({runner.PASS_MODE[p] for p in passes})
-    runs = {"train": runner.run_train, "eval": runner.run_eval}
-    yard = make_fused_impl("cudnn", residual)
-    with yard.active():
-        torch_errs = {m: runner.errors(runs[m](yard.fn, inp), ref[m]) for m in modes}
-    impls, checks = {}, {}
-    for name in impl_names:
-        if progress:
-            progress(f"fused {case.label} check {name}")
-        try:
-            impl = make_fused_impl(name, residual, settings.compile_backend)
-            with impl.active():
-                for m in modes:
-                    checks[name, m] = runner.verdict(
-                        runner.errors(runs[m](impl.fn, inp), ref[m]), torch_errs[m], case.dtype
-                    )
-            impls[name] = impl
-        except Exception as exc:
-            checks[name, "error"] = runner._short(exc)
-    del ref
-    for pass_name in passes:
-        mode = runner.PASS_MODE[pass_name]
-        for name in impl_names:
-            if (name, "error") in checks:
-                rows.append(_row(case, name, pass_name, status="error", note=checks[name, "error"]))
-                continue
-            ok, worst, worst_name = checks[name, mode]
-            if not ok:
-                note = f"{worst_name} error is {worst:.3g}x the allowance"
-                rows.append(_row(case, name, pass_name, status="wrong", err_ratio=worst, note=note))
-                continue
-            if progress:
-                progress(f"fused {case.label} {pass_name} {name}")
-            impl = impls[name]
-            try:
-                with impl.active(), torch.set_grad_enabled(pass_name != "eval_fwd"):
-                    f = runner.pass_callable(impl.fn, pass_name, inp)
-                    fields = dict(backend=impls_mod.detect_backend(f), err_ratio=worst, status="checked")
-                    if settings.timing:
-                        fields["peak_mem_mb"] = runner.peak_extra_mb(f, dev)
-                        med, p20, p80 = timer(f)
-                        gb = traffic.gbps(model_bytes(pass_name, case.shape.dims, case.dtype), med)
-                        fields.update(ms=med, ms_p20=p20, ms_p80=p80, gbps=gb, status="ok")
-                        if settings.copy_gbps:
-                            fields["pct_copy_bw"] = traffic.fraction_of(gb, settings.copy_gbps)
-                    del f
-                rows.append(_row(case, name, pass_name, **fields))
-            except Exception as exc:
-                rows.append(_row(case, name, pass_name, status="error", note=runner._short(exc)))
-            if dev.type == "cuda":
-                torch.cuda.empty_cache()
+    make = lambda name: make_fused_impl(name, residual, settings.compile_backend)
+    runner.check_and_time(
+        case, inp, _reference(inp, residual), make, impl_names, passes, settings, rows, progress, _row, "fused "
+    )
 
 
 def run_fused_suite(

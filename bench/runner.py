@@ -216,24 +216,46 @@ def _short(exc: BaseException) -> str:
 
 def run_case(case: Case, impl_names, passes, settings: Settings, rows: list, progress: Callable = None) -> None:
     """Check and (unless smoke) time every implementation on one case; append rows to ``rows``."""
+    inp = make_inputs(case, settings.device)
+    make = lambda name: impls_mod.make_impl(name, settings.compile_backend)
+    check_and_time(case, inp, reference(inp), make, impl_names, passes, settings, rows, progress)
+
+
+def check_and_time(
+    case: Case,
+    inp,
+    ref,
+    make_impl: Callable,
+    impl_names,
+    passes,
+    settings: Settings,
+    rows: list,
+    progress: Callable = None,
+    row: Callable = None,
+    label: str = "",
+) -> None:
+    """Check every implementation against ``ref`` (float64) and time those that pass.
+
+    ``make_impl(name)`` builds an implementation; ``row`` builds a CSV row (default ``_row``; the
+    fused rows pass their own, with their pass names and byte model); ``label`` prefixes progress.
+    """
+    row = row or _row
     dev = settings.device
     timer = settings.timer or do_bench_timer(settings.warmup_ms, settings.rep_ms)
-    inp = make_inputs(case, dev)
-    ref = reference(inp)
     modes = sorted({PASS_MODE[p] for p in passes})
     runners = {"train": run_train, "eval": run_eval}
 
     # torch eager (default flags) against float64: the yardstick for everyone's error.
-    yard = impls_mod.make_impl("cudnn")
+    yard = make_impl("cudnn")
     with yard.active():
         torch_errs = {m: errors(runners[m](yard.fn, inp), ref[m]) for m in modes}
 
     impls, checks = {}, {}
     for name in impl_names:
         if progress:
-            progress(f"{case.label} check {name}")
+            progress(f"{label}{case.label} check {name}")
         try:
-            impl = impls_mod.make_impl(name, settings.compile_backend)
+            impl = make_impl(name)
             with impl.active():
                 for m in modes:
                     errs = errors(runners[m](impl.fn, inp), ref[m])
@@ -247,15 +269,15 @@ def run_case(case: Case, impl_names, passes, settings: Settings, rows: list, pro
         mode = PASS_MODE[pass_name]
         for name in impl_names:
             if (name, "error") in checks:
-                rows.append(_row(case, name, pass_name, status="error", note=checks[name, "error"]))
+                rows.append(row(case, name, pass_name, status="error", note=checks[name, "error"]))
                 continue
             ok, worst, worst_name = checks[name, mode]
             if not ok:
                 note = f"{worst_name} error is {worst:.3g}x the allowance ({ERROR_RATIO:g}x torch's + floor)"
-                rows.append(_row(case, name, pass_name, status="wrong", err_ratio=worst, note=note))
+                rows.append(row(case, name, pass_name, status="wrong", err_ratio=worst, note=note))
                 continue
             if progress:
-                progress(f"{case.label} {pass_name} {name}")
+                progress(f"{label}{case.label} {pass_name} {name}")
             impl = impls[name]
             try:
                 with impl.active(), torch.set_grad_enabled(pass_name != "eval_fwd"):
@@ -265,14 +287,14 @@ def run_case(case: Case, impl_names, passes, settings: Settings, rows: list, pro
                     if settings.timing:
                         fields["peak_mem_mb"] = peak_extra_mb(f, dev)
                         med, p20, p80 = timer(f)
-                        nbytes = traffic.model_bytes(pass_name, case.shape.dims, case.dtype)
+                        nbytes = row(case, name, pass_name)["model_bytes"]
                         fields.update(ms=med, ms_p20=p20, ms_p80=p80, gbps=traffic.gbps(nbytes, med), status="ok")
                         if settings.copy_gbps:
                             fields["pct_copy_bw"] = traffic.fraction_of(fields["gbps"], settings.copy_gbps)
                     del f
-                rows.append(_row(case, name, pass_name, **fields))
+                rows.append(row(case, name, pass_name, **fields))
             except Exception as exc:
-                rows.append(_row(case, name, pass_name, status="error", note=_short(exc)))
+                rows.append(row(case, name, pass_name, status="error", note=_short(exc)))
             if dev.type == "cuda":
                 torch.cuda.empty_cache()
     del impls, inp
