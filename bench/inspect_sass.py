@@ -343,7 +343,7 @@ def run(cases: list, sms: int, workdir: Path, verbose=False, big_only=False, pro
         log, cfg = record_launches(case, sms, programs_per_sm)
         seen = set()
         for ln in log:
-            tag = (ln.name, ln.kwargs.get("SCALE_IS_VAR"), ln.kwargs.get("HAS_MEAN"))
+            tag = (ln.name, ln.kwargs.get("SCALE_IS_VAR"), ln.kwargs.get("TRAINING"))
             if tag in seen or (big_only and ln.name not in BIG_IO):
                 continue
             seen.add(tag)

@@ -100,7 +100,7 @@ def batch_stats(x: torch.Tensor, geom: Geometry, eps: float):
 def normalize(x, geom, mean, scale, scale_is_var, eps, weight, bias, out=None, residual=None, relu=False):
     """y = (x - mean) * scale' * weight + bias where scale' = rstd, or rsqrt(scale + eps) if scale_is_var.
 
-    With mean=None and bias=None this is dy * rstd * weight: the eval-mode dx. With ``residual``
+    With ``residual``
     (x's strides: see ``like``) and/or ``relu`` it is relu(... + residual), fused in the same pass.
     """
     cfg = launch_config(geom, x.device)
@@ -116,7 +116,6 @@ def normalize(x, geom, mean, scale, scale_is_var, eps, weight, bias, out=None, r
         cfg.num_c_blocks,
         eps,
         ACC=_tl_acc(x.dtype),
-        HAS_MEAN=mean is not None,
         SCALE_IS_VAR=scale_is_var,
         HAS_W=weight is not None,
         HAS_B=bias is not None,

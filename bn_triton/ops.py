@@ -160,7 +160,7 @@ def backward(
         if training:
             dx = launch.grad_input(dy_, x_, geom, mean, scale, weight, sum_dy, sum_dy_xhat)
         else:
-            dx = launch.normalize(dy_, geom, None, scale, True, eps, weight, None)
+            dx = launch.grad_input(dy_, x_, geom, mean, scale, weight, None, None, training=False, eps=eps)
     return dx, dw, db
 
 

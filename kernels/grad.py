@@ -4,7 +4,7 @@ With those two sums (they are dbias and dweight) the training dx is elementwise:
     dx = weight * rstd * (dy - sum(dy) / m - xhat * sum(dy * xhat) / m),   xhat = (x - mean) * rstd
 (the closed form of the three-path derivation; see shared/docs/bn-math.md). x is read again and xhat
 recomputed, so the forward saves only mean and rstd. In eval mode the statistics are constants and
-dx = dy * weight * rsqrt(running_var + eps), which ``normalize_kernel`` computes.
+dx = dy * weight * rsqrt(running_var + eps): ``grad_input_kernel`` with ``TRAINING=False``.
 
 Fused ReLU (``RELU``): every formula above runs on g = dy masked by the ReLU, g = where(keep, dy, 0),
 which is also d(residual). ``keep`` comes either from the stored output y (``MASK_FROM_Y``: y > 0) or
@@ -53,7 +53,7 @@ def relu_mask(
     if MASK_FROM_Y:
         return tl.load(Y + offs, mask=mask, other=0.0).to(ACC) > 0
     else:
-        return relu_keep(bn_affine(x, MEAN, B, a, c, cm, ACC, True, HAS_B), OUT_DTYPE)
+        return relu_keep(bn_affine(x, MEAN, B, a, c, cm, ACC, HAS_B), OUT_DTYPE)
 
 
 @triton.jit

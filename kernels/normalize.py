@@ -1,8 +1,8 @@
 """The elementwise normalize pass: y = (x - mean) * (rstd * weight) + bias, one tile per program.
 
 Training passes the batch mean and rstd; eval passes running_mean and running_var
-(``SCALE_IS_VAR``), whose rsqrt is taken here per channel rather than in an extra launch. With
-``mean`` omitted (``HAS_MEAN=False``) the same kernel scales dy by rstd * weight: the eval backward.
+(``SCALE_IS_VAR``), whose rsqrt is taken here per channel rather than in an extra launch. (The eval
+backward, dx = dy * rstd * weight, is ``grad_input_kernel``'s eval mode in kernels/grad.py.)
 
 Fusion (``HAS_RESIDUAL``, ``RELU``): y = relu((x - mean) * a + bias + residual), all in ACC before the
 single store, so BN -> add -> ReLU costs one extra read (the residual) instead of two more passes.
@@ -32,10 +32,9 @@ def channel_scale(SCALE, W, c, cm, eps, ACC: tl.constexpr, SCALE_IS_VAR: tl.cons
 
 
 @triton.jit
-def bn_affine(x, MEAN, B, a, c, cm, ACC: tl.constexpr, HAS_MEAN: tl.constexpr, HAS_B: tl.constexpr):
+def bn_affine(x, MEAN, B, a, c, cm, ACC: tl.constexpr, HAS_B: tl.constexpr):
     """(x - mean) * a + bias on a tile (x already in ACC); forward and the backward's recompute share it."""
-    if HAS_MEAN:
-        x = x - tl.load(MEAN + c, mask=cm, other=0.0).to(ACC)[None, :, None]
+    x = x - tl.load(MEAN + c, mask=cm, other=0.0).to(ACC)[None, :, None]
     y = x * a[None, :, None]
     if HAS_B:
         y = y + tl.load(B + c, mask=cm, other=0.0).to(ACC)[None, :, None]
@@ -63,7 +62,7 @@ def relu_keep(pre, OUT_DTYPE: tl.constexpr):
 def normalize_kernel(
     X,  # input, viewed as (R, C, S)
     Y,  # output, same strides as X
-    MEAN,  # [C]: batch mean or running_mean (unused unless HAS_MEAN)
+    MEAN,  # [C]: batch mean or running_mean
     SCALE,  # [C]: rstd, or running_var when SCALE_IS_VAR
     W,  # [C] weight (unused unless HAS_W)
     B,  # [C] bias (unused unless HAS_B)
@@ -75,7 +74,6 @@ def normalize_kernel(
     num_c_blocks,
     eps,
     ACC: tl.constexpr,
-    HAS_MEAN: tl.constexpr,
     SCALE_IS_VAR: tl.constexpr,
     HAS_W: tl.constexpr,
     HAS_B: tl.constexpr,
@@ -97,7 +95,7 @@ def normalize_kernel(
     cm = c < C
     a = channel_scale(SCALE, W, c, cm, eps, ACC, SCALE_IS_VAR, HAS_W)
     x = tl.load(X + offs, mask=mask, other=0.0).to(ACC)
-    y = bn_affine(x, MEAN, B, a, c, cm, ACC, HAS_MEAN, HAS_B)
+    y = bn_affine(x, MEAN, B, a, c, cm, ACC, HAS_B)
     if HAS_RESIDUAL:
         y = y + tl.load(RES + offs, mask=mask, other=0.0).to(ACC)
     if RELU:
