@@ -9,12 +9,22 @@ Layers of the stack, one module each:
   bn_triton.modules     BatchNorm1d/2d/3d (drop-ins for torch.nn's) and convert_batchnorm
   bn_triton.reference   NumPy float64 reference (the lecture note's derivation)
   bn_triton.sync_batchnorm  SyncBatchNorm: global-batch statistics over torch.distributed
+
+The kernels are loaded first (bn_triton._loader): from bn_triton/kernels/ in an installed wheel, or
+from the kernels/ folder beside bn_triton/ in a clone, so that both commands run from a clone whether
+or not a wheel is installed. The derivation behind the kernels and the reference: docs/math.md.
 """
 
-from bn_triton import reference
-from bn_triton.functional import batch_norm
-from bn_triton.modules import BatchNorm1d, BatchNorm2d, BatchNorm3d, convert_batchnorm
-from bn_triton.sync_batchnorm import SyncBatchNorm
+import sys
+
+from bn_triton import _loader
+
+_loader.load_kernels(sys.modules[__name__])
+
+from bn_triton import reference  # noqa: E402
+from bn_triton.functional import batch_norm  # noqa: E402
+from bn_triton.modules import BatchNorm1d, BatchNorm2d, BatchNorm3d, convert_batchnorm  # noqa: E402
+from bn_triton.sync_batchnorm import SyncBatchNorm  # noqa: E402
 
 __version__ = "0.1.0"
 

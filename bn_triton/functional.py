@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from bn_triton import ops
+from bn_triton import _loader, ops
 from bn_triton._config import interpreting
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -31,7 +31,7 @@ def uses_triton(input: Tensor) -> bool:
     """Whether ``input`` is computed by our kernels (else by torch's batch_norm)."""
     if input.device.type == "cuda":
         return True
-    return input.device.type == "cpu" and _interpreting()
+    return input.device.type == "cpu" and _interpreting() and _loader.interpreter_ready()
 
 
 def check_inputs(
