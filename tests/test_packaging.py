@@ -1,18 +1,17 @@
 """Packaging and shipping: the wheel, the Dockerfile, the CI workflows and the README's commands.
 
 The wheel test builds from a copy of the sources (so it never writes build/ into a checkout that
-others use), installs the wheel into a fresh venv that sees the system's torch and triton, and runs
-a small batch_norm under the Triton interpreter from a folder outside the repository.
+others use), installs the wheel into a fresh venv that sees this interpreter's torch and triton
+(tests/installs.py), and runs a small batch_norm under the Triton interpreter from a folder outside
+the repository. The newcomer's path (both commands after `pip install .` or `pip install -e .`) is
+tests/test_newcomer.py.
 """
 
 import email.parser
-import importlib.util
-import os
 import re
 import shlex
 import shutil
 import subprocess
-import sys
 import textwrap
 import zipfile
 from pathlib import Path
@@ -21,13 +20,18 @@ import pytest
 from packaging.requirements import Requirement
 from packaging.version import Version
 
-try:
-    import tomllib
-except ModuleNotFoundError:  # Python 3.10: pytest depends on tomli there
-    import tomli as tomllib
+from tests.installs import (
+    CAN_BUILD,
+    CANNOT_BUILD_REASON,
+    PYPROJECT,
+    ROOT,
+    build_wheel,
+    clean_env,
+    copy_clone,
+    fresh_venv,
+    pip_install,
+)
 
-ROOT = Path(__file__).resolve().parents[1]
-PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
 DOCKERFILE = (ROOT / "Dockerfile").read_text()
 README = (ROOT / "README.md").read_text()
 CI_RUN = (ROOT / ".ci" / "run").read_text().replace("\\\n", " ")  # join continued lines
@@ -67,23 +71,7 @@ def _docker_from() -> str:
 
 
 def _build_wheel(tmp: Path) -> Path:
-    src = tmp / "src"
-    src.mkdir()
-    for name in ("pyproject.toml", "README.md"):
-        shutil.copy2(ROOT / name, src / name)
-    ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
-    for name in ("bn_triton", "kernels"):
-        shutil.copytree(ROOT / name, src / name, ignore=ignore)
-    dist = tmp / "dist"
-    # No build isolation: the installed setuptools builds it, nothing is downloaded.
-    if importlib.util.find_spec("build") is not None:
-        cmd = [sys.executable, "-m", "build", "--wheel", "--no-isolation", "--outdir", str(dist), str(src)]
-    else:
-        cmd = [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-w", str(dist), str(src)]
-    subprocess.run(cmd, check=True, capture_output=True, text=True, cwd=src, timeout=120)
-    wheels = list(dist.glob("bn_triton-*.whl"))
-    assert len(wheels) == 1, wheels
-    return wheels[0]
+    return build_wheel(copy_clone(tmp / "src"), tmp / "dist")
 
 
 _CHECK = textwrap.dedent(
@@ -120,21 +108,7 @@ _CHECK = textwrap.dedent(
 )
 
 
-def _setuptools_version():
-    try:
-        import setuptools
-    except ImportError:
-        return None
-    return Version(setuptools.__version__)
-
-
-_BACKEND = Requirement(PYPROJECT["build-system"]["requires"][0])
-
-
-@pytest.mark.skipif(
-    _setuptools_version() is None or not _BACKEND.specifier.contains(_setuptools_version()),
-    reason=f"building without isolation needs {_BACKEND} installed (the GPU machines have no network)",
-)
+@pytest.mark.skipif(not CAN_BUILD, reason=CANNOT_BUILD_REASON)
 def test_wheel_ships_kernels_and_runs_outside_the_repo(tmp_path):
     wheel = _build_wheel(tmp_path)
     with zipfile.ZipFile(wheel) as zf:
@@ -142,6 +116,9 @@ def test_wheel_ships_kernels_and_runs_outside_the_repo(tmp_path):
         metadata = email.parser.Parser().parsestr(
             zf.read(next(n for n in names if n.endswith(".dist-info/METADATA"))).decode()
         )
+        licenses = [n for n in names if n.endswith(".dist-info/licenses/LICENSE")]
+        assert len(licenses) == 1, "the wheel must carry the LICENSE file (pyproject.toml: license-files)"
+        assert zf.read(licenses[0]).decode() == (ROOT / "LICENSE").read_text()
     tops = {n.split("/")[0] for n in names}
     assert "kernels" not in tops, "the wheel must not install a top-level `kernels` package"
     assert tops == {"bn_triton", "bn_triton-0.1.0.dist-info".replace("0.1.0", PYPROJECT["project"]["version"])}, tops
@@ -151,6 +128,8 @@ def test_wheel_ships_kernels_and_runs_outside_the_repo(tmp_path):
     for p in (ROOT / "bn_triton").glob("*.py"):
         assert f"bn_triton/{p.name}" in names
 
+    assert metadata["License-Expression"] == "MIT"
+    assert metadata.get_all("License-File") == ["LICENSE"]
     requires = {Requirement(r).name: Requirement(r) for r in metadata.get_all("Requires-Dist")}
     for name in ("torch", "triton", "numpy"):
         assert name in requires and not requires[name].marker, requires
@@ -158,26 +137,23 @@ def test_wheel_ships_kernels_and_runs_outside_the_repo(tmp_path):
     assert {"test", "bench"} <= extras
     assert str(requires["matplotlib"].marker) == 'extra == "bench"'
 
-    # A fresh venv that sees the system's torch/triton/numpy; the system's pip installs into it
-    # (--ignore-installed: the editable bn_triton of the system must not count as installed).
-    venv = tmp_path / "venv"
-    subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", "--without-pip", str(venv)], check=True)
-    py = venv / "bin" / "python"
-    subprocess.run(
-        [str(py), "-m", "pip", "install", "-q", "--no-deps", "--no-index", "--ignore-installed", str(wheel)],
-        check=True,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    # A fresh venv that sees this interpreter's torch/triton/numpy (tests/installs.py: it works from a
+    # venv, conda or the system Python alike); the wheel goes into it.
+    py = fresh_venv(tmp_path / "venv")
+    pip_install(py, str(wheel))
     outside = tmp_path / "elsewhere"
     outside.mkdir()
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME", "TRITON_INTERPRET")}
-    if not _cuda_available():
-        env["TRITON_INTERPRET"] = "1"
+    env = clean_env() if _cuda_available() else clean_env(TRITON_INTERPRET="1")
     res = subprocess.run([str(py), "-c", _CHECK], cwd=outside, env=env, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stdout + res.stderr
     assert "wheel-check-ok" in res.stdout
+
+
+def test_license_is_mit_and_matches_the_metadata():
+    text = (ROOT / "LICENSE").read_text()
+    assert text.startswith("MIT License") and "the bn_triton authors" in text
+    assert PYPROJECT["project"]["license"] == "MIT"
+    assert PYPROJECT["project"]["license-files"] == ["LICENSE"]
 
 
 # ---------------------------------------------------------------- the Dockerfile
@@ -222,7 +198,12 @@ def test_hadolint_dockerfile():
 def test_actionlint_workflows():
     files = sorted(str(p) for p in WORKFLOWS.glob("*.yml"))
     assert files
-    res = subprocess.run(["actionlint", *files], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    # The config named explicitly: actionlint finds it only through .git, which an archive or the
+    # Docker image (.dockerignore) lacks.
+    config = str(ROOT / ".github" / "actionlint.yaml")
+    res = subprocess.run(
+        ["actionlint", "-config-file", config, *files], cwd=ROOT, capture_output=True, text=True, timeout=60
+    )
     assert res.returncode == 0, res.stdout + res.stderr
 
 
