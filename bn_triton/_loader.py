@@ -44,11 +44,12 @@ def _repo_kernels(package_dir: str):
     return os.path.dirname(init) if ours and os.path.isfile(init) else None
 
 
-def _missing_kernels_error(package_dir: str) -> ImportError:
+def _missing_kernels_error(package_dir: str, elsewhere: str) -> ImportError:
+    other = f" (the bn_triton.kernels at {elsewhere} belongs to another copy of bn_triton)" if elsewhere else ""
     return ImportError(
         f"bn_triton was imported from {package_dir}, which has no Triton kernels: neither a kernels/ "
         "folder inside it (an installed wheel) nor the kernels/ folder of a bn_triton repository beside it "
-        "(a clone). It is an incomplete copy of bn_triton, imported because its folder comes first on "
+        f"(a clone){other}. It is an incomplete copy of bn_triton, imported because its folder comes first on "
         "sys.path (with `python -m`, the current folder does). Run from the root of a complete clone, or "
         "from another folder to use an installed bn_triton (`pip install .` in the root of a complete clone "
         "installs it).",
@@ -68,9 +69,12 @@ def load_kernels(package) -> None:
     if not os.path.isfile(os.path.join(package_dir, "kernels", "__init__.py")):
         repo_kernels = _repo_kernels(package_dir)
     if repo_kernels is None:
-        # An installed wheel, or a layout only an import hook knows (a zip, an editable install's finder).
-        if importlib.util.find_spec(KERNELS) is None:
-            raise _missing_kernels_error(package_dir)
+        # An installed wheel, or a layout only an import hook knows (a zip, say). Kernels found anywhere
+        # else (another copy's editable-install finder) would be another version of the code: refused.
+        spec = importlib.util.find_spec(KERNELS)
+        origin = os.path.abspath(spec.origin) if spec is not None and spec.origin else ""
+        if not origin.startswith(os.path.join(package_dir, "")):
+            raise _missing_kernels_error(package_dir, origin)
         package.kernels = importlib.import_module(KERNELS)
         return
     spec = importlib.util.spec_from_file_location(
