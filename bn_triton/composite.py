@@ -1,0 +1,220 @@
+"""BatchNorm from plain torch ops: the path for what the Triton fast path cannot do.
+
+The fast path (ops.py) is an autograd.Function around Triton kernels: it has no forward-mode formula,
+no batching rule, and its backward is not differentiable. Everything here is built from ordinary
+differentiable torch ops, so autograd, forward AD and every torch.func transform (grad, vmap, jvp,
+jacrev, jacfwd, hessian) see through it, to any order:
+
+* ``needed(*args)``: whether a call must take this path (functorch-wrapped tensors, forward-AD
+  tangents). Cheap: it runs on the eager hot path.
+* ``batch_norm(...)``: the forward, same semantics as ``functional._batch_norm``.
+* ``backward_graph(...)``: the fast path's first-order gradients as a differentiable graph, for
+  double backward (``create_graph=True``).
+
+Statistics are computed in float32 (float64 for float64 inputs), as the kernels do.
+"""
+
+import contextlib
+from typing import Optional
+
+import torch
+import torch.autograd.forward_ad as fwAD
+import torch.nn.functional as F
+from torch import Tensor
+from torch._C._functorch import (
+    get_unwrapped,
+    is_batchedtensor,
+    is_functorch_wrapped_tensor,
+    maybe_get_level,
+    peek_interpreter_stack,
+    pop_dynamic_layer_stack,
+    push_dynamic_layer_stack,
+)
+
+
+def needed(*args) -> bool:
+    """True when a tensor in ``args`` is wrapped by a torch.func transform or carries a forward-AD tangent."""
+    if torch.compiler.is_compiling():
+        # Dynamo cannot trace the functorch queries below; the traced ops (ops.py) serve compile.
+        return False
+    # A plain loop: this runs on every eager call (under a microsecond for six arguments).
+    for a in args:
+        if isinstance(a, Tensor) and is_functorch_wrapped_tensor(a):
+            return True
+    # Read the module global each call: dual_level() rebinds it. -1 means no dual level is active,
+    # so the common case never pays for unpack_dual.
+    if fwAD._current_level < 0:
+        return False
+    return any(isinstance(a, Tensor) and fwAD.unpack_dual(a).tangent is not None for a in args)
+
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _reduce_dims(x: Tensor) -> list[int]:
+    return [0, *range(2, x.dim())]
+
+
+def _per_channel(t: Tensor, x: Tensor, dtype: torch.dtype) -> Tensor:
+    """A (C,) tensor shaped to broadcast against x (N, C, ...), in dtype."""
+    return t.to(dtype).view(1, -1, *([1] * (x.dim() - 2)))
+
+
+def batch_norm(
+    input: Tensor,
+    running_mean: Optional[Tensor],
+    running_var: Optional[Tensor],
+    weight: Optional[Tensor],
+    bias: Optional[Tensor],
+    training: bool,
+    momentum: Optional[float],
+    eps: float,
+    num_batches_tracked: Optional[Tensor] = None,
+    *,
+    activation: Optional[str] = None,
+    residual: Optional[Tensor] = None,
+) -> Tensor:
+    """``act(BN(input) + residual)`` from differentiable torch ops; arguments as ``functional._batch_norm``.
+
+    Training normalizes with the batch statistics (biased variance) and updates the running
+    statistics in place (unbiased variance), outside any graph, as torch does; with
+    ``num_batches_tracked`` the factor is 1 / num_batches_tracked, read on the device. Eval
+    normalizes with the running statistics, which, as in torch, get no gradient.
+    """
+    if input.numel() == 0:  # nothing to compute: torch's empty-batch rules, under every transform
+        if num_batches_tracked is not None:
+            momentum = 1.0 / float(num_batches_tracked)
+        elif momentum is None:  # a module's momentum=None without running statistics: no factor needed
+            momentum = 0.0
+        y = F.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
+        y = y if residual is None else y + residual
+        return torch.relu(y) if activation == "relu" else y
+    acc = _acc_dtype(input.dtype)
+    x = input.to(acc)
+    if training:
+        dims = _reduce_dims(x)
+        mean = x.mean(dims)
+        var = x.var(dims, correction=0)
+        if running_mean is not None:
+            count = input.numel() // input.shape[1]
+            _update_running_stats(running_mean, running_var, mean, var, count, momentum, num_batches_tracked)
+    else:
+        mean, var = running_mean.detach().to(acc), running_var.detach().to(acc)
+    y = (x - _per_channel(mean, x, acc)) * _per_channel(torch.rsqrt(var + eps), x, acc)
+    if weight is not None:
+        y = y * _per_channel(weight, x, acc)
+    if bias is not None:
+        y = y + _per_channel(bias, x, acc)
+    if residual is not None:
+        y = y + residual.to(acc)
+    if activation == "relu":
+        y = torch.relu(y)
+    return y.to(input.dtype)
+
+
+# ---------------------------------------------------------------- running statistics
+# The update must leave no trace in any graph: no autograd history, no forward-AD tangent, and no
+# functorch wrapper. Under grad/jvp, an in-place op on a tensor captured from outside the transform
+# is refused, so the update runs below the transforms, on the unwrapped batch statistics, at the
+# level the running statistics live at (plain buffers: no transform at all). torch's native kernel
+# does the same inside its batch_norm.
+
+_VMAP_ERROR = (
+    "bn_triton.batch_norm under vmap: got a batched tensor as input while the running_mean or running_var, "
+    "which will be updated in place, were not batched. If you are using a module and do not need eval mode, "
+    "set `track_running_stats=False`; otherwise call it in eval mode, or batch the running statistics too."
+)
+
+
+def _level(t: Optional[Tensor]) -> int:
+    return -1 if t is None else maybe_get_level(t)
+
+
+def _lower(t: Tensor, level: int) -> Tensor:
+    """t without its transform wrappers above ``level``; detach it below them to drop tangents and graph."""
+    while is_functorch_wrapped_tensor(t) and maybe_get_level(t) > level:
+        if is_batchedtensor(t):  # one value per sample, one buffer to write it into: torch refuses too
+            raise RuntimeError(_VMAP_ERROR)
+        t = get_unwrapped(t)
+    return t
+
+
+@contextlib.contextmanager
+def _transforms_down_to(level: int):
+    """Run the body with the functorch interpreters above ``level`` popped (all of them for -1)."""
+    popped = []
+    try:
+        while (top := peek_interpreter_stack()) is not None and top.level() > level:
+            popped.append(pop_dynamic_layer_stack())
+        yield
+    finally:
+        while popped:
+            push_dynamic_layer_stack(popped.pop())
+
+
+def _update_running_stats(running_mean, running_var, mean, var, count, momentum, num_batches_tracked):
+    level = max(_level(running_mean), _level(running_var))
+    mean, var = _lower(mean, level), _lower(var, level)
+    if num_batches_tracked is not None:
+        num_batches_tracked = _lower(num_batches_tracked, level)
+    with _transforms_down_to(level), torch.no_grad():
+        # detach() drops forward-AD tangents as well as autograd history.
+        mean, var = mean.detach(), var.detach()
+        if num_batches_tracked is not None:  # cumulative average: 1 / num_batches_tracked, on the device
+            factor = num_batches_tracked.detach().to(mean.dtype).reciprocal()
+        else:
+            factor = 0.0 if momentum is None else momentum
+        unbiased = var * (count / (count - 1))
+        for running, batch in ((running_mean, mean), (running_var, unbiased)):
+            running.copy_(running.to(batch.dtype) * (1 - factor) + batch * factor)
+
+
+# ---------------------------------------------------------------- differentiable backward
+def backward_graph(
+    dy: Tensor,
+    x: Tensor,
+    weight: Optional[Tensor],
+    bias: Optional[Tensor],
+    *,
+    training: bool,
+    eps: float,
+    mean_var: Optional[tuple[Tensor, Tensor]] = None,
+    relu_mask: Optional[Tensor] = None,
+) -> tuple[Tensor, Optional[Tensor], Optional[Tensor], Tensor]:
+    """(dx, dweight, dbias, dz) of ``act(BN(x) * weight + bias + residual)`` from differentiable ops.
+
+    For double backward: called with grad mode on, the results carry a graph back to dy, x and
+    weight. ``mean_var`` is (running_mean, running_var) in eval (constants, as in torch); in training
+    the batch statistics are recomputed from x, so that dx's dependence on them is in the graph.
+    ``relu_mask`` (bool, x's shape) is where the fused ReLU passed; it is a constant (relu'' = 0).
+    dz is the gradient at the pre-activation, i.e. of the residual. dweight/dbias are None when
+    weight/bias is None.
+    """
+    acc = _acc_dtype(x.dtype)
+    xa = x.to(acc)
+    dims = _reduce_dims(xa)
+    g = dy if relu_mask is None else torch.where(relu_mask, dy, torch.zeros((), dtype=dy.dtype, device=dy.device))
+    ga = g.to(acc)
+    if training:
+        mean = xa.mean(dims)
+        rstd = torch.rsqrt(xa.var(dims, correction=0) + eps)
+    else:
+        running_mean, running_var = mean_var
+        mean = running_mean.detach().to(acc)
+        rstd = torch.rsqrt(running_var.detach().to(acc) + eps)
+    xhat = (xa - _per_channel(mean, xa, acc)) * _per_channel(rstd, xa, acc)
+    sum_g = ga.sum(dims)
+    sum_g_xhat = (ga * xhat).sum(dims)
+    scale = rstd if weight is None else rstd * weight.to(acc)
+    if training:
+        # d/dx of (x - mean) * rstd, through mean and rstd too: the closed form of torch's formula.
+        n = xa.numel() // xa.shape[1]
+        dx = _per_channel(scale, xa, acc) * (
+            ga - _per_channel(sum_g / n, xa, acc) - xhat * _per_channel(sum_g_xhat / n, xa, acc)
+        )
+    else:
+        dx = ga * _per_channel(scale, xa, acc)
+    dweight = None if weight is None else sum_g_xhat.to(weight.dtype)
+    dbias = None if bias is None else sum_g.to(bias.dtype)
+    return dx.to(x.dtype), dweight, dbias, g
