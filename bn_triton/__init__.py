@@ -7,7 +7,7 @@ Layers of the stack, one module each:
   bn_triton.ops         torch.library custom ops + autograd
   bn_triton.functional  batch_norm (drop-in for torch.nn.functional.batch_norm)
   bn_triton.modules     BatchNorm1d/2d/3d (drop-ins for torch.nn's) and convert_batchnorm
-  bn_triton.reference   NumPy float64 reference (the lecture note's derivation)
+  bn_triton.reference   NumPy float64 reference (the three-path derivation of docs/math.md)
   bn_triton.sync_batchnorm  SyncBatchNorm: global-batch statistics over torch.distributed
 
 The kernels are loaded first (bn_triton._loader): from bn_triton/kernels/ in an installed wheel, or

@@ -1,8 +1,8 @@
 """NumPy float64 reference for batch normalization (channel axis 1, any rank >= 2).
 
-Independent of the kernels on purpose: ``backward`` follows the lecture note's three-path derivation
-(shared/docs/bn-math.md, shared/seed/) step by step — dL/dvar, then dL/dmean, then dL/dx along the
-numerator, variance and mean paths — and not the closed form the kernels use.
+Independent of the kernels on purpose: ``backward`` follows the three-path derivation of
+docs/math.md ("Backward: the derivation, three paths") step by step — dL/dvar, then dL/dmean, then
+dL/dx along the numerator, variance and mean paths — and not the closed form the kernels use.
 """
 
 import numpy as np
