@@ -239,3 +239,40 @@ def test_readme_test_command_is_what_ci_runs():
     assert -1 not in positions, (readme_steps, ci_steps)
     assert positions == sorted(positions), positions
     assert readme_steps[-1][:3] == ["python3", "-m", "pytest"]
+
+
+# ---------------------------------------------------------------- docs and links
+
+
+def test_readme_and_docs_links_stay_inside_the_repo():
+    """Every relative link of README.md and docs/*.md names a file of the repository: a user of the
+    repo has no project workspace beside it (no ../shared/)."""
+    pages = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+    assert ROOT / "docs" / "math.md" in pages
+    assert "](docs/math.md)" in README
+    for page in pages:
+        for target in re.findall(r"\]\(([^)\s]+)\)", page.read_text()):
+            if re.match(r"[a-z]+:", target) or target.startswith("#"):
+                continue
+            path = (page.parent / target.split("#")[0]).resolve()
+            assert path.is_relative_to(ROOT) and path.exists(), f"{page.name}: link to {target}"
+
+
+# Files of the packaging and docs work: none names the project workspace (shared/docs, shared/seed).
+NO_WORKSPACE_PATHS = [
+    "README.md",
+    "docs/math.md",
+    "pyproject.toml",
+    "Dockerfile",
+    ".ci/run",
+    "bn_triton/__init__.py",
+    "bn_triton/__main__.py",
+    "bn_triton/_loader.py",
+    "bn_triton/reference.py",
+]
+
+
+@pytest.mark.parametrize("name", NO_WORKSPACE_PATHS)
+def test_no_workspace_paths(name):
+    text = (ROOT / name).read_text()
+    assert not re.search(r"shared/(docs|seed)|\.\./shared", text), name
