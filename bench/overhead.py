@@ -1,61 +1,39 @@
-"""Eager per-call overhead of bn_triton's op layer, for a tiny tensor (host cost dominates).
+"""Host cost per call of bn_triton's public API against torch's, on a tiny tensor (host cost dominates).
 
-Three routes to the same kernels, per call:
-  direct  the launchers in bn_triton.launch, no autograd, no dispatcher (the floor)
-  op      the torch.library custom ops (dispatcher + custom_op's Python autograd wrapper): what
-          torch.compile and torch.export see
-  fast    the eager fast path (bn_triton.ops.call_*): the same implementations behind one
-          autograd.Function, used by the functional API and the modules outside tracing
-and a whole BatchNorm2d training step (forward + backward) by the fast path and by the op path.
+    python bench/overhead.py           # CUDA if there is one, else CPU under the Triton interpreter
+    python bench/overhead.py --stub    # bn_triton's kernels replaced by no-op launches: Python cost alone
 
-    python bench/overhead.py             # CUDA if there is one, else CPU under the Triton interpreter
-    python bench/overhead.py --stub      # kernels replaced by no-op launches: Python cost alone
-
-A standalone script (not part of ``python -m bench``). Times are the best of several loops of calls,
-routes taking turns, with torch.cuda.synchronize() around each loop on a GPU, so they are the
-per-call cost the host pays; with kernels this small the GPU is never the bottleneck. Under the interpreter a real
-kernel launch takes tens of milliseconds of NumPy, which drowns microsecond differences: use --stub
-there (the numbers to compare) and read the unstubbed CPU numbers as a sanity check only.
+Rows: the functional training forward (x, weight, bias require grad), eval forward (no_grad),
+forward + backward, and a BatchNorm2d training step (forward + backward). Columns: bn_triton,
+torch on the same tensors (F.batch_norm, torch.nn.BatchNorm2d), their ratio. Times are the best of
+several loops of calls, the two taking turns, synchronized around each loop on a GPU: the per-call
+cost the host pays. Under the interpreter a real kernel launch takes milliseconds of NumPy, which
+drowns microseconds: use --stub there, and read unstubbed CPU numbers as a sanity check only.
 """
 
 import argparse
+import contextlib
 import os
 import sys
 import time
 
 import torch
+import torch.nn.functional as F
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before bn_triton imports the kernels
-
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-
-import triton  # noqa: E402
+if not __package__:  # run as a file: make `bench` and `bn_triton` importable from the repo root
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 import bn_triton  # noqa: E402
-from bn_triton import launch, ops  # noqa: E402
+from bench import stub  # noqa: E402
 
 
-class _NoLaunch:
-    def __getitem__(self, grid):
-        return lambda *args, **kwargs: None
-
-
-def stub_kernels():
-    """Replace every kernel with a no-op launch: what is left is the Python and dispatcher cost."""
-    for name in dir(launch.kernels):
-        if isinstance(getattr(launch.kernels, name), triton.runtime.jit.KernelInterface):
-            setattr(launch.kernels, name, _NoLaunch())
-
-
-def per_call_us(routes, calls, repeats, sync):
-    """Microseconds per call of each route: the best of ``repeats`` loops of ``calls`` calls.
-
-    The routes take turns loop by loop, so a busy spell on the machine hits them alike; the best
-    loop is the one least disturbed by other processes (they only ever add time)."""
-    routes = {name: fn for name, fn in routes.items() if fn is not None}
+def per_call_us(routes: dict, calls: int, repeats: int, sync) -> dict:
+    """Microseconds per call of each route: the best of ``repeats`` loops of ``calls`` calls, the
+    routes taking turns loop by loop (other processes only ever add time)."""
     for fn in routes.values():
-        for _ in range(3):  # warm-up: Triton's compile cache, allocator, first-call lazy imports
+        for _ in range(3):  # warm-up: compile caches, allocator, lazy imports
             fn()
     best = dict.fromkeys(routes, float("inf"))
     for _ in range(repeats):
@@ -69,94 +47,46 @@ def per_call_us(routes, calls, repeats, sync):
     return best
 
 
-def cases(device, shape):
+def cases(device, shape) -> list:
+    """(name, {route: callable}) per row."""
     C = shape[1]
-    eps = 1e-5
     x = torch.randn(shape, device=device)
     xg = x.clone().requires_grad_()
-    w = torch.randn(C, device=device, requires_grad=True)
-    b = torch.randn(C, device=device, requires_grad=True)
+    w, b = (torch.randn(C, device=device, requires_grad=True) for _ in range(2))
     rm, rv = torch.zeros(C, device=device), torch.ones(C, device=device)
     dy = torch.randn(shape, device=device)
-    _, mean, rstd, var = ops.train_forward(x, w.detach(), b.detach(), eps)
-    count = x.numel() // C
 
-    def train_direct():
-        x_, g = launch.canonical(x)
-        m, r, _v = launch.batch_stats(x_, g, eps)
-        return launch.normalize(x_, g, m, r, False, eps, w, b)
+    def train(bn):
+        return lambda: bn(xg, rm, rv, w, b, True, 0.1, 1e-5)
 
-    def eval_direct():
-        x_, g = launch.canonical(x)
-        return launch.normalize(x_, g, rm, rv, True, eps, w, b)
+    def eval_(bn):
+        def f():
+            with torch.no_grad():
+                return bn(x, rm, rv, w, b, False, 0.1, 1e-5)
 
-    def backward_direct():
-        x_, g = launch.canonical(x)
-        dw, db = torch.empty_like(w), torch.empty_like(b)
-        s1, s2 = launch.grad_sums(dy, x_, g, mean, rstd, False, eps, dw, db)
-        return launch.grad_input(dy, x_, g, mean, rstd, w, s1, s2)
+        return f
 
-    def stats_direct():
-        launch.update_running_stats(rm, rv, mean, var, 0.1, count, None)
+    def fwd_bwd(bn):
+        return lambda: torch.autograd.grad(bn(xg, rm, rv, w, b, True, 0.1, 1e-5), (xg, w, b), dy)
 
-    mask = [True, True, True]
-    rows = [
-        # train forward with inputs that require grad (training), so the autograd wrappers run too
-        (
-            "train_forward (x, w, b require grad)",
-            train_direct,
-            lambda: ops.train_forward(xg, w, b, eps),
-            lambda: ops.call_train_forward(xg, w, b, eps),
-        ),
-        # eval forward under no_grad (inference)
-        (
-            "eval_forward (no_grad)",
-            eval_direct,
-            lambda: _no_grad(ops.eval_forward, x, rm, rv, w, b, eps),
-            lambda: _no_grad(ops.call_eval_forward, x, rm, rv, w, b, eps),
-        ),
-        (
-            "backward (dx, dw, db)",
-            backward_direct,
-            lambda: ops.backward(dy, x, mean, rstd, w.detach(), eps, True, mask),
-            lambda: ops._IMPL["backward"](dy, x, mean, rstd, w.detach(), eps, True, mask),
-        ),
-        (
-            "update_running_stats",
-            stats_direct,
-            lambda: ops.update_running_stats(rm, rv, mean, var, 0.1, count, None),
-            lambda: ops.call_update_running_stats(rm, rv, mean, var, 0.1, count, None),
-        ),
-    ]
+    def step(module):
+        m = module(C).to(device)
+        return lambda: m(xg).backward(dy)
+
+    pair = dict(bn_triton=bn_triton.batch_norm, torch=F.batch_norm)
+    rows = [(n, {k: make(bn) for k, bn in pair.items()}) for n, make in (
+        ("batch_norm train forward (grad)", train), ("batch_norm eval forward (no_grad)", eval_),
+        ("batch_norm forward + backward", fwd_bwd),
+    )]  # fmt: skip
+    if len(shape) == 4:
+        modules = dict(bn_triton=bn_triton.BatchNorm2d, torch=torch.nn.BatchNorm2d)
+        rows.append(("BatchNorm2d train step", {k: step(m) for k, m in modules.items()}))
     return rows
 
 
-def _no_grad(fn, *args):
-    with torch.no_grad():
-        return fn(*args)
-
-
-def module_step(device, shape, force_op_path):
-    """One BatchNorm2d training step, forward + backward, by the fast path or forced onto the ops."""
-    bn = bn_triton.BatchNorm2d(shape[1]).to(device)
-    x = torch.randn(shape, device=device, requires_grad=True)
-    dy = torch.randn(shape, device=device)
-    plain = ops._plain_eager
-
-    def step():
-        if force_op_path:
-            ops._plain_eager = lambda *tensors: False
-        try:
-            bn(x).backward(dy)
-        finally:
-            ops._plain_eager = plain
-
-    return step
-
-
-def main(argv=None):
+def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--stub", action="store_true", help="no-op kernel launches: the Python/dispatcher cost alone")
+    p.add_argument("--stub", action="store_true", help="no-op kernel launches: bn_triton's host cost alone")
     p.add_argument("--shape", default="2,3,4,4", help="input shape (default 2,3,4,4: tiny on purpose)")
     p.add_argument("--calls", type=int, help="calls per loop (default 200 on GPU or with --stub, else 3)")
     p.add_argument("--repeats", type=int, default=7)
@@ -167,21 +97,14 @@ def main(argv=None):
     calls = args.calls or (200 if cuda or args.stub else 3)
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     where = torch.cuda.get_device_name() if cuda else "CPU, Triton interpreter"
-    if args.stub:
-        stub_kernels()
-        where += ", kernels stubbed (no-op launches)"
-    print(f"bn_triton eager overhead, {where}; shape {shape}; torch {torch.__version__}, triton {triton.__version__}")
-    print(f"best of {args.repeats} loops of {calls} calls, routes taking turns; microseconds per call")
-    print(f"{'':40s} {'direct':>9s} {'op':>9s} {'fast':>9s} {'op-direct':>10s} {'fast-direct':>12s}")
-    for name, direct, op, fast in cases(device, shape):
-        t = per_call_us(dict(direct=direct, op=op, fast=fast), calls, args.repeats, sync)
-        d = t["direct"]
-        print(f"{name:40s} {d:9.1f} {t['op']:9.1f} {t['fast']:9.1f} {t['op'] - d:10.1f} {t['fast'] - d:12.1f}")
-    step = dict(op=module_step(device, shape, True), fast=module_step(device, shape, False))
-    t = per_call_us(step, calls, args.repeats, sync)
-    name = "BatchNorm2d train step, fwd + bwd"
-    print(f"{name:40s} {'-':>9s} {t['op']:9.1f} {t['fast']:9.1f}   (op path - fast path: {t['op'] - t['fast']:.1f})")
-    print("backward: the fast path is autograd calling the op's implementation directly (no entry of its own)")
+    where += ", bn_triton's kernels stubbed (no-op launches)" if args.stub else ""
+    print(f"host cost per call, {where}; shape {shape}; torch {torch.__version__}")
+    print(f"best of {args.repeats} loops of {calls} calls, taking turns; microseconds per call")
+    print(f"{'':36s} {'bn_triton':>10s} {'torch':>10s} {'ratio':>7s}")
+    with stub.stubbed_kernels() if args.stub else contextlib.nullcontext():
+        for name, routes in cases(device, shape):
+            t = per_call_us(routes, calls, args.repeats, sync)
+            print(f"{name:36s} {t['bn_triton']:10.1f} {t['torch']:10.1f} {t['bn_triton'] / t['torch']:6.2f}x")
 
 
 if __name__ == "__main__":
