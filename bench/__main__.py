@@ -1,8 +1,10 @@
 """``python -m bench``: bn_triton against cuDNN, torch's native kernels and torch.compile.
 
-On a CUDA GPU: suite v1 (or --quick), checked then timed, summary table last; results under
+On a CUDA GPU: suite v1 (or --quick), plain and fused (BN -> add -> ReLU) rows, checked then timed
+(wall, host and device time), summary tables, and a verdict line last; results under
 bench/results/<gpu-name>-<date>/ (or --out). Without one: a smoke of the same code path on tiny
 inputs in Triton's interpreter: correctness and backend detection only, no times.
+``--model NAME`` runs the end-to-end training-step benchmark (bench/e2e.py) instead.
 """
 
 import argparse
@@ -45,10 +47,9 @@ def parse_args(argv):
         "--budget-s", type=float, help="start no new case after this many seconds; the rest is recorded as skipped"
     )
     p.add_argument(
-        "--no-fused",
-        action="store_true",
-        help="skip the fused BN -> add -> ReLU rows (pass fused_*; run on the 4-D cases, see bench/fused.py)",
+        "--no-fused", action="store_true", help="skip the fused BN -> add -> ReLU rows (passes fused_*, 4-D cases)"
     )
+    p.add_argument("--model", help="time training steps of this model instead (bench/e2e.py), e.g. resnet50")
     p.add_argument("--warmup-ms", type=int, help="do_bench warm-up (default 25, --quick 10)")
     p.add_argument("--rep-ms", type=int, help="do_bench measuring time per call site (default 100, --quick 40)")
     return p.parse_args(argv)
@@ -64,7 +65,7 @@ def default_out_dir(name: str) -> str:
 
 
 class Progress:
-    """One live line on a terminal; one line per step in a log file (every 'every'-th step)."""
+    """One live line on a terminal; one line per step in a log file."""
 
     def __init__(self, stream=None):
         self.stream = stream or sys.stderr
@@ -91,6 +92,10 @@ def main(argv=None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     cuda = torch.cuda.is_available()
     smoke = args.smoke or not cuda
+    if args.model:
+        from bench import e2e
+
+        return e2e.main(["--model", args.model] + (["--out", args.out] if args.out else []) + ["--smoke"] * smoke)
     if not cuda:
         print("No CUDA GPU: timings need a CUDA GPU. Running the smoke instead: the same checks on tiny inputs")
         print("in Triton's interpreter (correctness and backend detection only; no times are reported).")
@@ -120,6 +125,7 @@ def main(argv=None) -> int:
             print("(--shapes/--dtypes are ignored by the smoke: it uses its own tiny cases)")
     else:
         cases = suite.make_cases(shapes, configs)
+    workloads = [suite.PLAIN] + ([] if args.no_fused else [suite.FUSED])
 
     device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
     settings = runner.Settings(
@@ -137,7 +143,11 @@ def main(argv=None) -> int:
 
     signal.signal(signal.SIGTERM, on_term)
 
-    print(f"device: {name}; {len(cases)} cases x {len(passes)} passes x {len(impl_names)} implementations")
+    per_case = len(passes) * len(impl_names)
+    counts = [(w, sum(map(w.applies, cases))) for w in workloads]
+    plan = " + ".join(f"{n} {w.prefix.replace('_', ' ')}cases" for w, n in counts)
+    print(f"device: {name}; ({plan}) x {len(passes)} passes x {len(impl_names)} implementations", end="")
+    print(f" = {sum(n for _, n in counts) * per_case} rows")
     t0 = time.monotonic()
     if settings.timing:
         settings.copy_gbps = runner.measure_copy_gbps(device, warmup_ms=settings.warmup_ms, rep_ms=settings.rep_ms)
@@ -147,13 +157,8 @@ def main(argv=None) -> int:
 
     rows, progress, interrupted = [], Progress(), False
     try:
-        runner.run_suite(cases, impl_names, passes, settings, rows, progress)
-        if not args.no_fused:
-            # BN -> add -> ReLU where conv nets have it: the 4-D (N, C, H, W) cases.
-            from bench import fused
-
-            fused_cases = [c for c in cases if len(c.shape.dims) == 4]
-            fused.run_fused_suite(fused_cases, impl_names, passes, settings, rows, progress)
+        for w in workloads:
+            runner.run_suite(cases, impl_names, passes, settings, rows, progress, w)
     except KeyboardInterrupt:
         interrupted = True
     progress.done()
@@ -170,12 +175,16 @@ def main(argv=None) -> int:
             + report.detail_table(rows)
             + "\n\n### Geomean speedup of bn_triton (baseline time / bn_triton time; > 1: bn_triton faster)\n\n"
             + report.summary_table(rows)
+            + "\n\n### bn_triton's time / torch eager's, geomean over the inputs (< 1: bn_triton takes less):"
+            + " wall (do_bench), host (enqueue one call), device (CUDA graph replay)\n\n"
+            + report.cost_split_table(rows)
         )
     issues = report.problem_lines(rows)
     if issues:
-        text += "\n\n### Not timed\n\n" + issues
+        text += "\n\n### Problems (each once, with the rows it hit)\n\n" + issues
     if interrupted:
         text += "\n\n(interrupted: partial results)"
+    line, code = report.verdict(rows, interrupted)
     text += f"\n\n{len(rows)} rows in {elapsed:.0f} s.\n"
 
     if out:
@@ -189,7 +198,7 @@ def main(argv=None) -> int:
         )
         report.write_env(env, os.path.join(out, "env.json"))
         with open(os.path.join(out, "summary.md"), "w") as f:
-            f.write(text)
+            f.write(text + line + "\n")
         try:
             plots = report.write_plots(rows, out, settings.copy_gbps, name)
         except ImportError:
@@ -198,13 +207,8 @@ def main(argv=None) -> int:
         text += f"Wrote {out}: results.csv, env.json, summary.md" + (f", {len(plots)} PNGs" if plots else "") + "\n"
 
     print()
-    print(text, end="")
-    if interrupted:
-        return 130
-    # Exit 1 when bn_triton is wrong or raised; a baseline's failure (say, a torch.compile error) is
-    # listed under "Not timed" but is not ours to fail on.
-    ours_failed = [r for r in rows if r["impl"] == "bn_triton" and r["status"] in ("wrong", "error")]
-    return 1 if ours_failed else 0
+    print(text + line)
+    return code
 
 
 if __name__ == "__main__":

@@ -1,22 +1,19 @@
 """The implementations under comparison, defined once, and how to tell which backend really ran.
 
-Every implementation is a forward function with one signature,
-``fn(x, running_mean, running_var, weight, bias, training) -> y``, with momentum and eps fixed; the
-passes (train forward, eval forward, backward, both) are built from it in runner.py, the same way
-for all of them:
+Every implementation is a forward ``fn(x, running_mean, running_var, weight, bias, training,
+residual=None) -> y`` with momentum and eps fixed; with a residual it computes relu(BN(x) + residual)
+(the fused workload, suite.FUSED). runner.py builds every pass from it, the same way for all:
 
-  bn_triton  bn_triton.batch_norm (our Triton kernels)
-  cudnn      torch.nn.functional.batch_norm, eager, cuDNN enabled. torch still routes some inputs
-             to its native kernels (2-D inputs; bf16, and fp16 with fp16 weights, in the torch
-             versions we know): detect_backend() records what actually ran
-  native     the same call with torch.backends.cudnn.enabled = False: torch's own CUDA kernels
-  compile    torch.compile (inductor, default mode) of the same torch function, compiled and
-             warmed before timing; a fresh compile per case (dynamo's cache is reset), so no case
-             runs a graph guarded for another shape or falls back after the recompile limit.
-             Compiled with donated buffers off (torch >= 2.6 turns them on): the backward-only pass
-             runs backward repeatedly on one graph (retain_graph=True), which donation forbids. It
-             only lets backward reuse saved-tensor memory for outputs; with the caching allocator
-             the timing does not depend on it.
+  bn_triton  bn_triton.batch_norm (with a residual: its fused add + ReLU epilogue)
+  cudnn      torch.nn.functional.batch_norm (then + residual, relu), eager, cuDNN enabled. torch
+             still routes some inputs to its native kernels (2-D inputs; bf16, and fp16 with fp16
+             weights, in the torch versions we know): detect_backend() records what actually ran
+  native     the same with torch.backends.cudnn.enabled = False: torch's own CUDA kernels
+  compile    torch.compile (inductor, default mode) of the same torch function, compiled and warmed
+             before timing; a fresh compile per case (dynamo's cache is reset), so no case runs a
+             graph guarded for another shape or falls back after the recompile limit. Donated
+             buffers are off (torch >= 2.6 turns them on): the backward-only pass runs backward
+             repeatedly on one graph (retain_graph=True), which donation forbids.
 """
 
 import contextlib
@@ -34,14 +31,16 @@ EPS = 1e-5
 IMPLS = ("bn_triton", "cudnn", "native", "compile")
 
 
-def torch_bn(x, running_mean, running_var, weight, bias, training: bool):
-    return F.batch_norm(x, running_mean, running_var, weight, bias, training, MOMENTUM, EPS)
+def torch_bn(x, running_mean, running_var, weight, bias, training: bool, residual=None):
+    y = F.batch_norm(x, running_mean, running_var, weight, bias, training, MOMENTUM, EPS)
+    return y if residual is None else torch.relu(y + residual)
 
 
-def triton_bn(x, running_mean, running_var, weight, bias, training: bool):
+def triton_bn(x, running_mean, running_var, weight, bias, training: bool, residual=None):
     import bn_triton  # imported late: TRITON_INTERPRET must be set first on CPU (see __main__.py)
 
-    return bn_triton.batch_norm(x, running_mean, running_var, weight, bias, training, MOMENTUM, EPS)
+    fused = {} if residual is None else dict(activation="relu", residual=residual)
+    return bn_triton.batch_norm(x, running_mean, running_var, weight, bias, training, MOMENTUM, EPS, **fused)
 
 
 @dataclasses.dataclass
@@ -86,13 +85,9 @@ def make_impl(name: str, compile_backend: str = "inductor") -> Impl:
 
 # Aten ops that only dispatch to the real batch-norm kernels (cuDNN, MIOpen or native).
 _DISPATCHERS = {
-    "aten::batch_norm",
-    "aten::_batch_norm_impl_index",
-    "aten::_batch_norm_impl_index_backward",
-    "aten::_batch_norm_with_update",
-    "aten::_batch_norm_no_update",
-    "aten::batch_norm_backward",
-}
+    "aten::batch_norm", "aten::_batch_norm_impl_index", "aten::_batch_norm_impl_index_backward",
+    "aten::_batch_norm_with_update", "aten::_batch_norm_no_update", "aten::batch_norm_backward",
+}  # fmt: skip
 
 
 def classify(event_names, triton_launches: int = 0) -> str:
@@ -140,8 +135,8 @@ def detect_backend(run: Callable[[], object]) -> str:
 
     Op names, not kernel names: they are what torch's dispatch rules decide on, they read the same
     on every GPU and CUDA version, and recording them needs no CUPTI. bn_triton's eager fast path
-    bypasses the dispatcher, so its kernels are counted by bn_triton.launch.LAUNCHES instead. Only
-    the profiler's start and stop are silenced; whatever ``run`` prints still shows.
+    may bypass the dispatcher, so its kernels are counted by bn_triton.launch.LAUNCHES too. Only the
+    profiler's start and stop are silenced; whatever ``run`` prints still shows.
     """
     from torch.profiler import ProfilerActivity, profile
 

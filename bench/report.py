@@ -1,7 +1,10 @@
 """Results out: CSV, console/Markdown tables, PNG plots, environment JSON.
 
 Reading the numbers:
-  ms           median of do_bench's timings (ms_p20/ms_p80: the 20% and 80% quantiles)
+  ms           wall time: median of do_bench's timings (ms_p20/ms_p80: the 20% and 80% quantiles)
+  host_ms      host time: enqueueing one call on the CPU (30 back-to-back calls, no sync, / 30)
+  device_ms    device time: the same call captured in a CUDA graph and replayed (GPU work alone);
+               blank, with the reason in note, where capture failed
   gbps         model bytes (traffic.py) / median time; pct_copy_bw: that as a fraction of the
                device-to-device copy bandwidth measured in the same run
   speedup      on a baseline's row: its median time / bn_triton's, so > 1 means bn_triton is faster
@@ -9,6 +12,8 @@ Reading the numbers:
   status       ok (timed), checked (smoke: correct, not timed), wrong (failed the check: never
                timed), error (raised), skipped (time budget spent)
   err_ratio    worst output error / allowance (2x torch eager's error + a per-dtype floor); <= 1 passes
+  mask_flips   fused training rows: elements whose ReLU mask differs from float64's within rounding
+               of 0; their gradients are checked against float64 under the implementation's mask
 """
 
 import csv
@@ -17,28 +22,17 @@ import math
 import os
 import platform
 import subprocess
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 
 CSV_COLUMNS = [
-    "impl",
-    "pass",
-    "dtype",
-    "layout",
-    "shape",
-    "dims",
-    "ms",
-    "ms_p20",
-    "ms_p80",
-    "gbps",
-    "pct_copy_bw",
-    "speedup",
-    "model_bytes",
-    "peak_mem_mb",
-    "backend",
-    "status",
-    "err_ratio",
-    "note",
-]
+    "impl", "pass", "dtype", "layout", "shape", "dims", "ms", "ms_p20", "ms_p80", "host_ms", "device_ms",
+    "gbps", "pct_copy_bw", "speedup", "model_bytes", "peak_mem_mb", "backend", "status", "err_ratio",
+    "mask_flips", "note",
+]  # fmt: skip
+NUMERIC = {
+    "ms", "ms_p20", "ms_p80", "host_ms", "device_ms", "gbps", "pct_copy_bw", "speedup", "model_bytes",
+    "peak_mem_mb", "err_ratio", "mask_flips",
+}  # fmt: skip
 BASELINES = ("cudnn", "native", "compile")
 OURS = "bn_triton"
 
@@ -69,12 +63,11 @@ def geomean(values) -> float:
 
 
 def _fmt(value, spec: str = ".3g") -> str:
-    if value is None or value == "":
+    """A table or CSV cell: blank for None and NaN; spec "r": repr (a float read back exactly)."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
         return ""
     if isinstance(value, float):
-        if math.isnan(value):
-            return ""
-        return format(value, spec)
+        return repr(value) if spec == "r" else format(value, spec)
     return str(value)
 
 
@@ -83,18 +76,15 @@ def write_csv(rows: list, path: str) -> str:
         w = csv.DictWriter(f, fieldnames=CSV_COLUMNS, extrasaction="ignore")
         w.writeheader()
         for r in rows:
-            w.writerow({c: ("" if r.get(c) is None else r.get(c)) for c in CSV_COLUMNS})
+            w.writerow({c: _fmt(r.get(c), "r") if isinstance(r.get(c), float) else r.get(c) for c in CSV_COLUMNS})
     return path
 
 
 def read_csv(path: str) -> list:
     """Rows back from a CSV (numbers as floats, blanks as None): for re-plotting old results."""
-    numeric = {"ms", "ms_p20", "ms_p80", "gbps", "pct_copy_bw", "speedup", "model_bytes", "peak_mem_mb", "err_ratio"}
     with open(path, newline="") as f:
-        rows = []
-        for r in csv.DictReader(f):
-            rows.append({k: (None if v == "" else float(v)) if k in numeric else v for k, v in r.items()})
-    return rows
+        rows = list(csv.DictReader(f))
+    return [{k: (None if v == "" else float(v)) if k in NUMERIC else v for k, v in r.items()} for r in rows]
 
 
 def markdown_table(headers: list, body: list) -> str:
@@ -140,17 +130,7 @@ def summarize(rows: list) -> list:
 
 
 def summary_table(rows: list) -> str:
-    headers = [
-        "dtype",
-        "layout",
-        "pass",
-        "shapes",
-        "vs cudnn",
-        "vs native",
-        "vs compile",
-        "bn_triton % copy BW",
-        "worst shape",
-    ]
+    headers = ["dtype", "layout", "pass", "shapes"] + [f"vs {b}" for b in BASELINES]
     body = []
     for s in summarize(rows):
         pct = s["pct_copy_bw"]
@@ -159,73 +139,106 @@ def summary_table(rows: list) -> str:
             + [None if s[f"vs_{b}"] is None else f"{s[f'vs_{b}']:.2f}x" for b in BASELINES]
             + [None if pct is None else f"{100 * pct:.0f}%", s["worst"]]
         )
-    return markdown_table(headers, body)
+    return markdown_table(headers + ["bn_triton % copy BW", "worst shape"], body)
 
 
-def detail_table(rows: list) -> str:
-    """One line per input and pass: bn_triton's time and bandwidth, each baseline's time (with the
-    backend that ran where it is not the implementation's name)."""
+def _torch_row(d: dict):
+    """torch eager's row among one input's rows: cuDNN enabled (torch's own choice), else native."""
+    return next((d[i] for i in ("cudnn", "native") if i in d and _timed(d[i])), None)
+
+
+def _num(row, col):
+    v = None if row is None else row.get(col)
+    return None if v is None or (isinstance(v, float) and math.isnan(v)) else float(v)
+
+
+def cost_split_table(rows: list) -> str:
+    """Per pass: geomean over the inputs of bn_triton's time / torch eager's, for wall, host
+    (enqueue) and device (CUDA graph replay) time; < 1: bn_triton takes less."""
+    ratios = OrderedDict()  # pass -> column -> [ratio]
+    for (_, _, _, pass_name), d in _by_input(rows).items():
+        ours, theirs = d.get(OURS), _torch_row(d)
+        cols = ratios.setdefault(pass_name, {"ms": [], "host_ms": [], "device_ms": []})
+        for col, values in cols.items():
+            a, b = _num(ours, col), _num(theirs, col)
+            if a and b and _timed(ours):
+                values.append(a / b)
+    body = [
+        [p, len(c["ms"])] + [f"{geomean(v):.2f}x" if v else None for v in c.values()]
+        for p, c in ratios.items()
+        if c["ms"]
+    ]
+    return markdown_table(["pass", "inputs", "wall", "host", "device"], body)
+
+
+def _by_input(rows: list) -> "OrderedDict":
     by = OrderedDict()
     for r in rows:
         by.setdefault(_key(r), {})[r["impl"]] = r
+    return by
+
+
+def detail_table(rows: list) -> str:
+    """One line per input and pass: each implementation's wall time (with the backend that ran where
+    it is not the implementation's name), then bn_triton's host and device time and bandwidth."""
+    by = _by_input(rows)
     impls = [i for i in (OURS,) + BASELINES if any(i in d for d in by.values())]
-    headers = ["dtype", "layout", "shape", "pass"]
-    for i in impls:
-        headers.append(f"{i} ms")
-    headers += ["bn_triton GB/s", "% copy BW"]
+    headers = ["dtype", "layout", "shape", "pass"] + [f"{i} ms" for i in impls]
+    headers += ["bn_triton host ms", "bn_triton device ms", "bn_triton GB/s", "% copy BW"]
     body = []
-    for (dtype, layout, shape, pass_name), d in by.items():
-        line = [dtype, layout, shape, pass_name]
+    for key, d in by.items():
+        line = list(key)
         for i in impls:
             r = d.get(i)
-            if r is None:
-                line.append("")
-            elif _timed(r):
-                cell = f"{float(r['ms']):.4f}"
-                if r.get("backend") and r["backend"] not in (i, "inductor" if i == "compile" else i):
-                    cell += f" ({r['backend']})"
-                line.append(cell)
-            else:
-                line.append(r.get("status", ""))
-        ours = d.get(OURS)
-        ok = ours is not None and _timed(ours)
-        line.append(f"{float(ours['gbps']):.0f}" if ok else "")
-        pct = ours.get("pct_copy_bw") if ok else None
-        line.append(f"{100 * float(pct):.0f}%" if pct is not None else "")
+            cell = "" if r is None else f"{float(r['ms']):.4f}" if _timed(r) else r.get("status", "")
+            ran = r and _timed(r) and r.get("backend")
+            line.append(cell + (f" ({ran})" if ran and ran != {"compile": "inductor"}.get(i, i) else ""))
+        ours = d.get(OURS) if _timed(d.get(OURS) or {}) else None
+        host, dev, gb, pct = (_num(ours, c) for c in ("host_ms", "device_ms", "gbps", "pct_copy_bw"))
+        line += [None if host is None else f"{host:.4f}", None if dev is None else f"{dev:.4f}"]
+        line += [None if gb is None else f"{gb:.0f}", None if pct is None else f"{100 * pct:.0f}%"]
         body.append(line)
     return markdown_table(headers, body)
 
 
 def check_table(rows: list) -> str:
     """Smoke output: what was checked, which backend ran, and the verdict."""
-    headers = ["impl", "pass", "dtype", "layout", "shape", "backend", "status", "err/allowance"]
-    body = [
-        [
-            r["impl"],
-            r["pass"],
-            r["dtype"],
-            r["layout"],
-            r["shape"],
-            r.get("backend", ""),
-            r["status"],
-            r.get("err_ratio"),
-        ]
-        for r in rows
-    ]
-    return markdown_table(headers, body)
-
-
-def problems(rows: list) -> list:
-    return [r for r in rows if r.get("status") in ("wrong", "error", "skipped")]
+    cols = ["impl", "pass", "dtype", "layout", "shape", "backend", "status", "err_ratio", "mask_flips"]
+    return markdown_table(cols[:-2] + ["err/allowance", "mask flips"], [[r.get(c) for c in cols] for r in rows])
 
 
 def problem_lines(rows: list) -> str:
+    """Each distinct problem (status and note) once, with the rows it hit."""
+    groups = OrderedDict()
+    for r in rows:
+        if r.get("status") in ("wrong", "error", "skipped"):
+            groups.setdefault((r["status"], r.get("note") or ""), []).append(r)
     lines = []
-    for r in problems(rows):
-        lines.append(
-            f"- {r['status']}: {r['impl']} {r['pass']} {r['dtype']}/{r['layout']} {r['shape']}: {r.get('note', '')}"
-        )
+    for (status, note), group in groups.items():
+        impls = ", ".join(OrderedDict.fromkeys(r["impl"] for r in group))
+        where = list(OrderedDict.fromkeys(f"{r['pass']} {r['dtype']}/{r['layout']} {r['shape']}" for r in group))
+        where = "; ".join(where) if len(where) <= 3 else f"{len(where)} inputs and passes"
+        lines.append(f"- {status}, {len(group)} row{'s' * (len(group) > 1)} ({impls}; {where}): {note}")
     return "\n".join(lines)
+
+
+def verdict(rows: list, interrupted: bool = False) -> tuple:
+    """(one line: were all of bn_triton's rows checked, the rows by status, the exit status; that
+    status). Exit 1 when a bn_triton row is wrong or raised; a baseline's failure (say, a
+    torch.compile error) is listed under the problems but is not ours to fail on. 130: interrupted."""
+    ours = [r for r in rows if r["impl"] == OURS]
+    bad = sum(r["status"] in ("wrong", "error") for r in ours)
+    checked = sum(r["status"] in ("ok", "checked") for r in ours)
+    code = 130 if interrupted else 1 if bad else 0
+    if bad:
+        head = f"FAIL: {bad} of {len(ours)} bn_triton rows wrong or raised"
+    elif ours and checked == len(ours):
+        head = f"PASS: all {len(ours)} bn_triton rows checked against float64"
+    else:
+        head = f"INCOMPLETE: {checked} of {len(ours)} bn_triton rows checked"
+    counts = Counter(r["status"] for r in rows)
+    statuses = ", ".join(f"{n} {s}" for s, n in counts.most_common())
+    return f"verdict: {head}; {len(rows)} rows: {statuses}; exit status {code}", code
 
 
 # ---------------------------------------------------------------- plots

@@ -1,30 +1,23 @@
-"""What gets measured: shapes, dtype/layout configurations, passes.
+"""What gets measured: shapes, dtype/layout configurations, passes, workloads.
 
 Suite v1 is fixed so that numbers compare over time; change it only by adding a v2 next to it.
 """
 
 import dataclasses
+from collections.abc import Callable
 
 import torch
+
+from bench import traffic
 
 SUITE_VERSION = "v1"
 
 # ResNet-50's BatchNorm2d layers as (C, H=W) at batch 256: the stem, then each stage's widths.
 RESNET50_BATCH = 256
 RESNET50_BN = [
-    (64, 112),
-    (64, 56),
-    (256, 56),
-    (128, 56),
-    (128, 28),
-    (512, 28),
-    (256, 28),
-    (256, 14),
-    (1024, 14),
-    (512, 14),
-    (512, 7),
-    (2048, 7),
-]
+    (64, 112), (64, 56), (256, 56), (128, 56), (128, 28), (512, 28),
+    (256, 28), (256, 14), (1024, 14), (512, 14), (512, 7), (2048, 7),
+]  # fmt: skip
 # BatchNorm1d on (N, C): many rows/medium C, very many rows/few C, few rows/wide C.
 BN1D = [(8192, 1024), (65536, 256), (2048, 4096)]
 
@@ -41,17 +34,6 @@ QUICK_CONFIGS = ("fp32-nchw", "bf16-cl")
 class Shape:
     name: str
     dims: tuple
-
-    @property
-    def numel(self) -> int:
-        n = 1
-        for d in self.dims:
-            n *= d
-        return n
-
-    @property
-    def spatial(self) -> bool:
-        return len(self.dims) > 2
 
 
 @dataclasses.dataclass(frozen=True)
@@ -166,3 +148,20 @@ def make_cases(shapes, config_keys) -> list:
                 seen.add(case)
                 cases.append(case)
     return cases
+
+
+@dataclasses.dataclass(frozen=True)
+class Workload:
+    """One kind of row. Each implementation's forward takes an optional residual; a workload with
+    ``residual`` passes one (x's dtype and layout, requiring grad: a block's identity input) and
+    then every implementation computes relu(BN(x) + residual), bn_triton with its fused epilogue."""
+
+    prefix: str  # of the pass names in the rows
+    traffic: dict  # pass -> bytes as a multiple of the tensor's (traffic.py)
+    residual: bool
+    applies: Callable = lambda case: True  # which cases get this workload's rows
+
+
+PLAIN = Workload("", traffic.TRAFFIC_FACTOR, residual=False)
+# BN -> add -> ReLU where conv nets have it: the 4-D (N, C, H, W) cases.
+FUSED = Workload("fused_", traffic.FUSED_TRAFFIC_FACTOR, residual=True, applies=lambda c: len(c.shape.dims) == 4)

@@ -1,10 +1,13 @@
-"""The benchmark harness (bench/): traffic model, suite, backend detection, the correctness gate,
-the timing path (with a stand-in timer), the CSV/plot/env writers, and the CLI smoke.
+"""The benchmark harness (bench/): traffic model, suite, backend detection, the correctness gate
+(with the fused rows' ReLU mask), the timing path (wall, host and device time, with stand-in
+timers), the CSV/plot/env writers, kernel stubs, and the command line.
 
-Timings need a CUDA GPU; here the timing path runs with a fake timer so that everything after
-do_bench (GB/s, fractions of copy bandwidth, speedups, geomeans, plots) is checked on any machine.
+Timings need a CUDA GPU; here the timing path runs with injected timers so that everything around
+them (GB/s, fractions of copy bandwidth, speedups, geomeans, the cost split, plots) is checked on
+any machine, and the CUDA-graph timer runs against a stand-in for torch.cuda.
 """
 
+import contextlib
 import csv
 import json
 import math
@@ -12,11 +15,13 @@ import os
 import shutil
 import subprocess
 import sys
+import types
 
 import pytest
 import torch
+import torch.nn.functional as F
 
-from bench import impls, report, runner, suite, traffic
+from bench import impls, report, runner, stub, suite, traffic
 
 TINY_4D = suite.Shape("3x5x4x3", (3, 5, 4, 3))
 
@@ -38,19 +43,20 @@ def test_traffic_model_counts_minimal_bytes():
     ) + traffic.model_bytes("bwd", dims, torch.float32)
     with pytest.raises(ValueError, match="unknown pass"):
         traffic.model_bytes("forward", dims, torch.float32)
+    fused = {p: traffic.model_bytes(p, dims, torch.bfloat16, suite.FUSED.traffic) // (2 * b) for p in expected}
+    assert fused == {"train_fwd": 4, "eval_fwd": 3, "bwd": 7, "fwd_bwd": 11}
 
 
 def test_bandwidth_units():
     assert traffic.gbps(10**9, 1.0) == pytest.approx(1000.0)  # 1 GB in 1 ms = 1 TB/s
     assert traffic.gbps(3 * 10**9, 2.0) == pytest.approx(1500.0)
     assert traffic.copy_gbps(10**9, 1.0) == pytest.approx(2000.0)  # read + write
-    assert traffic.fraction_of(1500.0, 3000.0) == pytest.approx(0.5)
 
 
 # ---------------------------------------------------------------- suite
 
 
-def test_suite_v1_is_the_issue_list():
+def test_suite_v1_shapes():
     names = [s.name for s in suite.SUITE_V1]
     assert names == [
         "64@112", "64@56", "256@56", "128@56", "128@28", "512@28", "256@28",
@@ -102,7 +108,9 @@ def test_inputs_follow_the_case_layout_and_are_not_zeros(device):
     means = inp.x.float().mean(dim=(0, 2, 3))
     assert means.max() - means.min() > 1.0
     again = runner.make_inputs(case, device)
-    assert torch.equal(inp.x, again.x)
+    assert torch.equal(inp.x, again.x) and again.residual is None
+    r = runner.make_inputs(case, device, residual=True).residual
+    assert r.dtype == torch.bfloat16 and r.is_contiguous(memory_format=torch.channels_last) and r.abs().sum() > 0
 
 
 # ---------------------------------------------------------------- backend detection
@@ -142,9 +150,22 @@ def _fake_timer(calls):
     return timer
 
 
-def test_timing_path_with_fake_timer(device):
+def _graph_timer(build):
+    """Device time 0.5 ms; fails the way a CUDA graph capture does for torch's rows."""
+    build()()
+    if build.args[0] is impls.torch_bn:
+        raise RuntimeError("operation not permitted when stream is capturing")
+    return 0.5
+
+
+def test_timing_path_with_injected_timers(device):
+    """Wall time from the timer, host time from the real enqueue_ms (2 calls), device time from the
+    graph timer; a device timer that fails leaves NaN and the reason, and the row is still timed."""
     calls = []
-    settings = runner.Settings(device=torch.device(device), timing=True, copy_gbps=4.0e-3, timer=_fake_timer(calls))
+    settings = runner.Settings(
+        device=torch.device(device), timing=True, copy_gbps=4.0e-3, timer=_fake_timer(calls), calls=2
+    )
+    settings.device_timer = _graph_timer
     case = suite.Case(TINY_4D, torch.float16, "NCHW")
     rows = []
     runner.run_case(case, ["bn_triton", "cudnn"], list(suite.PASSES), settings, rows)
@@ -156,17 +177,86 @@ def test_timing_path_with_fake_timer(device):
         assert r["ms"] == 2.0 and r["ms_p20"] == 1.5 and r["ms_p80"] == 2.5
         assert r["gbps"] == pytest.approx(nbytes / 2e-3 / 1e9)
         assert r["pct_copy_bw"] == pytest.approx(r["gbps"] / 4.0e-3)
-        assert r["err_ratio"] <= 1.0
+        assert r["err_ratio"] <= 1.0 and r["mask_flips"] is None
+        assert r["host_ms"] > 0
+        if r["impl"] == "bn_triton":
+            assert r["device_ms"] == 0.5 and r["note"] == ""
+        else:
+            assert math.isnan(r["device_ms"])
+            assert r["note"].startswith("device time not measured: RuntimeError: operation not permitted")
     assert {r["backend"] for r in rows if r["impl"] == "bn_triton"} == {"bn_triton"}
     report.add_speedups(rows)
     assert all(r["speedup"] == pytest.approx(1.0) for r in rows if r["impl"] == "cudnn")
 
 
+def test_enqueue_ms_times_calls_back_to_back():
+    log = []
+    ms = runner.enqueue_ms(lambda: log.append("call"), calls=4, sync=lambda: log.append("sync"))
+    assert log == ["call", "sync"] + ["call"] * 4 + ["sync"]  # warm-up, then no sync between calls
+    assert 0 < ms < 100
+
+
+def test_cuda_graph_ms_warms_up_on_the_capture_stream_captures_once_and_replays():
+    """runner.cuda_graph_ms against a stand-in for torch.cuda that logs every step."""
+    log = []
+
+    class Stream:
+        def wait_stream(self, other):
+            log.append("wait")
+
+    class Graph:
+        def replay(self):
+            log.append("replay")
+
+    class Event:
+        def __init__(self, enable_timing=False):
+            assert enable_timing
+
+        def record(self):
+            self.replays = log.count("replay")
+
+        def synchronize(self):
+            log.append("sync")
+
+        def elapsed_time(self, end):
+            return 2.0 * (end.replays - self.replays)  # 2 ms a replay
+
+    capture = Stream()
+
+    @contextlib.contextmanager
+    def on(stream, tag):
+        assert stream is capture
+        log.append(f"{tag} on")
+        yield
+        log.append(f"{tag} off")
+
+    cuda = types.SimpleNamespace(
+        Stream=lambda: capture,
+        current_stream=Stream,
+        stream=lambda s: on(s, "stream"),
+        CUDAGraph=Graph,
+        graph=lambda g, stream: on(stream, "capture"),
+        Event=Event,
+    )
+
+    def build():
+        log.append("build")
+        return lambda: log.append("call")
+
+    assert runner.cuda_graph_ms(build, reps=5, cuda=cuda) == pytest.approx(2.0)
+    assert log == (
+        ["wait", "stream on", "build", "call", "call", "call", "stream off"]
+        + ["capture on", "call", "capture off", "wait", "replay"]
+        + ["replay"] * 5
+        + ["sync"]
+    )
+
+
 def test_wrong_result_is_reported_and_never_timed(device, monkeypatch):
     real_make = impls.make_impl
 
-    def off_by_two_percent(x, rm, rv, w, b, training):
-        return impls.torch_bn(x, rm, rv, w, b, training) * 1.02
+    def off_by_two_percent(*args):
+        return impls.torch_bn(*args) * 1.02
 
     def make(name, *args):
         return impls.Impl(name, off_by_two_percent) if name == "bn_triton" else real_make(name, *args)
@@ -174,6 +264,7 @@ def test_wrong_result_is_reported_and_never_timed(device, monkeypatch):
     monkeypatch.setattr(impls, "make_impl", make)
     calls = []
     settings = runner.Settings(device=torch.device(device), timing=True, copy_gbps=1.0, timer=_fake_timer(calls))
+    settings.host_timer, settings.device_timer = (lambda f: 0.1), (lambda build: 0.2)
     rows = []
     runner.run_case(
         suite.Case(TINY_4D, torch.float32, "NCHW"), ["bn_triton", "cudnn"], ["train_fwd", "eval_fwd"], settings, rows
@@ -194,39 +285,166 @@ def test_past_the_budget_cases_are_skipped(device):
     assert [(r["impl"], r["status"]) for r in rows] == [("bn_triton", "skipped"), ("cudnn", "skipped")]
 
 
+def test_fused_rows_come_from_the_same_runner(device):
+    """The fused workload: pass names prefixed, the fused byte model, d(residual) checked, 4-D only."""
+    settings = runner.Settings(device=torch.device(device), timing=False)
+    cases = suite.make_cases([suite.SMOKE_SHAPE_4D, suite.SMOKE_SHAPE_2D], ["bf16-cl"])
+    rows = []
+    runner.run_suite(cases, ["bn_triton", "cudnn"], ["fwd_bwd", "eval_fwd"], settings, rows, workload=suite.FUSED)
+    assert [(r["impl"], r["pass"], r["shape"]) for r in rows] == [
+        (i, p, "4x6x5x5") for p in ("fused_fwd_bwd", "fused_eval_fwd") for i in ("bn_triton", "cudnn")
+    ]
+    assert all(r["status"] == "checked" for r in rows), rows
+    assert all(r["backend"] == "bn_triton" for r in rows if r["impl"] == "bn_triton")
+    dims = suite.SMOKE_SHAPE_4D.dims
+    assert rows[0]["model_bytes"] == 11 * traffic.tensor_bytes(dims, torch.bfloat16)
+    assert rows[0]["mask_flips"] == 0 and rows[2]["mask_flips"] is None  # train rows count flips
+
+    inp = runner.make_inputs(cases[0], device, residual=True)
+    out = runner.run_train(impls.triton_bn, inp)
+    assert set(out) == {"y", "running_mean", "running_var", "dx", "dweight", "dbias", "dresidual"}
+
+
+# ---------------------------------------------------------------- the fused rows' ReLU mask
+
+
+def _near_zero_case(device, k=4):
+    """fp32 inputs whose residual cancels BN's output to within rounding at k elements: there
+    p = BN(x) + residual is a fraction of an ulp of BN(x), so a correct implementation may round
+    it to either side of 0. Returns the case, the inputs, those elements and the float64 mask."""
+    case = suite.Case(TINY_4D, torch.float32, "NCHW")
+    inp = runner.make_inputs(case, device, residual=True)
+    d = inp.double()
+    z = F.batch_norm(d.x, None, None, d.weight, d.bias, True, 0.0, impls.EPS)
+    idx = torch.arange(k, device=device) * 11
+    inp.residual.view(-1)[idx] = (-z.reshape(-1)[idx]).float()
+    mask = (z + inp.residual.double()) > 0
+    return case, inp, idx, mask.view(-1)[idx]
+
+
+class _ScaleGrad(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, factor):
+        ctx.factor = factor
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, g):
+        return g * ctx.factor, None
+
+
+def _flipping(idx, ref_mask, dx_scale=1.0):
+    """relu(BN(x) + residual) whose ReLU mask is the opposite of float64's at ``idx`` in training (an
+    implementation that rounded p to the other side of 0 there), and whose dx is scaled."""
+
+    def fn(x, rm, rv, w, b, training, residual=None):
+        p = F.batch_norm(_ScaleGrad.apply(x, dx_scale), rm, rv, w, b, training, impls.MOMENTUM, impls.EPS) + residual
+        with torch.no_grad():
+            mask = p > 0
+            if training:
+                mask.view(-1)[idx] = ~ref_mask
+        return p * mask
+
+    return fn
+
+
+def _check_rows(device, monkeypatch, case, inp, fn):
+    monkeypatch.setattr(runner, "make_inputs", lambda *a, **k: inp)
+    real_make = impls.make_impl
+    monkeypatch.setattr(impls, "make_impl", lambda n, *a: impls.Impl(n, fn) if n == "bn_triton" else real_make(n, *a))
+    rows = []
+    settings = runner.Settings(device=torch.device(device), timing=False)
+    runner.run_case(case, ["bn_triton", "native"], ["fwd_bwd", "eval_fwd"], settings, rows, workload=suite.FUSED)
+    return {(r["impl"], r["pass"]): r for r in rows}
+
+
+def test_relu_gate_accepts_mask_flips_within_rounding(device, monkeypatch):
+    """A correct implementation whose ReLU input rounds to the other side of 0 at a few elements:
+    compared element by element with float64, its d(residual) is off by a whole dy there (far past
+    the allowance: the gate before it knew of the mask). Compared under its own mask where p is
+    within rounding of 0, it passes, and the flips are counted in the row."""
+    case, inp, idx, ref_mask = _near_zero_case(device)
+    ref = runner.reference(inp)
+    assert ref["relu"]["near_zero"].view(-1)[idx].all()
+    fn = _flipping(idx, ref_mask)
+    out = runner.run_train(fn, inp)
+    torch_errs, _ = runner.errors(runner.run_train(impls.torch_bn, inp), ref, "train")
+    naive = {k: runner.rel_error(out[k], v) for k, v in ref["train"].items()}
+    assert not runner.verdict(naive, torch_errs, torch.float32)[0]
+    errs, flips = runner.errors(out, ref, "train")
+    assert flips == len(idx)
+    assert runner.verdict(errs, torch_errs, torch.float32)[0], errs
+
+    rows = _check_rows(device, monkeypatch, case, inp, fn)
+    assert rows["bn_triton", "fused_fwd_bwd"]["status"] == "checked"
+    assert rows["bn_triton", "fused_fwd_bwd"]["mask_flips"] == len(idx)
+    assert rows["bn_triton", "fused_eval_fwd"]["mask_flips"] is None
+    assert rows["native", "fused_fwd_bwd"]["status"] == "checked"  # torch's kernels on the same inputs
+
+
+def test_relu_gate_still_flags_real_errors(device, monkeypatch):
+    """The tolerance covers flips within rounding of 0 and nothing else: dx off by 1% next to those
+    flips, or a flip where p is far from 0, is wrong."""
+    case = suite.Case(TINY_4D, torch.float32, "NCHW")
+    inp = runner.make_inputs(case, device, residual=True)
+    ref = runner.reference(inp)
+    d = inp.double()
+    p = F.batch_norm(d.x, None, None, d.weight, d.bias, True, 0.0, impls.EPS) + d.residual
+    far = p.abs().view(-1).argmax().reshape(1)
+    assert not ref["relu"]["near_zero"].view(-1)[far].any()
+    out = runner.run_train(_flipping(far, ref["relu"]["mask"].view(-1)[far]), inp)
+    errs, flips = runner.errors(out, ref, "train")
+    torch_errs, _ = runner.errors(runner.run_train(impls.torch_bn, inp), ref, "train")
+    assert flips == 0
+    assert not runner.verdict(errs, torch_errs, torch.float32)[0]
+
+    case, inp, idx, ref_mask = _near_zero_case(device)
+    rows = _check_rows(device, monkeypatch, case, inp, _flipping(idx, ref_mask, dx_scale=1.01))
+    assert rows["bn_triton", "fused_fwd_bwd"]["status"] == "wrong"
+    assert rows["bn_triton", "fused_fwd_bwd"]["note"].startswith("dx error")
+    assert rows["bn_triton", "fused_eval_fwd"]["status"] == "checked"
+
+
 # ---------------------------------------------------------------- writers
 
 
 def _synthetic_rows():
-    """Made-up times (not measurements) with known geomeans: bn_triton 1 ms everywhere."""
+    """Made-up times (not measurements) with known geomeans: bn_triton 1 ms wall, 0.4 ms host and
+    0.5 ms device everywhere; torch eager (cudnn) 0.1 ms host and 0.5 or 2 ms device."""
     times = {("64@56", "cudnn"): 2.0, ("64@56", "native"): 8.0, ("2048@7", "cudnn"): 0.5, ("2048@7", "native"): 2.0}
+    device = {"64@56": 2.0, "2048@7": 0.5}
     rows = []
     for shape in ("64@56", "2048@7"):
         case = suite.Case(suite.SUITE_BY_NAME[shape], torch.bfloat16, "channels_last")
         for impl in ("bn_triton", "cudnn", "native"):
             ms = 1.0 if impl == "bn_triton" else times[shape, impl]
+            host, dev = (0.4, 0.5) if impl == "bn_triton" else (0.1, device[shape])
             nbytes = traffic.model_bytes("fwd_bwd", case.shape.dims, case.dtype)
             g = traffic.gbps(nbytes, ms)
             rows.append(
-                runner._row(case, impl, "fwd_bwd", ms=ms, ms_p20=ms, ms_p80=ms, gbps=g, pct_copy_bw=g / 3000.0,
-                            backend="native" if impl == "cudnn" else impl, status="ok", err_ratio=0.1)
+                runner.make_row(case, impl, "fwd_bwd", ms=ms, ms_p20=ms, ms_p80=ms, gbps=g, pct_copy_bw=g / 3000.0,
+                                host_ms=host, device_ms=dev, backend="native" if impl == "cudnn" else impl,
+                                status="ok", err_ratio=0.1)
             )  # fmt: skip
-        rows.append(runner._row(case, "compile", "fwd_bwd", status="error", note="RuntimeError: boom"))
+        rows.append(runner.make_row(case, "compile", "fwd_bwd", status="error", note="RuntimeError: boom"))
     return rows
 
 
 def test_csv_summary_and_tables(tmp_path):
     rows = report.add_speedups(_synthetic_rows())
+    rows[1]["device_ms"] = math.nan  # a failed capture: blank in the CSV
     path = report.write_csv(rows, str(tmp_path / "results.csv"))
     with open(path, newline="") as f:
         header = next(csv.reader(f))
-    for col in ("impl", "pass", "dtype", "layout", "shape", "ms", "gbps", "pct_copy_bw"):
+    assert header == report.CSV_COLUMNS
+    for col in ("impl", "pass", "dtype", "layout", "shape", "ms", "host_ms", "device_ms", "gbps", "pct_copy_bw"):
         assert col in header
     back = report.read_csv(path)
     assert len(back) == len(rows)
     assert {r["impl"] for r in back} == {"bn_triton", "cudnn", "native", "compile"}
     assert all(0 < r["pct_copy_bw"] < 1000 for r in back if r["status"] == "ok")
-    assert back[0]["pct_copy_bw"] == pytest.approx(rows[0]["pct_copy_bw"])
+    assert back[0]["pct_copy_bw"] == rows[0]["pct_copy_bw"]
+    assert back[0]["host_ms"] == 0.4 and back[1]["device_ms"] is None
     assert back[-1]["ms"] is None and back[-1]["status"] == "error"
 
     (summary,) = report.summarize(back)
@@ -238,9 +456,54 @@ def test_csv_summary_and_tables(tmp_path):
     assert "1.00x" in table and "4.00x" in table
     detail = report.detail_table(back)
     assert "(native)" in detail  # cudnn's row names the backend that really ran
-    assert "error: compile fwd_bwd" in report.problem_lines(back)
+    assert "0.4000" in detail  # bn_triton's host time
+    assert "error, 2 rows (compile; fwd_bwd bfloat16/channels_last 64@56; " in report.problem_lines(back)
     assert report.geomean([2.0, 8.0]) == pytest.approx(4.0)
     assert math.isnan(report.geomean([]))
+
+
+def test_cost_split_geomeans_against_torch_eager():
+    """bn_triton / torch eager (the cudnn row) per pass: wall geomean(1/2, 1/0.5) = 1, host 4,
+    device geomean(0.25, 1) = 0.5; a device time that is missing leaves the geomean to the rest."""
+    rows = _synthetic_rows()
+    table = report.cost_split_table(rows)
+    assert table.splitlines()[2].split("|")[1:-1] == [" fwd_bwd ", " 2      ", " 1.00x ", " 4.00x ", " 0.50x  "]
+    rows[1]["device_ms"] = math.nan
+    assert "| 1.00x | 4.00x | 1.00x" in report.cost_split_table(rows)
+
+
+def test_problems_are_listed_once_each_with_their_row_count():
+    case = suite.Case(TINY_4D, torch.float32, "NCHW")
+    note = "ImportError: cannot import name 'kernels'"
+    rows = [runner.make_row(case, i, p, status="error", note=note) for p in suite.PASSES for i in impls.IMPLS]
+    rows.append(runner.make_row(case, "compile", "bwd", status="wrong", note="dx error is 3x the allowance"))
+    lines = report.problem_lines(rows).splitlines()
+    assert lines == [
+        f"- error, 16 rows (bn_triton, cudnn, native, compile; 4 inputs and passes): {note}",
+        "- wrong, 1 row (compile; bwd float32/NCHW 3x5x4x3): dx error is 3x the allowance",
+    ]
+
+
+def test_verdict_line():
+    case = suite.Case(TINY_4D, torch.float32, "NCHW")
+
+    def rows(*statuses):
+        return [
+            runner.make_row(case, i, "bwd", status=s) for i, s in zip(("bn_triton", "cudnn"), statuses, strict=True)
+        ]
+
+    assert report.verdict(rows("checked", "checked")) == (
+        "verdict: PASS: all 1 bn_triton rows checked against float64; 2 rows: 2 checked; exit status 0",
+        0,
+    )
+    line, code = report.verdict(rows("ok", "error"))
+    assert code == 0 and line.startswith("verdict: PASS") and "1 ok, 1 error" in line
+    line, code = report.verdict(rows("wrong", "ok"))
+    assert code == 1 and line.startswith("verdict: FAIL: 1 of 1 bn_triton rows wrong or raised")
+    assert line.endswith("; 2 rows: 1 wrong, 1 ok; exit status 1")
+    line, code = report.verdict(rows("skipped", "skipped"))
+    assert code == 0 and line.startswith("verdict: INCOMPLETE: 0 of 1 bn_triton rows checked")
+    assert report.verdict(rows("ok", "ok"), interrupted=True)[1] == 130
 
 
 def test_plots_are_pngs(tmp_path):
@@ -269,15 +532,39 @@ def test_env_json(tmp_path):
 # ---------------------------------------------------------------- the command
 
 
+def test_stub_replaces_every_kernel_and_restores(device):
+    import triton
+
+    import bn_triton
+    from bn_triton import kernels
+
+    before = {n: getattr(kernels, n) for n in kernels.__all__}
+    x = torch.randn(4, 3, 5, device=device)
+    log = []
+    with stub.stubbed_kernels(log.append) as originals:
+        assert originals and set(originals) == {
+            n for n, k in before.items() if isinstance(k, triton.runtime.jit.KernelInterface)
+        }
+        assert all(getattr(kernels, n) is not k for n, k in originals.items())
+        bn_triton.batch_norm(x, None, None, training=True)
+    assert log and {ln.name for ln in log} <= set(originals)
+    assert all(isinstance(ln.args, tuple) and isinstance(ln.kwargs, dict) for ln in log)
+    assert all(getattr(kernels, n) is k for n, k in before.items())
+    y = bn_triton.batch_norm(x, None, None, training=True)  # the real kernels again
+    torch.testing.assert_close(y, F.batch_norm(x, None, None, training=True), atol=1e-5, rtol=1e-5)
+
+
+def _run(request, *args, timeout=300):
+    root = str(request.config.rootpath)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]))
+    return subprocess.run([sys.executable, *args], cwd=root, env=env, capture_output=True, text=True, timeout=timeout)
+
+
 def test_cli_smoke(tmp_path, request):
     """``python -m bench`` without a GPU (``--smoke`` with one): every implementation checked on
-    tiny inputs, backends recorded, nothing timed, exit 0, files written to --out."""
-    root = str(request.config.rootpath)
-    cmd = [sys.executable, "-m", "bench", "--out", str(tmp_path)]
-    if torch.cuda.is_available():
-        cmd.append("--smoke")
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]))
-    proc = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=300)
+    tiny inputs, backends recorded, nothing timed, exit 0, as many rows as the header says, a
+    verdict line last, files written to --out."""
+    proc = _run(request, "-m", "bench", "--out", str(tmp_path), *(["--smoke"] if torch.cuda.is_available() else []))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     if not torch.cuda.is_available():
         assert "timings need a CUDA GPU" in proc.stdout
@@ -286,14 +573,66 @@ def test_cli_smoke(tmp_path, request):
     fused = [r for r in rows if r["pass"].startswith("fused_")]
     assert len(plain) == 3 * 4 * 4  # smoke cases x passes x implementations
     assert len(fused) == 2 * 4 * 4  # the 4-D smoke cases get the fused BN -> add -> ReLU rows too
+    assert "(3 cases + 2 fused cases) x 4 passes x 4 implementations = 80 rows" in proc.stdout
     assert {r["status"] for r in rows} == {"checked"}
-    assert all(r["ms"] is None and r["gbps"] is None for r in rows)
+    assert all(r["ms"] is None and r["gbps"] is None and r["host_ms"] is None for r in rows)
     assert {r["backend"] for r in rows if r["impl"] == "bn_triton"} == {"bn_triton"}
     assert {r["backend"] for r in rows if r["impl"] == "compile"} == {"inductor"}
     assert {r["backend"] for r in rows if r["impl"] == "native"} == {"native"}
     with open(tmp_path / "env.json") as f:
         assert json.load(f)["smoke"] is True
-    assert (tmp_path / "summary.md").read_text().startswith("## Smoke")
+    summary = (tmp_path / "summary.md").read_text()
+    assert summary.startswith("## Smoke")
+    verdict = "verdict: PASS: all 20 bn_triton rows checked against float64; 80 rows: 80 checked; exit status 0"
+    assert summary.rstrip().endswith(verdict)
+    assert proc.stdout.rstrip().endswith(verdict)
+
+
+def test_cli_failure_lists_each_error_once(monkeypatch, capsys):
+    """When bn_triton raises, the output names that error once with its row count, the verdict
+    says FAIL, the exit status is 1, and the header's row count is what came out."""
+    from bench.__main__ import main
+
+    def broken(*args, **kwargs):
+        raise ImportError("cannot import name 'kernels'")
+
+    monkeypatch.setattr(impls, "triton_bn", broken)
+    argv = ["--smoke", "--impls", "bn_triton,native", "--passes", "train_fwd,eval_fwd"]
+    assert main(argv) == 1
+    out = capsys.readouterr().out
+    assert "(3 cases + 2 fused cases) x 2 passes x 2 implementations = 20 rows" in out
+    assert "\n20 rows in " in out
+    problems = [line for line in out.splitlines() if line.startswith("- ")]
+    assert problems == ["- error, 10 rows (bn_triton; 10 inputs and passes): ImportError: cannot import name 'kernels'"]
+    assert out.rstrip().endswith(
+        "verdict: FAIL: 10 of 10 bn_triton rows wrong or raised; 20 rows: 10 error, 10 checked; exit status 1"
+    )
+
+
+def test_model_flag_runs_the_e2e_bench(monkeypatch):
+    import bench
+    from bench.__main__ import main
+
+    seen = []
+    fake = types.SimpleNamespace(main=lambda argv: seen.append(argv) or 7)
+    monkeypatch.setattr(bench, "e2e", fake, raising=False)
+    monkeypatch.setitem(sys.modules, "bench.e2e", fake)
+    assert main(["--model", "resnet50", "--out", "/tmp/x"]) == 7
+    smoke = [] if torch.cuda.is_available() else ["--smoke"]
+    assert seen == [["--model", "resnet50", "--out", "/tmp/x"] + smoke]
+
+
+def test_overhead_script_with_stubbed_kernels(request):
+    proc = _run(request, "bench/overhead.py", "--stub", "--calls", "2", "--repeats", "1", timeout=120)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "kernels stubbed" in proc.stdout
+    rows = [line for line in proc.stdout.splitlines() if line.endswith("x")]
+    assert [line.split("  ")[0] for line in rows] == [
+        "batch_norm train forward (grad)",
+        "batch_norm eval forward (no_grad)",
+        "batch_norm forward + backward",
+        "BatchNorm2d train step",
+    ]
 
 
 GPU_CHECK = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench", "gpu_check.sh")
