@@ -181,7 +181,7 @@ def main(argv=None) -> int:
         )
     issues = report.problem_lines(rows)
     if issues:
-        text += "\n\n### Problems (each once, with the rows it hit)\n\n" + issues
+        text += "\n\n### Problems and notes (each once, with the rows it hit)\n\n" + issues
     if interrupted:
         text += "\n\n(interrupted: partial results)"
     line, code = report.verdict(rows, interrupted)

@@ -208,10 +208,11 @@ def check_table(rows: list) -> str:
 
 
 def problem_lines(rows: list) -> str:
-    """Each distinct problem (status and note) once, with the rows it hit."""
+    """Each distinct problem (status and note: a failure, or a timed row's missing device time)
+    once, with the rows it hit."""
     groups = OrderedDict()
     for r in rows:
-        if r.get("status") in ("wrong", "error", "skipped"):
+        if r.get("status") in ("wrong", "error", "skipped") or r.get("note"):
             groups.setdefault((r["status"], r.get("note") or ""), []).append(r)
     lines = []
     for (status, note), group in groups.items():

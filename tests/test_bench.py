@@ -187,6 +187,8 @@ def test_timing_path_with_injected_timers(device):
     assert {r["backend"] for r in rows if r["impl"] == "bn_triton"} == {"bn_triton"}
     report.add_speedups(rows)
     assert all(r["speedup"] == pytest.approx(1.0) for r in rows if r["impl"] == "cudnn")
+    (line,) = report.problem_lines(rows).splitlines()
+    assert line.startswith("- ok, 4 rows (cudnn; 4 inputs and passes): device time not measured: RuntimeError")
 
 
 def test_enqueue_ms_times_calls_back_to_back():
