@@ -24,7 +24,7 @@ def interpreting() -> bool:
 # Elements per tile. On a GPU 4096 elements is 16 KiB of fp32 per tile: 16 values per thread at
 # 8 warps, enough loads in flight to cover DRAM latency without spilling the (count, mean, M2) state.
 # The interpreter runs programs one after another in NumPy, where cost is per program, so it gets
-# big tiles (see shared/docs/platform-notes.md: 831 ms at 64 elements vs 11 ms at 16384).
+# big tiles (measured with triton 3.8: 831 ms for 65k elements at 64 per tile, 11 ms at 16384).
 TILE_ELEMS_GPU = 4096
 TILE_ELEMS_INTERPRETER = 16384
 # Along the contiguous axis: 128 channels (channels_last) is 256-512 B per row, whole 128-B lines and
@@ -39,8 +39,12 @@ MAX_BLOCK_S = 1024
 # than one split for small C so that the partial merge runs on CPU too.
 PROGRAMS_PER_SM = 3
 INTERPRETER_PROGRAMS = 8
-# Finalize kernels: one program per 128 channels; they touch [SPLIT, C] floats only.
-FINALIZE_BLOCK_C = 128
+# The last program of a reduction merges its channel block's [SPLIT, BLOCK_C] partials in steps of
+# about this many values: enough loads in flight per step that a merge of ~400 splits takes a few
+# steps, not hundreds of dependent ones.
+MERGE_ELEMS = 4096
+# The running-stat update on its own (SyncBatchNorm): one program per 128 channels.
+RUNNING_BLOCK_C = 128
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,6 +71,7 @@ class LaunchConfig:
     num_tiles: int  # tiles of the (R, S) plane
     num_splits: int  # reduction programs per channel block; split k takes tiles [k*T/P, (k+1)*T/P)
     num_warps: int
+    block_p: int  # partials merged per step by the last program of a reduction
 
 
 @functools.cache
@@ -105,4 +110,5 @@ def _launch_config(geom: Geometry, tile: int, target_programs: int, max_block_c:
     num_splits = max(1, min(num_tiles, target_programs // num_c_blocks, 65535))
     s_div = min(geom.S & -geom.S, 16)
     num_warps = 8 if block_r * block_c * block_s >= 2048 else 4
-    return LaunchConfig(block_r, block_c, block_s, s_div, num_c_blocks, num_tiles, num_splits, num_warps)
+    block_p = _pow2_at_most(num_splits, max(MERGE_ELEMS // block_c, 1))
+    return LaunchConfig(block_r, block_c, block_s, s_div, num_c_blocks, num_tiles, num_splits, num_warps, block_p)

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from bn_triton import _loader, ops
+from bn_triton import _loader, composite, ops
 from bn_triton._config import interpreting
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -44,9 +44,12 @@ def check_inputs(
     *,
     activation: Optional[str] = None,
     residual: Optional[Tensor] = None,
+    eps: Optional[float] = None,
 ) -> None:
     """Raise a clear error for anything batch_norm cannot compute; torch's messages where it has one."""
     check_fused(input, activation, residual)
+    if eps is not None:
+        check_eps(eps, training)
     if input.dim() < 2:
         raise ValueError(
             f"batch_norm: expected an input with at least 2 dimensions (N, C, ...), got {input.dim()}D input"
@@ -72,8 +75,16 @@ def check_inputs(
             )
         if t.dtype not in (input.dtype, torch.float32):
             raise TypeError(f"batch_norm: {name} must be float32 or the input's dtype ({input.dtype}), got {t.dtype}")
-    if training and input.numel() // C == 1:
+    if training and C > 0 and input.numel() // C == 1:
         raise ValueError(f"Expected more than 1 value per channel when training, got input size {input.size()}")
+
+
+def check_eps(eps: float, training: bool) -> None:
+    """torch's checks and messages: eps > 0 in training (the batch variance may be 0), >= 0 in eval."""
+    if training and not eps > 0:
+        raise ValueError(f"batch_norm eps must be positive during training, but got {eps}")
+    if not training and not eps >= 0:
+        raise ValueError(f"batch_norm eps must be non-negative, but got {eps}")
 
 
 ACTIVATIONS = (None, "relu")
@@ -123,7 +134,13 @@ def batch_norm(
     pass, where ``activation`` is None or ``"relu"`` and ``residual`` (optional) has input's shape,
     dtype and device, in any layout. Differentiable in residual too.
     """
-    check_inputs(input, running_mean, running_var, weight, bias, training, activation=activation, residual=residual)
+    if momentum is None:  # torch's argument parser refuses it (momentum=None is the modules' option)
+        raise TypeError(f"batch_norm(): argument 'momentum' (position 7) must be float, not {type(momentum).__name__}")
+    if isinstance(eps, Tensor):  # torch accepts a 0-d tensor (its parser reads the number)
+        eps = float(eps)
+    check_inputs(
+        input, running_mean, running_var, weight, bias, training, activation=activation, residual=residual, eps=eps
+    )
     return _batch_norm(
         input,
         running_mean,
@@ -152,23 +169,44 @@ def _batch_norm(
     activation: Optional[str] = None,
     residual: Optional[Tensor] = None,
 ) -> Tensor:
-    """batch_norm after validation. With ``num_batches_tracked`` given, the running statistics use the
-    cumulative factor 1 / num_batches_tracked (momentum=None), computed on the device."""
+    """batch_norm after validation.
+
+    ``num_batches_tracked`` (the modules, training with running statistics): this batch is counted
+    on it (+1, on the device) and, when momentum is None, the running statistics take the cumulative
+    factor 1 / num_batches_tracked.
+    """
+    if composite.needed(input, running_mean, running_var, weight, bias, residual):  # torch.func, forward AD
+        nbt = _count_batch(num_batches_tracked, momentum)
+        args = (input, running_mean, running_var, weight, bias, training, momentum, eps, nbt)
+        return composite.batch_norm(*args, activation=activation, residual=residual)
+    relu = activation == "relu"
     if not uses_triton(input) or input.numel() == 0:
-        if num_batches_tracked is not None:  # torch's own path needs the factor on the host
-            momentum = 1.0 / float(num_batches_tracked)
+        nbt = _count_batch(num_batches_tracked, momentum)
+        if nbt is not None:  # torch's own path needs the factor on the host
+            momentum = 1.0 / float(nbt)
+        elif momentum is None:  # no running statistics to update (torch's parser wants a float)
+            momentum = 0.0
         y = F.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
         if residual is not None:
             y = y + residual
-        return torch.relu(y) if activation == "relu" else y
-    # The plain ops are called exactly as before when nothing is fused (same graphs, same schemas).
-    fused = () if activation is None and residual is None else (residual, activation == "relu")
-    if not training:
-        return ops.call_eval_forward(input, running_mean, running_var, weight, bias, eps, *fused)
-    y, mean, _rstd, var = ops.call_train_forward(input, weight, bias, eps, *fused)
-    if running_mean is not None:
-        count = input.numel() // input.shape[1]
-        ops.call_update_running_stats(
-            running_mean, running_var, mean, var, 0.0 if momentum is None else momentum, count, num_batches_tracked
+        return torch.relu(y) if relu else y
+    if training:
+        # One launch: statistics, running statistics and num_batches_tracked. Detached: the
+        # statistics are constants to BatchNormFunction, whose backward carries their gradients.
+        x = input if ops.plain_eager(input) else input.detach()
+        count = num_batches_tracked is not None
+        mean, scale, _ = ops.step(
+            "stats", x, running_mean, running_var, num_batches_tracked, momentum, eps, count, False
         )
-    return y
+    else:
+        mean, scale = running_mean, running_var
+    return ops.batch_norm(input, weight, bias, residual, mean, scale, eps, training, relu)
+
+
+def _count_batch(num_batches_tracked: Optional[Tensor], momentum: Optional[float]) -> Optional[Tensor]:
+    """num_batches_tracked += 1 with a torch op (the paths without our stats kernel); returns it when
+    the cumulative average needs it (momentum None)."""
+    if num_batches_tracked is None:
+        return None
+    num_batches_tracked.add_(1)
+    return num_batches_tracked if momentum is None else None

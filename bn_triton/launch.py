@@ -1,15 +1,20 @@
 """Launchers: view tensors as (R, C, S), allocate outputs, pick the grid, launch the kernels.
 
 Nothing here is differentiable or validates user input: ops.py and functional.py do that. Every
-function takes tensors already on one device (CUDA, or CPU under the Triton interpreter).
+function takes tensors already on one device (CUDA, or CPU under the Triton interpreter), with x
+canonical (``canonical``) and its geometry. Launches per call: ``batch_stats`` 1 (running
+statistics included), ``normalize`` 1, ``grad_sums`` 1, ``grad_input`` 1, ``update_running_stats`` 1;
+no torch kernels (fills, copies) unless a per-channel tensor is not contiguous.
 """
 
 import collections
+import functools
+import struct
 
 import torch
 
 from bn_triton import kernels
-from bn_triton._config import FINALIZE_BLOCK_C, Geometry, LaunchConfig, launch_config
+from bn_triton._config import RUNNING_BLOCK_C, Geometry, LaunchConfig, launch_config
 
 # Kernel launches by name, so tests can prove that our kernels (not torch's batch_norm) ran.
 LAUNCHES: collections.Counter = collections.Counter()
@@ -20,10 +25,21 @@ def acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+@functools.cache
 def _tl_acc(dtype: torch.dtype):
     import triton.language as tl
 
     return tl.float64 if dtype == torch.float64 else tl.float32
+
+
+def scalar(value: float, dtype: torch.dtype):
+    """A float kernel argument in the accumulation dtype of ``dtype``'s kernels (tile.acc_scalar).
+
+    Triton passes a Python float as fp32. A float64 kernel gets the float64 bit pattern as an
+    int64 instead, so eps and momentum keep all their digits."""
+    if dtype != torch.float64:
+        return float(value)
+    return struct.unpack("<q", struct.pack("<d", float(value)))[0]
 
 
 def _channels_last_format(x: torch.Tensor):
@@ -34,6 +50,17 @@ def _channels_last_format(x: torch.Tensor):
     return None
 
 
+@functools.lru_cache(maxsize=4096)  # on the eager hot path: a Geometry per distinct shape/strides
+def _geometry(shape: tuple, strides: tuple, contiguous: bool) -> Geometry:
+    n, c = shape[0], shape[1]
+    s = 1
+    for d in shape[2:]:
+        s *= d
+    if contiguous and s > 1:
+        return Geometry(R=n, C=c, S=s, stride_r=c * s, stride_c=s, channels_contig=False)
+    return Geometry(R=n * s, C=c, S=1, stride_r=c, stride_c=1, channels_contig=True)
+
+
 def canonical(x: torch.Tensor) -> tuple[torch.Tensor, Geometry]:
     """Return x in a layout the kernels read directly (copying only if needed) and its geometry.
 
@@ -41,15 +68,18 @@ def canonical(x: torch.Tensor) -> tuple[torch.Tensor, Geometry]:
     contiguous; a contiguous tensor without spatial extent is (N, C, 1) with C contiguous. Anything
     else (sliced, transposed, expanded) is copied to contiguous first.
     """
-    n, c = x.shape[0], x.shape[1]
-    s = x.numel() // max(n * c, 1) if x.numel() else 1
-    if not x.is_contiguous():
-        fmt = _channels_last_format(x)
-        if fmt is None or not x.is_contiguous(memory_format=fmt):
-            x = x.contiguous()
-    if x.is_contiguous() and s > 1:
-        return x, Geometry(R=n, C=c, S=s, stride_r=c * s, stride_c=s, channels_contig=False)
-    return x, Geometry(R=n * s, C=c, S=1, stride_r=c, stride_c=1, channels_contig=True)
+    x = canonical_layout(x)
+    return x, _geometry(tuple(x.shape), x.stride(), x.is_contiguous())
+
+
+def canonical_layout(x: torch.Tensor) -> torch.Tensor:
+    """x itself when the kernels read its layout directly, else a contiguous copy (also for fake tensors)."""
+    if x.is_contiguous():
+        return x
+    fmt = _channels_last_format(x)
+    if fmt is not None and x.is_contiguous(memory_format=fmt):
+        return x
+    return x.contiguous()
 
 
 def like(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -59,6 +89,29 @@ def like(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     out = torch.empty_like(x, dtype=t.dtype)
     out.copy_(t)
     return out
+
+
+def _vec(t):
+    """A per-channel tensor the kernels index as t[c]: contiguous (a copy only for strided views)."""
+    return t if t is None or t.is_contiguous() else t.contiguous()
+
+
+# Tickets of the last-program merges (kernels/tile.py last_to_arrive), one int32 per channel block
+# plus one, per device. Each launch leaves them at zero, so they are allocated and zeroed once (a
+# zero fill inside a CUDA-graph capture would be replayed, but an allocation there would belong to
+# the graph's pool) and shared by every launch on the device. Two reductions running at the same
+# time on two streams of one device would share tickets: bn_triton launches on the current stream
+# only, so that takes a user's concurrent streams.
+_TICKETS: dict = {}
+_MIN_TICKETS = 4096
+
+
+def _tickets(device: torch.device, n: int) -> torch.Tensor:
+    t = _TICKETS.get(device)
+    if t is None or t.numel() < n:
+        t = torch.zeros(max(n, _MIN_TICKETS), dtype=torch.int32, device=device)
+        _TICKETS[device] = t
+    return t
 
 
 def _tile_args(geom: Geometry, cfg: LaunchConfig) -> dict:
@@ -76,46 +129,81 @@ def _shape_args(geom: Geometry) -> tuple:
     return (geom.R, geom.C, geom.S, geom.stride_r, geom.stride_c)
 
 
-def _finalize_grid(C: int) -> tuple:
-    return ((C + FINALIZE_BLOCK_C - 1) // FINALIZE_BLOCK_C,)
+def batch_stats(
+    x,
+    geom,
+    eps,
+    *,
+    running_mean=None,
+    running_var=None,
+    momentum=0.0,
+    num_batches_tracked=None,
+    count_batch=False,
+    want_var=False,
+):
+    """Per-channel batch mean and rstd (and the biased variance when ``want_var``), acc dtype.
 
-
-def batch_stats(x: torch.Tensor, geom: Geometry, eps: float):
-    """Per-channel batch mean, rstd and biased variance (acc dtype): two launches, no host sync."""
+    One launch, no host sync. With running_mean/running_var it also updates them in place
+    (momentum, or the cumulative average 1 / num_batches_tracked when momentum is None), and with
+    ``count_batch`` it increments num_batches_tracked. Returns (mean, rstd, var or None).
+    """
     cfg = launch_config(geom, x.device)
     acc = acc_dtype(x.dtype)
-    parts = torch.empty((3, cfg.num_splits, geom.C), dtype=acc, device=x.device)
-    kernels.stats_partials_kernel[(cfg.num_c_blocks, cfg.num_splits)](
-        x, parts[0], parts[1], parts[2], *_shape_args(geom), cfg.num_tiles, cfg.num_splits, **_tile_args(geom, cfg)
-    )
-    # Three separate tensors (not views of one): ops return them, and op outputs must not alias.
-    mean, rstd, var = (torch.empty(geom.C, dtype=acc, device=x.device) for _ in range(3))
-    kernels.stats_finalize_kernel[_finalize_grid(geom.C)](
-        parts[0], parts[1], parts[2], mean, rstd, var, geom.C, cfg.num_splits, eps, BLOCK_C=FINALIZE_BLOCK_C
+    C = geom.C
+    parts = torch.empty((3 * cfg.num_splits * C,), dtype=acc, device=x.device)
+    mean = torch.empty((C,), dtype=acc, device=x.device)
+    rstd = torch.empty((C,), dtype=acc, device=x.device)
+    var = torch.empty((C,), dtype=acc, device=x.device) if want_var else None
+    has_running = running_mean is not None
+    cumulative = has_running and momentum is None
+    kernels.stats_kernel[(cfg.num_c_blocks, cfg.num_splits)](
+        x,
+        parts,
+        _tickets(x.device, cfg.num_c_blocks + 1),
+        mean,
+        rstd,
+        var,
+        running_mean,
+        running_var,
+        num_batches_tracked if (cumulative or count_batch) else None,
+        *_shape_args(geom),
+        cfg.num_tiles,
+        cfg.num_splits,
+        scalar(eps, acc),
+        scalar(0.0 if momentum is None else momentum, acc),
+        running_mean.stride(0) if has_running else 0,
+        running_var.stride(0) if has_running else 0,
+        ACC=_tl_acc(acc),
+        BLOCK_P=cfg.block_p,
+        HAS_VAR=want_var,
+        HAS_RUNNING=has_running,
+        CUMULATIVE=cumulative,
+        COUNT_BATCH=count_batch,
+        **_tile_args(geom, cfg),
     )
     LAUNCHES["stats"] += 1
     return mean, rstd, var
 
 
-def normalize(x, geom, mean, scale, scale_is_var, eps, weight, bias, out=None, residual=None, relu=False):
-    """y = (x - mean) * scale' * weight + bias where scale' = rstd, or rsqrt(scale + eps) if scale_is_var.
+def normalize(x, geom, mean, scale, weight, bias, eps, *, scale_is_var, residual=None, relu=False):
+    """y = (x - mean) * s * weight + bias where s = scale (rstd), or rsqrt(scale + eps) if ``scale_is_var``.
 
-    With ``residual``
-    (x's strides: see ``like``) and/or ``relu`` it is relu(... + residual), fused in the same pass.
+    With ``residual`` (x's strides: see ``like``) and/or ``relu`` it is relu(... + residual), fused
+    in the same pass.
     """
     cfg = launch_config(geom, x.device)
-    y = torch.empty_like(x) if out is None else out
+    y = torch.empty_like(x)
     kernels.normalize_kernel[(cfg.num_tiles * cfg.num_c_blocks,)](
         x,
         y,
-        mean,
-        scale,
-        weight,
-        bias,
+        _vec(mean),
+        _vec(scale),
+        _vec(weight),
+        _vec(bias),
         *_shape_args(geom),
         cfg.num_c_blocks,
-        eps,
-        ACC=_tl_acc(x.dtype),
+        scalar(eps, x.dtype),
+        ACC=_tl_acc(acc_dtype(x.dtype)),
         SCALE_IS_VAR=scale_is_var,
         HAS_W=weight is not None,
         HAS_B=bias is not None,
@@ -128,53 +216,85 @@ def normalize(x, geom, mean, scale, scale_is_var, eps, weight, bias, out=None, r
     return y
 
 
-def update_running_stats(running_mean, running_var, mean, var, momentum, count, num_batches_tracked):
-    """running <- (1 - f) running + f batch; f = momentum, or 1 / num_batches_tracked when given."""
+def update_running_stats(running_mean, running_var, mean, var, *, momentum, count, num_batches_tracked=None):
+    """running <- (1 - f) running + f batch; f = momentum, or 1 / num_batches_tracked when momentum is None.
+
+    For statistics computed elsewhere (SyncBatchNorm); ``batch_stats`` does this in its own launch.
+    """
     C = running_mean.numel()
-    kernels.running_stats_kernel[_finalize_grid(C)](
+    acc = mean.dtype
+    kernels.running_stats_kernel[((C + RUNNING_BLOCK_C - 1) // RUNNING_BLOCK_C,)](
         running_mean,
         running_var,
         mean,
         var,
-        num_batches_tracked,
+        num_batches_tracked if momentum is None else None,
         C,
-        0.0 if momentum is None else float(momentum),
-        count / (count - 1) if count > 1 else float("nan"),
-        CUMULATIVE=num_batches_tracked is not None,
-        BLOCK_C=FINALIZE_BLOCK_C,
+        scalar(0.0 if momentum is None else momentum, acc),
+        count,
+        running_mean.stride(0),
+        running_var.stride(0),
+        ACC=_tl_acc(acc),
+        CUMULATIVE=momentum is None,
+        BLOCK_C=RUNNING_BLOCK_C,
     )
     LAUNCHES["running_stats"] += 1
 
 
 def grad_sums(
-    dy, x, geom, mean, scale, scale_is_var, eps, dweight=None, dbias=None, *,
-    relu=False, y=None, weight=None, bias=None, dz=None,
+    dy,
+    x,
+    geom,
+    mean,
+    scale,
+    eps,
+    *,
+    scale_is_var,
+    dweight=None,
+    dbias=None,
+    relu=False,
+    y=None,
+    weight=None,
+    bias=None,
+    dz=None,
 ):
-    """sum(dy) and sum(dy * xhat) per channel (acc dtype); also written to dweight/dbias if given.
+    """sum(dy) and sum(dy * xhat) per channel (acc dtype), one launch; also written to dweight/dbias if given.
 
-    With ``relu``, dy is first masked by the fused ReLU: by y > 0 when ``y`` is given, else by the
+    xhat = (x - mean) * s with s = scale (rstd), or rsqrt(scale + eps) when ``scale_is_var``. With
+    ``relu``, dy is first masked by the fused ReLU: by y > 0 when ``y`` is given, else by the
     pre-activation recomputed from x, ``weight`` and ``bias``; the masked dy is written to ``dz`` if given.
     """
     recompute = relu and y is None
     cfg = launch_config(geom, x.device)
     acc = acc_dtype(x.dtype)
-    parts = torch.empty((2, cfg.num_splits, geom.C), dtype=acc, device=x.device)
-    kernels.grad_partials_kernel[(cfg.num_c_blocks, cfg.num_splits)](
+    C = geom.C
+    parts = torch.empty((2 * cfg.num_splits * C,), dtype=acc, device=x.device)
+    sum_dy = torch.empty((C,), dtype=acc, device=x.device)
+    sum_dy_xhat = torch.empty((C,), dtype=acc, device=x.device)
+    kernels.grad_sums_kernel[(cfg.num_c_blocks, cfg.num_splits)](
         dy,
         x,
-        mean,
-        scale,
-        parts[0],
-        parts[1],
+        _vec(mean),
+        _vec(scale),
+        parts,
+        _tickets(x.device, cfg.num_c_blocks),
+        sum_dy,
+        sum_dy_xhat,
+        dweight,
+        dbias,
         *_shape_args(geom),
         cfg.num_tiles,
         cfg.num_splits,
-        eps,
+        scalar(eps, acc),
+        ACC=_tl_acc(acc),
         SCALE_IS_VAR=scale_is_var,
+        BLOCK_P=cfg.block_p,
+        HAS_DW=dweight is not None,
+        HAS_DB=dbias is not None,
         **_tile_args(geom, cfg),
         Y=y,
-        W=weight if recompute else None,
-        B=bias if recompute else None,
+        W=_vec(weight) if recompute else None,
+        B=_vec(bias) if recompute else None,
         DZ=dz,
         RELU=relu,
         MASK_FROM_Y=y is not None,
@@ -182,22 +302,8 @@ def grad_sums(
         HAS_B=recompute and bias is not None,
         STORE_DZ=dz is not None,
     )
-    sums = torch.empty((2, geom.C), dtype=acc, device=x.device)
-    kernels.grad_finalize_kernel[_finalize_grid(geom.C)](
-        parts[0],
-        parts[1],
-        sums[0],
-        sums[1],
-        dweight,
-        dbias,
-        geom.C,
-        cfg.num_splits,
-        HAS_DW=dweight is not None,
-        HAS_DB=dbias is not None,
-        BLOCK_C=FINALIZE_BLOCK_C,
-    )
     LAUNCHES["grad_sums"] += 1
-    return sums[0], sums[1]
+    return sum_dy, sum_dy_xhat
 
 
 def grad_input(
@@ -205,55 +311,55 @@ def grad_input(
     x,
     geom,
     mean,
-    rstd,
+    scale,
     weight,
     sum_dy,
     sum_dy_xhat,
-    count=None,
+    eps,
     *,
-    training=True,
-    eps=0.0,
+    training,
+    count=None,
     relu=False,
     y=None,
     bias=None,
     dz=None,
     want_dx=True,
 ):
-    """Training dx from the two per-channel sums (closed form in kernels/grad.py).
+    """dx, one launch (closed form in kernels/grad.py).
 
-    ``count`` is the m of the closed form: values per channel behind the sums and statistics. It is
-    this tensor's own (geom.per_channel) unless given; SyncBatchNorm passes the global batch's.
-
-    ``training=False``: the eval dx, dy * weight * rsqrt(rstd + eps) with ``rstd`` holding
-    running_var and no sums. ``relu``: dy is masked first, as in ``grad_sums`` (by y > 0 when ``y``
-    is given, else recomputed from x, ``weight`` and ``bias``); the masked dy goes to ``dz`` if given.
-    Returns dx, or None when ``want_dx`` is False (only dz wanted).
+    ``training``: from the two per-channel sums, with mean/scale the batch mean and rstd. ``count``
+    is the m of the closed form: values per channel behind the sums and statistics; this tensor's
+    own (geom.per_channel) unless given (SyncBatchNorm passes the global batch's).
+    Not ``training``: the eval dx, dy * weight * rsqrt(scale + eps) with ``scale`` holding
+    running_var; no sums. ``relu``: dy is masked first, as in ``grad_sums``; the masked dy goes to
+    ``dz`` if given. Returns dx, or None when ``want_dx`` is False (only dz wanted).
     """
     cfg = launch_config(geom, x.device)
     dx = torch.empty_like(x) if want_dx else None
+    recompute = relu and y is None
     kernels.grad_input_kernel[(cfg.num_tiles * cfg.num_c_blocks,)](
         dy,
         x,
         dx,
-        mean,
-        rstd,
-        weight,
+        _vec(mean),
+        _vec(scale),
+        _vec(weight),
         sum_dy,
         sum_dy_xhat,
         *_shape_args(geom),
         cfg.num_c_blocks,
-        1.0 / (geom.per_channel if count is None else count),
+        geom.per_channel if count is None else count,
+        scalar(eps, x.dtype),
+        ACC=_tl_acc(acc_dtype(x.dtype)),
         HAS_W=weight is not None,
         **_tile_args(geom, cfg),
-        Y=y,
-        B=bias if relu and y is None else None,
-        DZ=dz,
-        eps=eps,
-        EVAL_ACC=_tl_acc(x.dtype),
         TRAINING=training,
+        Y=y,
+        B=_vec(bias) if recompute else None,
+        DZ=dz,
         RELU=relu,
         MASK_FROM_Y=y is not None,
-        HAS_B=relu and y is None and bias is not None,
+        HAS_B=recompute and bias is not None,
         STORE_DZ=dz is not None,
         STORE_DX=want_dx,
     )

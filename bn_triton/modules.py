@@ -16,7 +16,7 @@ from torch import Tensor
 from bn_triton import functional
 
 
-class _TritonBatchNorm:
+class TritonBatchNormMixin:
     """Mixin placed before torch's _BatchNorm subclass in the MRO; replaces forward only."""
 
     activation = None  # class default: instances unpickled from before the fused epilogue existed
@@ -46,14 +46,20 @@ class _TritonBatchNorm:
         running_mean = self.running_mean if use_running else None
         running_var = self.running_var if use_running else None
         functional.check_inputs(
-            input, running_mean, running_var, self.weight, self.bias, bn_training,
-            activation=self.activation, residual=residual,
+            input,
+            running_mean,
+            running_var,
+            self.weight,
+            self.bias,
+            bn_training,
+            activation=self.activation,
+            residual=residual,
+            eps=self.eps,
         )
+        # Counted by our statistics kernel, on the device, in the same launch (torch: an add_).
         num_batches = None
         if self.training and self.track_running_stats and self.num_batches_tracked is not None:
-            self.num_batches_tracked.add_(1)
-            if self.momentum is None:
-                num_batches = self.num_batches_tracked
+            num_batches = self.num_batches_tracked
         return functional._batch_norm(
             input,
             running_mean,
@@ -69,15 +75,15 @@ class _TritonBatchNorm:
         )
 
 
-class BatchNorm1d(_TritonBatchNorm, torch.nn.BatchNorm1d):
+class BatchNorm1d(TritonBatchNormMixin, torch.nn.BatchNorm1d):
     """torch.nn.BatchNorm1d on (N, C) or (N, C, L), computed by bn_triton's kernels."""
 
 
-class BatchNorm2d(_TritonBatchNorm, torch.nn.BatchNorm2d):
+class BatchNorm2d(TritonBatchNormMixin, torch.nn.BatchNorm2d):
     """torch.nn.BatchNorm2d on (N, C, H, W), contiguous or channels_last, computed by bn_triton's kernels."""
 
 
-class BatchNorm3d(_TritonBatchNorm, torch.nn.BatchNorm3d):
+class BatchNorm3d(TritonBatchNormMixin, torch.nn.BatchNorm3d):
     """torch.nn.BatchNorm3d on (N, C, D, H, W), contiguous or channels_last_3d, computed by bn_triton's kernels."""
 
 
@@ -88,22 +94,28 @@ _REPLACEMENTS = {
 }
 
 
-def _convert_one(bn: torch.nn.Module) -> torch.nn.Module:
-    new_cls = _REPLACEMENTS[type(bn)]
+def convert_layer(bn: torch.nn.Module, new_cls: type, **kwargs) -> torch.nn.Module:
+    """A ``new_cls`` layer that holds ``bn``'s very Parameter and buffer objects (optimizers and hooks
+    that hold them stay valid), its train/eval mode, its fused activation and qconfig, if any.
+    ``kwargs`` go to ``new_cls``'s constructor (SyncBatchNorm's process_group)."""
     new = new_cls(
         bn.num_features,
         eps=bn.eps,
         momentum=bn.momentum,
         affine=bn.affine,
         track_running_stats=bn.track_running_stats,
-        device="meta",
+        device="meta",  # placeholders only: replaced just below by the layer's own tensors
+        **kwargs,
     )
-    # Keep the very same Parameter and buffer objects: optimizers and hooks that hold them stay valid.
-    for name, param in bn.named_parameters(recurse=False):
-        setattr(new, name, param)
+    for name in ("weight", "bias"):
+        setattr(new, name, getattr(bn, name))
     for name, buf in bn.named_buffers(recurse=False):
         new.register_buffer(name, buf, persistent=name not in bn._non_persistent_buffers_set)
     new.train(bn.training)
+    if getattr(bn, "activation", None) is not None:  # our layers' fused ReLU: keep it
+        new.activation = bn.activation
+    if hasattr(bn, "qconfig"):
+        new.qconfig = bn.qconfig
     return new
 
 
@@ -115,7 +127,7 @@ def convert_batchnorm(module: torch.nn.Module) -> torch.nn.Module:
     own) are left alone: their behaviour may differ.
     """
     if type(module) in _REPLACEMENTS:
-        return _convert_one(module)
+        return convert_layer(module, _REPLACEMENTS[type(module)])
     for name, child in module.named_children():
         setattr(module, name, convert_batchnorm(child))
     return module

@@ -64,65 +64,27 @@ plain BatchNorm (torch's does the same with its plain batch_norm).
 import torch
 import torch.distributed as dist
 from torch import Tensor
-from torch.autograd.function import once_differentiable
 
 from bn_triton import functional, launch, ops
-from bn_triton._config import Geometry
-from bn_triton.modules import _TritonBatchNorm
+from bn_triton.modules import TritonBatchNormMixin, convert_layer
 
 # Payload head: [n_bad, n, h, h^2], then S1[C], S2[C].
 _HEAD = 4
 
 
-class _SyncBatchNormFunction(torch.autograd.Function):
-    """y = (x - mean) * rstd * weight + bias with global mean/rstd; backward with the global sums.
+def _all_reduce_sums(group):
+    """BatchNormFunction's ``sync``: sum the local sum(dy), sum(dy * xhat) over the group, in place."""
 
-    ``x`` is already canonical (``launch.canonical``); ``mean`` and ``rstd`` are the global batch
-    statistics (constants here: the paths through them are in the closed form of the dx kernel).
-    """
+    def sync(sum_dy: Tensor, sum_dy_xhat: Tensor) -> None:
+        sums = torch.stack((sum_dy, sum_dy_xhat))
+        dist.all_reduce(sums, op=dist.ReduceOp.SUM, group=group)
+        sum_dy.copy_(sums[0])
+        sum_dy_xhat.copy_(sums[1])
 
-    @staticmethod
-    def forward(ctx, x, weight, bias, mean, rstd, geom: Geometry, count: int, eps: float, group):
-        if x.numel():
-            y = launch.normalize(x, geom, mean, rstd, False, eps, weight, bias)
-        else:
-            y = torch.empty_like(x)
-        ctx.save_for_backward(x, weight, mean, rstd)
-        ctx.geom, ctx.count, ctx.eps, ctx.group = geom, count, eps, group
-        ctx.bias_dtype = None if bias is None else bias.dtype
-        return y
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, dy):
-        x, weight, mean, rstd = ctx.saved_tensors
-        geom = ctx.geom
-        want_dx, want_dw, want_db = ctx.needs_input_grad[:3]
-        want_dw = want_dw and weight is not None
-        want_db = want_db and ctx.bias_dtype is not None
-        C = geom.C
-        # An empty rank returns zero weight/bias grads rather than None: DDP waits for a grad of
-        # every parameter, and None would not reach its hooks.
-        dw = torch.zeros(C, dtype=weight.dtype, device=x.device) if want_dw else None
-        db = torch.zeros(C, dtype=ctx.bias_dtype, device=x.device) if want_db else None
-        sums = torch.zeros((2, C), dtype=mean.dtype, device=x.device)
-        if x.numel() and (want_dx or want_dw or want_db):
-            dy = launch.like(dy, x)
-            sums[0], sums[1] = launch.grad_sums(dy, x, geom, mean, rstd, False, ctx.eps, dw, db)
-        dx = None
-        # The collective's condition is the same on every rank (needs_input_grad and the global
-        # count are), so either all ranks all_reduce here or none does.
-        if want_dx and ctx.count > 0:
-            dist.all_reduce(sums, op=dist.ReduceOp.SUM, group=ctx.group)
-        if want_dx:
-            if x.numel():
-                dx = launch.grad_input(dy, x, geom, mean, rstd, weight, sums[0], sums[1], count=ctx.count)
-            else:
-                dx = torch.zeros_like(x)
-        return dx, dw, db, None, None, None, None, None, None
+    return sync
 
 
-class SyncBatchNorm(_TritonBatchNorm, torch.nn.SyncBatchNorm):
+class SyncBatchNorm(TritonBatchNormMixin, torch.nn.SyncBatchNorm):
     """torch.nn.SyncBatchNorm computed by bn_triton's kernels, one all_reduce per pass.
 
     Same constructor as torch's: ``SyncBatchNorm(num_features, eps=1e-5, momentum=0.1, affine=True,
@@ -152,8 +114,10 @@ class SyncBatchNorm(_TritonBatchNorm, torch.nn.SyncBatchNorm):
             return super().forward(input, residual)
         return self._sync_forward(input, residual, group)
 
-    # torch.compile runs this part eagerly (a graph break around the layer): it reads the global
-    # count on the host and runs collectives, and dynamo cannot trace into the kernel launches.
+    # torch.compile runs this part eagerly (a graph break around the layer), and must: the global
+    # count is read on the host after the all_reduce (it decides, on every rank alike, whether to
+    # raise and how to unbias running_var), and the backward's all_reduce runs inside the autograd
+    # formula, where a compiled graph would have to trace a collective with a data-dependent guard.
     @torch.compiler.disable
     def _sync_forward(self, input: Tensor, residual: Tensor | None, group) -> Tensor:
         running_mean = self.running_mean if self.track_running_stats else None
@@ -172,7 +136,7 @@ class SyncBatchNorm(_TritonBatchNorm, torch.nn.SyncBatchNorm):
             x, geom = launch.canonical(input)
             n = geom.per_channel
             if n > 0:
-                local_mean, _rstd, local_var = launch.batch_stats(x, geom, self.eps)
+                local_mean, _rstd, local_var = ops.step("stats", x, None, None, None, 0.0, self.eps, False, True)
                 d = local_mean.to(torch.float64) - pivot
                 payload[1] = float(n)
                 torch.mul(d, n, out=payload[_HEAD : _HEAD + C])
@@ -218,21 +182,22 @@ class SyncBatchNorm(_TritonBatchNorm, torch.nn.SyncBatchNorm):
             self.num_batches_tracked.add_(1)
             if running_mean is not None and N > 0:
                 cumulative = self.momentum is None
-                ops.update_running_stats(
+                ops.step(
+                    "update_running_stats",
                     running_mean,
                     running_var,
                     mean,
                     var,
-                    0.0 if cumulative else self.momentum,
+                    self.momentum,
                     N,
                     self.num_batches_tracked if cumulative else None,
                 )
-        y = _SyncBatchNormFunction.apply(x, self.weight, self.bias, mean, rstd, geom, N, self.eps, group)
-        # The plain layers' fused epilogue, act(BN(x) + residual), is applied unfused here: one more
-        # elementwise pass or two, differentiated by autograd.
-        if residual is not None:
-            y = y + residual
-        return torch.relu(y) if self.activation == "relu" else y
+        # The plain layers' autograd formula and kernels, fused epilogue included, with the global
+        # statistics and count, and the backward's sums all-reduced between its two passes.
+        relu = self.activation == "relu"
+        return ops.BatchNormFunction.apply(
+            x, self.weight, self.bias, residual, mean, rstd, self.eps, True, relu, N, _all_reduce_sums(group)
+        )
 
     def _validate(self, input, running_mean, running_var, residual) -> Exception | None:
         """The error this rank's input deserves (torch's messages), or None. Raises nothing."""
@@ -287,24 +252,7 @@ class SyncBatchNorm(_TritonBatchNorm, torch.nn.SyncBatchNorm):
         """
         out = module
         if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
-            out = cls(
-                module.num_features,
-                module.eps,
-                module.momentum,
-                module.affine,
-                module.track_running_stats,
-                process_group,
-                device="meta",  # placeholders only: replaced just below by the layer's own tensors
-            )
-            for name in ("weight", "bias"):
-                setattr(out, name, getattr(module, name))
-            for name, buf in module.named_buffers(recurse=False):
-                out.register_buffer(name, buf, persistent=name not in module._non_persistent_buffers_set)
-            out.train(module.training)
-            if getattr(module, "activation", None) is not None:  # our layers' fused ReLU: keep it
-                out.activation = module.activation
-            if hasattr(module, "qconfig"):
-                out.qconfig = module.qconfig
+            out = convert_layer(module, cls, process_group=process_group)
         for name, child in module.named_children():
             out.add_module(name, cls.convert_sync_batchnorm(child, process_group))
         return out

@@ -9,22 +9,24 @@ with the contiguous axis named by the ``CHANNELS_CONTIG`` flag:
 so one kernel serves both layouts and every load runs along the contiguous axis.
 
 Files, one job each:
-  tile.py       the shared tile indexing and the Chan/Welford merge
-  stats.py      split reduction of (count, mean, M2) partials; finalize; running-stat update
-  normalize.py  y = (x - mean) * rstd * weight + bias (train and eval)
-  grad.py       split reduction of sum(dy), sum(dy * xhat); finalize into dweight/dbias; dx
+  tile.py       tile indexing, split ranges, per-lane Welford, the Chan merge, the last-program ticket
+  stats.py      batch statistics in one launch (split reduction, merged by its last program, running
+                statistics updated there too); the running-stat update on its own
+  normalize.py  y = (x - mean) * rstd * weight + bias (train and eval), with the fused add + ReLU
+  grad.py       sum(dy), sum(dy * xhat) in one launch (dweight, dbias); dx
+
+Reductions are deterministic: partials are merged by one program in a fixed order, and the only
+atomic is an integer ticket that picks that program.
 """
 
-from .grad import grad_finalize_kernel, grad_input_kernel, grad_partials_kernel
+from .grad import grad_input_kernel, grad_sums_kernel
 from .normalize import normalize_kernel
-from .stats import running_stats_kernel, stats_finalize_kernel, stats_partials_kernel
+from .stats import running_stats_kernel, stats_kernel
 
 __all__ = [
-    "grad_finalize_kernel",
     "grad_input_kernel",
-    "grad_partials_kernel",
+    "grad_sums_kernel",
     "normalize_kernel",
     "running_stats_kernel",
-    "stats_finalize_kernel",
-    "stats_partials_kernel",
+    "stats_kernel",
 ]

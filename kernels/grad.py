@@ -1,8 +1,9 @@
-"""Backward: a split reduction of sum(dy) and sum(dy * xhat) per channel, then the dx pass.
+"""Backward in two launches: a split reduction of sum(dy) and sum(dy * xhat) per channel (its last
+program sums the partials, as in kernels/stats.py), then the elementwise dx pass.
 
 With those two sums (they are dbias and dweight) the training dx is elementwise:
     dx = weight * rstd * (dy - sum(dy) / m - xhat * sum(dy * xhat) / m),   xhat = (x - mean) * rstd
-(the closed form of the three-path derivation; see shared/docs/bn-math.md). x is read again and xhat
+(the closed form of the three-path derivation; see docs/math.md). x is read again and xhat
 recomputed, so the forward saves only mean and rstd. In eval mode the statistics are constants and
 dx = dy * weight * rsqrt(running_var + eps): ``grad_input_kernel`` with ``TRAINING=False``.
 
@@ -30,7 +31,7 @@ import triton
 import triton.language as tl
 
 from .normalize import bn_affine, channel_scale, relu_keep
-from .tile import sum_rs, tile_offsets
+from .tile import last_to_arrive, split_range, sum_rs, tile_offsets
 
 
 @triton.jit
@@ -57,13 +58,17 @@ def relu_mask(
 
 
 @triton.jit
-def grad_partials_kernel(
+def grad_sums_kernel(
     DY,  # grad of the output, same strides as X
     X,  # input, viewed as (R, C, S)
     MEAN,  # [C]
     SCALE,  # [C]: rstd, or running_var when SCALE_IS_VAR
-    PART_SUM_DY,  # [SPLIT, C] acc dtype
-    PART_SUM_DY_XHAT,  # [SPLIT, C] acc dtype
+    PART,  # [2, SPLIT, C] acc dtype workspace: sum(dy), sum(dy * xhat) of each split
+    COUNTER,  # int32 [num_c_blocks], zero between launches: the tickets
+    SUM_DY,  # [C] out, acc dtype
+    SUM_DY_XHAT,  # [C] out, acc dtype
+    DW,  # [C] out in the weight's dtype: sum(dy * xhat) (when HAS_DW)
+    DB,  # [C] out in the bias's dtype: sum(dy) (when HAS_DB)
     R,
     C,
     S,
@@ -71,13 +76,17 @@ def grad_partials_kernel(
     stride_c,
     num_tiles,
     num_splits,  # programs sharing one channel block's tiles (grid axis 1)
-    eps,
+    eps,  # acc-dtype scalar (see tile.acc_scalar)
+    ACC: tl.constexpr,
     SCALE_IS_VAR: tl.constexpr,
     BLOCK_R: tl.constexpr,
     BLOCK_C: tl.constexpr,
     BLOCK_S: tl.constexpr,
+    BLOCK_P: tl.constexpr,  # partials summed per step by the last program
     CHANNELS_CONTIG: tl.constexpr,
     S_DIV: tl.constexpr,
+    HAS_DW: tl.constexpr = False,
+    HAS_DB: tl.constexpr = False,
     Y=None,  # forward output, same strides as X (read when MASK_FROM_Y)
     W=None,  # [C] weight, bias: to recompute the pre-activation (RELU and not MASK_FROM_Y)
     B=None,
@@ -90,18 +99,15 @@ def grad_partials_kernel(
 ):
     pid_c = tl.program_id(0)
     split = tl.program_id(1)
-    ACC = PART_SUM_DY.dtype.element_ty
     c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     cm = c < C
     a = channel_scale(SCALE, W, c, cm, eps, ACC, SCALE_IS_VAR, HAS_W)  # weight * rstd: the recompute's scale
     mean = tl.load(MEAN + c, mask=cm, other=0.0).to(ACC)[None, :, None]
     rstd = channel_scale(SCALE, SCALE, c, cm, eps, ACC, SCALE_IS_VAR, False)[None, :, None]
-    sum_dy = tl.zeros([BLOCK_C], ACC)
-    sum_dy_xhat = tl.zeros([BLOCK_C], ACC)
-    # Split k takes tiles [k*T/P, (k+1)*T/P): every split gets floor or ceil of T/P tiles, so the
-    # programs finish together (int64: k*T may pass 2**31).
-    first = (split.to(tl.int64) * num_tiles) // num_splits
-    last = ((split.to(tl.int64) + 1) * num_tiles) // num_splits
+    # Per-lane sums, reduced once after the loop: no cross-lane work holds up the next load.
+    acc_dy = tl.zeros([BLOCK_R, BLOCK_C, BLOCK_S], ACC)
+    acc_dy_xhat = tl.zeros([BLOCK_R, BLOCK_C, BLOCK_S], ACC)
+    first, last = split_range(split, num_tiles, num_splits)
     for tile in range(first, last):
         offs, mask, _, _ = tile_offsets(
             tile, pid_c, R, C, S, stride_r, stride_c, BLOCK_R, BLOCK_C, BLOCK_S, CHANNELS_CONTIG, S_DIV
@@ -113,42 +119,30 @@ def grad_partials_kernel(
             dy = tl.where(keep, dy, 0.0)
             if STORE_DZ:
                 tl.store(DZ + offs, dy.to(DZ.dtype.element_ty), mask=mask)
-        xhat = tl.where(mask, (x - mean) * rstd, 0.0)
-        sum_dy += sum_rs(dy)
-        sum_dy_xhat += sum_rs(dy * xhat)
+        acc_dy += dy
+        acc_dy_xhat += tl.where(mask, dy * ((x - mean) * rstd), 0.0)
+    plane = num_splits * C
     out = split * C + c
-    tl.store(PART_SUM_DY + out, sum_dy, mask=cm)
-    tl.store(PART_SUM_DY_XHAT + out, sum_dy_xhat, mask=cm)
+    tl.store(PART + out, sum_rs(acc_dy), mask=cm)
+    tl.store(PART + plane + out, sum_rs(acc_dy_xhat), mask=cm)
 
-
-@triton.jit
-def grad_finalize_kernel(
-    PART_SUM_DY,
-    PART_SUM_DY_XHAT,
-    SUM_DY,  # [C] out, acc dtype
-    SUM_DY_XHAT,  # [C] out, acc dtype
-    DW,  # [C] out in the weight's dtype: sum(dy * xhat) (unused unless HAS_DW)
-    DB,  # [C] out in the bias's dtype: sum(dy) (unused unless HAS_DB)
-    C,
-    num_splits,
-    HAS_DW: tl.constexpr,
-    HAS_DB: tl.constexpr,
-    BLOCK_C: tl.constexpr,
-):
-    c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
-    cm = c < C
-    ACC = SUM_DY.dtype.element_ty
-    sum_dy = tl.zeros([BLOCK_C], ACC)
-    sum_dy_xhat = tl.zeros([BLOCK_C], ACC)
-    for split in range(0, num_splits):  # fixed order: bitwise reproducible
-        sum_dy += tl.load(PART_SUM_DY + split * C + c, mask=cm, other=0.0)
-        sum_dy_xhat += tl.load(PART_SUM_DY_XHAT + split * C + c, mask=cm, other=0.0)
-    tl.store(SUM_DY + c, sum_dy, mask=cm)
-    tl.store(SUM_DY_XHAT + c, sum_dy_xhat, mask=cm)
-    if HAS_DW:
-        tl.store(DW + c, sum_dy_xhat.to(DW.dtype.element_ty), mask=cm)
-    if HAS_DB:
-        tl.store(DB + c, sum_dy.to(DB.dtype.element_ty), mask=cm)
+    if last_to_arrive(COUNTER + pid_c, num_splits):
+        # Sum the partials, BLOCK_P splits at a time (a tree within a step, steps in order); .cg
+        # loads read L2, where the other programs' stores are.
+        sum_dy = tl.zeros([BLOCK_C], ACC)
+        sum_dy_xhat = tl.zeros([BLOCK_C], ACC)
+        for p0 in range(0, num_splits, BLOCK_P):
+            p = p0 + tl.arange(0, BLOCK_P)
+            idx = p[:, None] * C + c[None, :]
+            pm = (p[:, None] < num_splits) & cm[None, :]
+            sum_dy += tl.sum(tl.load(PART + idx, mask=pm, other=0.0, cache_modifier=".cg"), axis=0)
+            sum_dy_xhat += tl.sum(tl.load(PART + plane + idx, mask=pm, other=0.0, cache_modifier=".cg"), axis=0)
+        tl.store(SUM_DY + c, sum_dy, mask=cm)
+        tl.store(SUM_DY_XHAT + c, sum_dy_xhat, mask=cm)
+        if HAS_DW:
+            tl.store(DW + c, sum_dy_xhat.to(DW.dtype.element_ty), mask=cm)
+        if HAS_DB:
+            tl.store(DB + c, sum_dy.to(DB.dtype.element_ty), mask=cm)
 
 
 @triton.jit
@@ -156,10 +150,10 @@ def grad_input_kernel(
     DY,
     X,
     DX,  # out, same strides as X
-    MEAN,  # [C] batch mean
-    RSTD,  # [C] batch rstd
+    MEAN,  # [C] batch mean (training) or running_mean (eval)
+    SCALE,  # [C] batch rstd (training) or running_var (eval)
     W,  # [C] weight (unused unless HAS_W)
-    SUM_DY,  # [C] from grad_finalize_kernel
+    SUM_DY,  # [C] from grad_sums_kernel (training)
     SUM_DY_XHAT,  # [C]
     R,
     C,
@@ -167,19 +161,19 @@ def grad_input_kernel(
     stride_r,
     stride_c,
     num_c_blocks,
-    inv_m,  # 1 / values per channel
+    count,  # values per channel behind the sums: the m of the closed form (training)
+    eps,  # acc-dtype scalar (see tile.acc_scalar)
+    ACC: tl.constexpr,
     HAS_W: tl.constexpr,
     BLOCK_R: tl.constexpr,
     BLOCK_C: tl.constexpr,
     BLOCK_S: tl.constexpr,
     CHANNELS_CONTIG: tl.constexpr,
     S_DIV: tl.constexpr,
+    TRAINING: tl.constexpr = True,  # False: dx = dy * weight * rsqrt(running_var + eps)
     Y=None,  # forward output (read when MASK_FROM_Y)
     B=None,  # [C] bias (recompute of the pre-activation)
     DZ=None,  # out: the masked dy, d(residual) (when STORE_DZ)
-    eps=0.0,
-    EVAL_ACC: tl.constexpr = None,  # accumulation dtype when not TRAINING (no sums to take it from)
-    TRAINING: tl.constexpr = True,  # False: dx = dy * weight * rsqrt(running_var + eps), RSTD holds running_var
     RELU: tl.constexpr = False,
     MASK_FROM_Y: tl.constexpr = False,
     HAS_B: tl.constexpr = False,
@@ -193,23 +187,21 @@ def grad_input_kernel(
         tile, pid_c, R, C, S, stride_r, stride_c, BLOCK_R, BLOCK_C, BLOCK_S, CHANNELS_CONTIG, S_DIV
     )
     cm = c < C
-    if TRAINING:
-        ACC = SUM_DY.dtype.element_ty
-    else:
-        ACC = EVAL_ACC
-    a = channel_scale(RSTD, W, c, cm, eps, ACC, not TRAINING, HAS_W)
+    a = channel_scale(SCALE, W, c, cm, eps, ACC, not TRAINING, HAS_W)
     dy = tl.load(DY + offs, mask=mask, other=0.0).to(ACC)
-    if TRAINING or not MASK_FROM_Y:
-        x = tl.load(X + offs, mask=mask, other=0.0).to(ACC)
-    else:
-        x = dy  # never read: the mask comes from y and eval needs no xhat
     if RELU:
-        keep = relu_mask(x, Y, offs, mask, MEAN, B, a, c, cm, ACC, X.dtype.element_ty, HAS_B, MASK_FROM_Y)
+        if MASK_FROM_Y:
+            keep = tl.load(Y + offs, mask=mask, other=0.0).to(ACC) > 0
+        else:
+            x = tl.load(X + offs, mask=mask, other=0.0).to(ACC)
+            keep = relu_keep(bn_affine(x, MEAN, B, a, c, cm, ACC, HAS_B), X.dtype.element_ty)
         dy = tl.where(keep, dy, 0.0)
         if STORE_DZ:
             tl.store(DZ + offs, dy.to(DZ.dtype.element_ty), mask=mask)
     if TRAINING:
-        rstd = tl.load(RSTD + c, mask=cm, other=0.0).to(ACC)
+        x = tl.load(X + offs, mask=mask, other=0.0).to(ACC)
+        inv_m = 1.0 / (tl.zeros([], ACC) + count)  # count may arrive as a constant
+        rstd = tl.load(SCALE + c, mask=cm, other=0.0).to(ACC)
         mean = tl.load(MEAN + c, mask=cm, other=0.0).to(ACC)
         mean_dy = tl.load(SUM_DY + c, mask=cm, other=0.0) * inv_m
         mean_dy_xhat = tl.load(SUM_DY_XHAT + c, mask=cm, other=0.0) * inv_m

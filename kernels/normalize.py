@@ -17,7 +17,7 @@ so the extra subtract is free.
 import triton
 import triton.language as tl
 
-from .tile import inv_sqrt, tile_offsets
+from .tile import acc_scalar, inv_sqrt, tile_offsets
 
 
 @triton.jit
@@ -25,7 +25,7 @@ def channel_scale(SCALE, W, c, cm, eps, ACC: tl.constexpr, SCALE_IS_VAR: tl.cons
     """rstd * weight per channel, where SCALE holds rstd, or the variance when SCALE_IS_VAR."""
     scale = tl.load(SCALE + c, mask=cm, other=1.0).to(ACC)
     if SCALE_IS_VAR:
-        scale = inv_sqrt(scale + eps)
+        scale = inv_sqrt(scale + acc_scalar(eps, ACC))
     if HAS_W:
         scale = scale * tl.load(W + c, mask=cm, other=0.0).to(ACC)
     return scale
@@ -72,7 +72,7 @@ def normalize_kernel(
     stride_r,
     stride_c,
     num_c_blocks,
-    eps,
+    eps,  # acc-dtype scalar (see tile.acc_scalar)
     ACC: tl.constexpr,
     SCALE_IS_VAR: tl.constexpr,
     HAS_W: tl.constexpr,

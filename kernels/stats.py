@@ -1,30 +1,83 @@
-"""Training statistics: a split (two-stage) reduction of per-channel (count, mean, M2).
+"""Training statistics in one launch: a split reduction of per-channel (count, mean, M2) whose last
+program merges the partials and, when asked, updates the running statistics.
 
-Stage 1 (``stats_partials_kernel``): program (channel block, split) walks its own contiguous range of
-tiles and keeps a running (count, mean, M2) per channel, merging each tile with Chan's formula. The
-tile's own M2 is taken around the tile mean while the tile sits in registers, so no E[x^2] - E[x]^2
-cancellation ever happens. Splitting each channel's values over many programs fills the GPU even
-when C is small.
+Program (channel block, split) walks its own contiguous range of tiles with per-lane Welford
+accumulators (no cross-lane work inside the loop), merges its lanes once, and stores one partial per
+channel. The last program of the channel block to arrive (``last_to_arrive``: an atomic ticket, the
+only atomic) merges the SPLIT partials in a fixed order into mean, rstd (and the biased variance)
+and folds them into running_mean/running_var. Splitting each channel's values over many programs
+fills the GPU even when C is small; no E[x^2] - E[x]^2 cancellation happens anywhere.
 
-Stage 2 (``stats_finalize_kernel``): one program per channel block merges the SPLIT partials in a
-fixed order (bitwise reproducible: no atomics) into mean, rstd and the biased variance.
-
-``running_stats_kernel`` folds the batch statistics into running_mean/running_var with momentum, or
-with the cumulative factor 1 / num_batches_tracked read on the device (never a host sync).
+``running_stats_kernel`` is the same update on its own, for statistics computed elsewhere
+(SyncBatchNorm's global ones).
 """
 
 import triton
 import triton.language as tl
 
-from .tile import chan_merge, inv_sqrt, sum_rs, tile_offsets
+from .tile import (
+    acc_scalar,
+    chan_combine,
+    inv_sqrt,
+    last_to_arrive,
+    merge_lanes,
+    split_range,
+    tile_offsets,
+    welford_lanes,
+)
 
 
 @triton.jit
-def stats_partials_kernel(
+def update_running(
+    RUNNING_MEAN,
+    RUNNING_VAR,
+    NUM_BATCHES,
+    c,
+    cm,
+    mean,
+    var,
+    count,
+    momentum,
+    stride_rm,
+    stride_rv,
+    CUMULATIVE: tl.constexpr,
+    COUNT_BATCH: tl.constexpr,
+):
+    """running <- (1 - f) running + f batch, var unbiased by count / (count - 1), as torch does.
+
+    f = momentum, or 1 / num_batches_tracked (CUMULATIVE: momentum=None) read on the device, where
+    num_batches_tracked counts this batch too (COUNT_BATCH: it is incremented by this launch).
+    Running buffers may be strided views: they are written exactly where torch writes them.
+    """
+    ACC = mean.dtype
+    if CUMULATIVE:
+        batches = tl.load(NUM_BATCHES).to(ACC)
+        if COUNT_BATCH:
+            batches = batches + 1.0
+        factor = 1.0 / batches
+    else:
+        factor = momentum
+    count = tl.zeros([], ACC) + count  # a tensor or a constant int
+    unbiased = var * (count / (count - 1.0))
+    RM = RUNNING_MEAN + c.to(tl.int64) * stride_rm
+    RV = RUNNING_VAR + c.to(tl.int64) * stride_rv
+    rm = tl.load(RM, mask=cm).to(ACC)
+    rv = tl.load(RV, mask=cm).to(ACC)
+    tl.store(RM, ((1.0 - factor) * rm + factor * mean).to(RUNNING_MEAN.dtype.element_ty), mask=cm)
+    tl.store(RV, ((1.0 - factor) * rv + factor * unbiased).to(RUNNING_VAR.dtype.element_ty), mask=cm)
+
+
+@triton.jit
+def stats_kernel(
     X,  # input, viewed as (R, C, S)
-    PART_COUNT,  # [SPLIT, C] acc dtype: values seen by each split
-    PART_MEAN,  # [SPLIT, C] acc dtype
-    PART_M2,  # [SPLIT, C] acc dtype: sum of squared deviations from PART_MEAN
+    PART,  # [3, SPLIT, C] acc dtype workspace: count, mean, M2 of each split
+    COUNTER,  # int32 [num_c_blocks + 1], zero between launches: the tickets
+    MEAN,  # [C] out, acc dtype
+    RSTD,  # [C] out: 1 / sqrt(var + eps)
+    VAR,  # [C] out: biased batch variance (stored when HAS_VAR)
+    RUNNING_MEAN,  # [C] updated in place when HAS_RUNNING (strided, any float dtype)
+    RUNNING_VAR,
+    NUM_BATCHES,  # int64 scalar tensor: read when CUMULATIVE, incremented when COUNT_BATCH
     R,
     C,
     S,
@@ -32,97 +85,118 @@ def stats_partials_kernel(
     stride_c,
     num_tiles,  # tiles of the (R, S) plane
     num_splits,  # programs sharing one channel block's tiles (grid axis 1)
+    eps,  # acc-dtype scalars (see tile.acc_scalar)
+    momentum,
+    stride_rm,
+    stride_rv,
+    ACC: tl.constexpr,
     BLOCK_R: tl.constexpr,
     BLOCK_C: tl.constexpr,
     BLOCK_S: tl.constexpr,
+    BLOCK_P: tl.constexpr,  # partials merged per step by the last program
     CHANNELS_CONTIG: tl.constexpr,
     S_DIV: tl.constexpr,
+    HAS_VAR: tl.constexpr = False,
+    HAS_RUNNING: tl.constexpr = False,
+    CUMULATIVE: tl.constexpr = False,
+    COUNT_BATCH: tl.constexpr = False,
 ):
     pid_c = tl.program_id(0)
     split = tl.program_id(1)
-    ACC = PART_MEAN.dtype.element_ty
-    n_acc = tl.zeros([BLOCK_C], ACC)
-    mean_acc = tl.zeros([BLOCK_C], ACC)
-    m2_acc = tl.zeros([BLOCK_C], ACC)
-    # Split k takes tiles [k*T/P, (k+1)*T/P): every split gets floor or ceil of T/P tiles, so the
-    # programs finish together (int64: k*T may pass 2**31).
-    first = (split.to(tl.int64) * num_tiles) // num_splits
-    last = ((split.to(tl.int64) + 1) * num_tiles) // num_splits
+    n = tl.zeros([BLOCK_R, 1, BLOCK_S], ACC)
+    mean = tl.zeros([BLOCK_R, BLOCK_C, BLOCK_S], ACC)
+    m2 = tl.zeros([BLOCK_R, BLOCK_C, BLOCK_S], ACC)
+    first, last = split_range(split, num_tiles, num_splits)
     for tile in range(first, last):
-        offs, mask, c, count = tile_offsets(
+        offs, mask, _, lanes = tile_offsets(
             tile, pid_c, R, C, S, stride_r, stride_c, BLOCK_R, BLOCK_C, BLOCK_S, CHANNELS_CONTIG, S_DIV
         )
         x = tl.load(X + offs, mask=mask, other=0.0).to(ACC)
-        n_tile = count.to(ACC)
-        mean_tile = sum_rs(x) / n_tile
-        dev = tl.where(mask, x - mean_tile[None, :, None], 0.0)
-        m2_tile = sum_rs(dev * dev)
-        n_acc, mean_acc, m2_acc = chan_merge(n_acc, mean_acc, m2_acc, n_tile, mean_tile, m2_tile)
+        n, mean, m2 = welford_lanes(n, mean, m2, x, lanes)
+    n_s, mean_s, m2_s = merge_lanes(n, mean, m2)
     c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
-    out = split * C + c
-    tl.store(PART_COUNT + out, n_acc, mask=c < C)
-    tl.store(PART_MEAN + out, mean_acc, mask=c < C)
-    tl.store(PART_M2 + out, m2_acc, mask=c < C)
-
-
-@triton.jit
-def stats_finalize_kernel(
-    PART_COUNT,
-    PART_MEAN,
-    PART_M2,
-    MEAN,  # [C] out, acc dtype
-    RSTD,  # [C] out: 1 / sqrt(var + eps)
-    VAR,  # [C] out: biased batch variance
-    C,
-    num_splits,
-    eps,
-    BLOCK_C: tl.constexpr,
-):
-    c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     cm = c < C
-    ACC = MEAN.dtype.element_ty
-    n = tl.zeros([BLOCK_C], ACC)
-    mean = tl.zeros([BLOCK_C], ACC)
-    m2 = tl.zeros([BLOCK_C], ACC)
-    for split in range(0, num_splits):  # fixed order: bitwise reproducible
-        idx = split * C + c
-        n_b = tl.load(PART_COUNT + idx, mask=cm, other=0.0)
-        mean_b = tl.load(PART_MEAN + idx, mask=cm, other=0.0)
-        m2_b = tl.load(PART_M2 + idx, mask=cm, other=0.0)
-        n, mean, m2 = chan_merge(n, mean, m2, n_b, mean_b, m2_b)
-    var = m2 / tl.where(n > 0, n, 1.0)
-    rstd = inv_sqrt(var + eps)
-    tl.store(MEAN + c, mean, mask=cm)
-    tl.store(RSTD + c, rstd, mask=cm)
-    tl.store(VAR + c, var, mask=cm)
+    plane = num_splits * C
+    out = split * C + c
+    tl.store(PART + out, n_s, mask=cm)
+    tl.store(PART + plane + out, mean_s, mask=cm)
+    tl.store(PART + 2 * plane + out, m2_s, mask=cm)
+
+    if last_to_arrive(COUNTER + pid_c, num_splits):
+        # Merge the partials, BLOCK_P splits at a time (a tree within a step, steps in order).
+        # .cg loads read L2, where the other programs' stores are, never a stale L1 line.
+        n_t = tl.zeros([BLOCK_C], ACC)
+        mean_t = tl.zeros([BLOCK_C], ACC)
+        m2_t = tl.zeros([BLOCK_C], ACC)
+        for p0 in range(0, num_splits, BLOCK_P):
+            p = p0 + tl.arange(0, BLOCK_P)
+            idx = p[:, None] * C + c[None, :]
+            pm = (p[:, None] < num_splits) & cm[None, :]
+            n_b = tl.load(PART + idx, mask=pm, other=0.0, cache_modifier=".cg")
+            mean_b = tl.load(PART + plane + idx, mask=pm, other=0.0, cache_modifier=".cg")
+            m2_b = tl.load(PART + 2 * plane + idx, mask=pm, other=0.0, cache_modifier=".cg")
+            n_b, mean_b, m2_b = tl.reduce((n_b, mean_b, m2_b), 0, chan_combine)
+            n_t, mean_t, m2_t = chan_combine(n_t, mean_t, m2_t, n_b, mean_b, m2_b)
+        var = m2_t / tl.where(n_t > 0, n_t, 1.0)
+        tl.store(MEAN + c, mean_t, mask=cm)
+        tl.store(RSTD + c, inv_sqrt(var + acc_scalar(eps, ACC)), mask=cm)
+        if HAS_VAR:
+            tl.store(VAR + c, var, mask=cm)
+        if HAS_RUNNING:
+            update_running(
+                RUNNING_MEAN,
+                RUNNING_VAR,
+                NUM_BATCHES,
+                c,
+                cm,
+                mean_t,
+                var,
+                n_t,
+                acc_scalar(momentum, ACC),
+                stride_rm,
+                stride_rv,
+                CUMULATIVE,
+                COUNT_BATCH,
+            )
+        if COUNT_BATCH:
+            # num_batches_tracked += 1, once all channel blocks have read it: a second ticket, taken
+            # by the last program of each channel block after its reads.
+            if last_to_arrive(COUNTER + tl.num_programs(0), tl.num_programs(0)):
+                tl.store(NUM_BATCHES, tl.load(NUM_BATCHES) + 1)
 
 
 @triton.jit
 def running_stats_kernel(
-    RUNNING_MEAN,  # [C] updated in place (float32 or the input's dtype)
+    RUNNING_MEAN,  # [C] updated in place (strided, any float dtype)
     RUNNING_VAR,  # [C] updated in place: unbiased variance
-    MEAN,  # [C] batch mean
+    MEAN,  # [C] batch mean (acc dtype)
     VAR,  # [C] biased batch variance
     NUM_BATCHES,  # int64 scalar tensor, read only when CUMULATIVE
     C,
-    momentum,
-    unbias,  # m / (m - 1)
-    CUMULATIVE: tl.constexpr,  # momentum=None: factor = 1 / num_batches_tracked
+    momentum,  # acc-dtype scalar
+    count,  # values per channel behind MEAN and VAR
+    stride_rm,
+    stride_rv,
+    ACC: tl.constexpr,
+    CUMULATIVE: tl.constexpr,
     BLOCK_C: tl.constexpr,
 ):
     c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     cm = c < C
-    if CUMULATIVE:
-        factor = 1.0 / tl.load(NUM_BATCHES).to(tl.float32)
-    else:
-        factor = momentum
-    ACC = MEAN.dtype.element_ty
-    rm = tl.load(RUNNING_MEAN + c, mask=cm).to(ACC)
-    rv = tl.load(RUNNING_VAR + c, mask=cm).to(ACC)
-    mean = tl.load(MEAN + c, mask=cm)
-    var = tl.load(VAR + c, mask=cm) * unbias
-    # Same form as torch: (1 - f) * running + f * batch.
-    rm = (1.0 - factor) * rm + factor * mean
-    rv = (1.0 - factor) * rv + factor * var
-    tl.store(RUNNING_MEAN + c, rm.to(RUNNING_MEAN.dtype.element_ty), mask=cm)
-    tl.store(RUNNING_VAR + c, rv.to(RUNNING_VAR.dtype.element_ty), mask=cm)
+    mean = tl.load(MEAN + c, mask=cm).to(ACC)
+    var = tl.load(VAR + c, mask=cm).to(ACC)
+    update_running(
+        RUNNING_MEAN,
+        RUNNING_VAR,
+        NUM_BATCHES,
+        c,
+        cm,
+        mean,
+        var,
+        count,
+        acc_scalar(momentum, ACC),
+        stride_rm,
+        stride_rv,
+        CUMULATIVE,
+        False,
+    )

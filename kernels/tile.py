@@ -1,4 +1,5 @@
-"""Helpers shared by every kernel: where a tile lives, and how two (count, mean, M2) partials merge."""
+"""Helpers shared by every kernel: where a tile lives, which tiles a split owns, per-lane Welford
+accumulation, the Chan merge of (count, mean, M2) partials, and the scalars of float64 kernels."""
 
 import triton
 import triton.language as tl
@@ -19,11 +20,12 @@ def tile_offsets(
     CHANNELS_CONTIG: tl.constexpr,
     S_DIV: tl.constexpr = 1,
 ):
-    """Offsets, mask and channel indices of one [BLOCK_R, BLOCK_C, BLOCK_S] tile.
+    """Offsets, mask, channel indices and lane mask of one [BLOCK_R, BLOCK_C, BLOCK_S] tile.
 
-    ``tile`` numbers the tiles of the (R, S) plane row-major; ``pid_c`` picks the channel block.
-    Also returns the number of valid (r, s) positions of the tile, the same for each channel.
-    Row offsets are int64: a tensor may hold more than 2**31 elements.
+    ``tile`` numbers the tiles of the (R, S) plane row-major; ``pid_c`` picks the channel block. The
+    lane mask ([BLOCK_R, 1, BLOCK_S]) says which (r, s) positions of the tile hold values; it is the
+    same for every channel. Every offset product is int64: a tensor may hold more than 2**31
+    elements, and so may (C - 1) * stride_c alone.
 
     S_DIV (a power of two dividing S, set by the launcher) lets the compiler prove that each row of
     a channel starts on a multiple of S_DIV elements and that the mask is constant over such runs:
@@ -31,21 +33,75 @@ def tile_offsets(
     only what the compiler can see changes.
     """
     tiles_s = tl.cdiv(S, BLOCK_S)
+    tile = tl.zeros([], tl.int64) + tile  # int64 arithmetic from here (tile may be a plain int)
     tile_r = tile // tiles_s
     tile_s = tile - tile_r * tiles_s
     r = tile_r * BLOCK_R + tl.arange(0, BLOCK_R)
     c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     s = tile_s * BLOCK_S + tl.arange(0, BLOCK_S)
-    r3 = r.to(tl.int64)[:, None, None]
-    c3 = c[None, :, None]
+    r3 = r[:, None, None]
+    c3 = c.to(tl.int64)[None, :, None]
     s3 = s[None, None, :]
     if CHANNELS_CONTIG:
         offs = r3 * stride_r + c3 + s3  # S == 1 here, so s3 == 0
     else:
         offs = r3 * ((stride_r // S_DIV) * S_DIV) + c3 * ((stride_c // S_DIV) * S_DIV) + s3
-    mask = (r3 < R) & (c3 < C) & (s3 < (S // S_DIV) * S_DIV)
-    count = tl.minimum(R - tile_r * BLOCK_R, BLOCK_R) * tl.minimum(S - tile_s * BLOCK_S, BLOCK_S)
-    return offs, mask, c, count
+    lanes = (r3 < R) & (s3 < (S // S_DIV) * S_DIV)
+    mask = lanes & (c3 < C)
+    return offs, mask, c, lanes
+
+
+@triton.jit
+def split_range(split, num_tiles, num_splits):
+    """Tiles [k*T/P, (k+1)*T/P) of split k: every split gets floor or ceil of T/P tiles, so the
+    programs of a reduction finish together (int64: k*T may pass 2**31)."""
+    first = (split.to(tl.int64) * num_tiles) // num_splits
+    last = ((split.to(tl.int64) + 1) * num_tiles) // num_splits
+    return first, last
+
+
+@triton.jit
+def welford_lanes(n, mean, m2, x, lanes):
+    """Add one tile to per-lane (count, mean, M2) accumulators (Welford's update, lane by lane).
+
+    Each lane keeps its own running statistics, so the loop body has no cross-lane reduction and the
+    next tile's load is not held up by one: the lanes are merged once, after the loop. ``n`` is
+    [BLOCK_R, 1, BLOCK_S] (the same for every channel); masked lanes keep their state.
+    """
+    n = n + lanes.to(n.dtype)
+    step = tl.where(lanes, 1.0 / tl.maximum(n, 1.0), 0.0)
+    delta = x - mean
+    mean = mean + delta * step
+    m2 = m2 + tl.where(lanes, delta * (x - mean), 0.0)
+    return n, mean, m2
+
+
+@triton.jit
+def chan_combine(n_a, mean_a, m2_a, n_b, mean_b, m2_b):
+    """Chan et al.'s merge of two (count, mean, M2) partials (a ``tl.reduce`` combine function).
+
+    An empty side contributes nothing, exactly: with n_a = 0 the general formula would compute
+    delta^2 * 0, which is NaN once |delta| passes ~1.8e19 in fp32 (delta^2 = inf).
+    """
+    n = n_a + n_b
+    safe_n = tl.where(n > 0, n, 1.0)
+    frac_b = n_b / safe_n
+    delta = mean_b - mean_a
+    mean = mean_a + delta * frac_b
+    # delta * (delta * frac_b) * n_a rather than delta^2 * n_a * n_b / n: no overflow of delta^2
+    # when the partial means are far apart but both finite.
+    m2 = m2_a + m2_b + (delta * frac_b) * delta * n_a
+    mean = tl.where(n_a == 0, mean_b, tl.where(n_b == 0, mean_a, mean))
+    m2 = tl.where(n_a == 0, m2_b, tl.where(n_b == 0, m2_a, m2))
+    return n, mean, m2
+
+
+@triton.jit
+def merge_lanes(n, mean, m2):
+    """Merge per-lane accumulators ([BLOCK_R, BLOCK_C, BLOCK_S]) into one partial per channel."""
+    n = n + tl.zeros_like(mean)
+    n, mean, m2 = tl.reduce((n, mean, m2), 2, chan_combine)
+    return tl.reduce((n, mean, m2), 0, chan_combine)
 
 
 @triton.jit
@@ -55,14 +111,31 @@ def sum_rs(v):
 
 
 @triton.jit
-def chan_merge(n_a, mean_a, m2_a, n_b, mean_b, m2_b):
-    """Chan et al.'s parallel merge of two (count, mean, M2) partials; an empty side leaves the other."""
-    n = n_a + n_b
-    safe_n = tl.where(n > 0, n, 1.0)
-    delta = mean_b - mean_a
-    mean = mean_a + delta * (n_b / safe_n)
-    m2 = m2_a + m2_b + delta * delta * (n_a * n_b / safe_n)
-    return n, mean, m2
+def last_to_arrive(COUNTER, num_arrivals):
+    """True in the one program that arrives last at ``COUNTER`` (an int32 ticket), which it resets.
+
+    Each program calls this after storing its partial results. The barrier makes every thread's
+    stores happen before the ticket is taken, and the acq_rel atomic publishes them (release) and
+    lets the last program see everyone's (acquire). Only the ticket is atomic: the partials are then
+    merged by one program in a fixed order, so results stay bitwise reproducible. Resetting the
+    ticket leaves the workspace ready for the next launch without a memset.
+    """
+    tl.debug_barrier()
+    ticket = tl.atomic_add(COUNTER, 1, sem="acq_rel")
+    last = ticket == num_arrivals - 1
+    if last:
+        tl.atomic_xchg(COUNTER, 0, sem="relaxed")
+    return last
+
+
+@triton.jit
+def acc_scalar(value, ACC: tl.constexpr):
+    """A float argument in the accumulation dtype. Triton passes Python floats as fp32, so float64
+    kernels receive theirs as the int64 bit pattern (``launch.scalar``) and reinterpret it here."""
+    if ACC == tl.float64:
+        return value.to(tl.int64).to(tl.float64, bitcast=True)
+    else:
+        return value
 
 
 @triton.jit

@@ -137,8 +137,9 @@ def _check(x, w, b, r, rm, rv, training, activation, device, torch_bn_forbidden)
     rm0, rv0 = rm.clone(), rv.clone()
     dy = make(x.shape, dtype, device, seed=6)
     y, got = _run(x, w, b, r, rm, rv, training, activation, dy)
-    # The add and the ReLU ride in the normalize pass: the forward launches what plain BN launches.
-    expected = {"normalize": 1, "stats": 1, "running_stats": 1} if training else {"normalize": 1}
+    # The add and the ReLU ride in the normalize pass: the forward launches what plain BN launches
+    # (the running statistics are updated inside the statistics launch).
+    expected = {"normalize": 1, "stats": 1} if training else {"normalize": 1}
     assert dict(_run.forward_launches) == expected
     assert y.shape == x.shape and y.dtype == dtype
     if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
@@ -437,54 +438,18 @@ def test_module_functional_agree(training, device):
 # ---------------------------------------------------------------- the op layer
 @pytest.mark.parametrize("training", [True, False])
 def test_opcheck_fused_ops(training, device):
+    """The fused variants of the elementwise and reduction ops (test_compile.py opchecks the plain ones)."""
     x, w, b, r, rm, rv = _inputs((2, 3, 4), "contiguous", torch.float32, device, True)
-    x.requires_grad_()
-    r.requires_grad_()
-    if training:
-        torch.library.opcheck(ops.train_forward, (x, w, b, EPS, r, True))
-        torch.library.opcheck(ops.train_forward, (x, w, b, EPS, None, True))
-    else:
-        torch.library.opcheck(ops.eval_forward, (x, rm, rv, w, b, EPS, r, True))
-    y = bn_triton.batch_norm(x.detach(), rm, rv, w, b, training, activation="relu", residual=r.detach())
+    mean, scale = (x.mean((0, 2)), x.var((0, 2)).add(EPS).rsqrt()) if training else (rm, rv)
+    for res in (r, None):
+        torch.library.opcheck(ops.normalize, (x, mean, scale, w, b, EPS, not training, res, True))
+    y = ops.normalize(x, mean, scale, w, b, EPS, not training, r, True)
     dy = make(x.shape, torch.float32, device, seed=6)
-    mean, scale = (x.detach().mean((0, 2)), x.detach().var((0, 2)).add(EPS).rsqrt()) if training else (rm, rv)
-    torch.library.opcheck(ops.backward_relu, (dy, x.detach(), y, mean, scale, w, b, EPS, training, [True] * 4))
-    # Other masks change only which outputs are empty: schema and fake-tensor checks suffice (the
-    # full opcheck traces through AOT autograd, seconds per call under the interpreter).
-    for y_, mask in ((None, [True, False, True, False]), (y, [False, False, False, True])):
-        torch.library.opcheck(
-            ops.backward_relu,
-            (dy, x.detach(), y_, mean, scale, w, b, EPS, training, mask),
-            test_utils=("test_schema", "test_faketensor"),
-        )
-
-
-# ---------------------------------------------------------------- bench/fused.py
-def test_bench_fused_traffic_model():
-    from bench import fused, traffic
-
-    dims, dtype = (256, 64, 56, 56), torch.bfloat16
-    B = traffic.tensor_bytes(dims, dtype)
-    assert B == 256 * 64 * 56 * 56 * 2
-    factors = {p: fused.model_bytes(p, dims, dtype) // B for p in ("train_fwd", "eval_fwd", "bwd", "fwd_bwd")}
-    assert factors == {"train_fwd": 4, "eval_fwd": 3, "bwd": 7, "fwd_bwd": 11}
-    assert factors["fwd_bwd"] == factors["train_fwd"] + factors["bwd"]
-    with pytest.raises(ValueError, match="unknown pass"):
-        fused.model_bytes("fwd", dims, dtype)
-
-
-def test_bench_fused_smoke(device):
-    """The fused rows' code path (inputs, float64 check, backend detection), untimed, on a tiny case."""
-    from bench import fused, runner, suite
-
-    rows = []
-    settings = runner.Settings(device=torch.device(device), timing=False)
-    cases = suite.make_cases([suite.SMOKE_SHAPE_4D], ["bf16-cl"])
-    fused.run_fused_suite(cases, ["bn_triton", "cudnn"], ["fwd_bwd", "eval_fwd"], settings, rows)
-    assert {(r["impl"], r["pass"]) for r in rows} == {
-        (i, p) for i in ("bn_triton", "cudnn") for p in ("fused_fwd_bwd", "fused_eval_fwd")
-    }
-    for r in rows:
-        assert r["status"] == "checked", r
-    assert all(r["backend"] == "bn_triton" for r in rows if r["impl"] == "bn_triton")
-    assert rows[0]["model_bytes"] == fused.model_bytes("fwd_bwd", suite.SMOKE_SHAPE_4D.dims, torch.bfloat16)
+    # Mask from y (residual) writing g, and recomputed from x (no residual).
+    torch.library.opcheck(ops.grad_sums, (dy, x, mean, scale, w, b, y, EPS, not training, True, True, True, True))
+    torch.library.opcheck(ops.grad_sums, (dy, x, mean, scale, w, b, None, EPS, not training, True, True, True, False))
+    sums = ops.grad_sums(dy, x, mean, scale, w, b, None, EPS, not training, True, False, False, False)[:2]
+    if not training:
+        sums = (None, None)
+    args = (dy, x, mean, scale, w, *sums, b, None, EPS, training, 0, True, True, False)
+    torch.library.opcheck(ops.grad_input, args, test_utils=("test_schema", "test_faketensor"))
