@@ -13,8 +13,8 @@ holds its own bn_triton, with a copy of the repository as the clone:
 * ``pip install -e .``, then both commands from the clone's root.
 
 Both commands are run as a user types them (no TRITON_INTERPRET: without a GPU they turn the
-interpreter on themselves; on a GPU the benchmark gets --smoke, not minutes of timing). They take 10
-to 35 s each on the 2-core CPU machines, so each case runs them once. Also: ``--help`` of both
+interpreter on themselves; on a GPU the benchmark gets --smoke, not minutes of timing). Each takes
+10 to 45 s on the 2-core CPU machines, so each case runs them once. Also: ``--help`` of both
 entry points, the late-TRITON_INTERPRET error and the error for a bn_triton folder without kernels.
 """
 
