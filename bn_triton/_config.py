@@ -72,6 +72,7 @@ class LaunchConfig:
     num_splits: int  # reduction programs per channel block; split k takes tiles [k*T/P, (k+1)*T/P)
     num_warps: int
     block_p: int  # partials merged per step by the last program of a reduction
+    uniform_s: bool  # every tile has the same valid spatial columns: BLOCK_S covers S, or divides it
 
 
 @functools.cache
@@ -101,6 +102,11 @@ def _launch_config(geom: Geometry, tile: int, target_programs: int, max_block_c:
         block_c, block_s = _pow2_at_most(geom.C, max_block_c), 1
     else:
         block_c, block_s = 1, _pow2_at_most(geom.S, max_block_s)
+        # A row longer than a tile: prefer a BLOCK_S that divides S (3136 = 64 * 49, 12544 = 256 * 49),
+        # so that every tile is whole along S and the statistics count per row, not per element.
+        divisor = min(geom.S & -geom.S, max_block_s)
+        if geom.S > max_block_s and divisor >= 64:
+            block_s = divisor
     block_r = _pow2_at_most(geom.R, max(tile // (block_c * block_s), 1))
     num_c_blocks = _cdiv(geom.C, block_c)
     num_tiles = _cdiv(geom.R, block_r) * _cdiv(geom.S, block_s)
@@ -111,4 +117,7 @@ def _launch_config(geom: Geometry, tile: int, target_programs: int, max_block_c:
     s_div = min(geom.S & -geom.S, 16)
     num_warps = 8 if block_r * block_c * block_s >= 2048 else 4
     block_p = _pow2_at_most(num_splits, max(MERGE_ELEMS // block_c, 1))
-    return LaunchConfig(block_r, block_c, block_s, s_div, num_c_blocks, num_tiles, num_splits, num_warps, block_p)
+    uniform_s = geom.S <= block_s or geom.S % block_s == 0
+    return LaunchConfig(
+        block_r, block_c, block_s, s_div, num_c_blocks, num_tiles, num_splits, num_warps, block_p, uniform_s
+    )

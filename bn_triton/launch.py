@@ -13,11 +13,16 @@ import struct
 
 import torch
 
-from bn_triton import kernels
+from bn_triton import _launcher, kernels
 from bn_triton._config import RUNNING_BLOCK_C, Geometry, LaunchConfig, launch_config
 
 # Kernel launches by name, so tests can prove that our kernels (not torch's batch_norm) ran.
 LAUNCHES: collections.Counter = collections.Counter()
+
+
+def _run(fn, grid, *args, **kwargs):
+    """fn[grid](*args, **kwargs), with less host time on a GPU (bn_triton/_launcher.py)."""
+    _launcher.launch(fn, grid, args, kwargs)
 
 
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -156,7 +161,9 @@ def batch_stats(
     var = torch.empty((C,), dtype=acc, device=x.device) if want_var else None
     has_running = running_mean is not None
     cumulative = has_running and momentum is None
-    kernels.stats_kernel[(cfg.num_c_blocks, cfg.num_splits)](
+    _run(
+        kernels.stats_kernel,
+        (cfg.num_c_blocks, cfg.num_splits),
         x,
         parts,
         _tickets(x.device, cfg.num_c_blocks + 1),
@@ -175,6 +182,7 @@ def batch_stats(
         running_var.stride(0) if has_running else 0,
         ACC=_tl_acc(acc),
         BLOCK_P=cfg.block_p,
+        UNIFORM_S=cfg.uniform_s,
         HAS_VAR=want_var,
         HAS_RUNNING=has_running,
         CUMULATIVE=cumulative,
@@ -193,7 +201,9 @@ def normalize(x, geom, mean, scale, weight, bias, eps, *, scale_is_var, residual
     """
     cfg = launch_config(geom, x.device)
     y = torch.empty_like(x)
-    kernels.normalize_kernel[(cfg.num_tiles * cfg.num_c_blocks,)](
+    _run(
+        kernels.normalize_kernel,
+        (cfg.num_tiles * cfg.num_c_blocks,),
         x,
         y,
         _vec(mean),
@@ -223,7 +233,9 @@ def update_running_stats(running_mean, running_var, mean, var, *, momentum, coun
     """
     C = running_mean.numel()
     acc = mean.dtype
-    kernels.running_stats_kernel[((C + RUNNING_BLOCK_C - 1) // RUNNING_BLOCK_C,)](
+    _run(
+        kernels.running_stats_kernel,
+        ((C + RUNNING_BLOCK_C - 1) // RUNNING_BLOCK_C,),
         running_mean,
         running_var,
         mean,
@@ -271,7 +283,9 @@ def grad_sums(
     parts = torch.empty((2 * cfg.num_splits * C,), dtype=acc, device=x.device)
     sum_dy = torch.empty((C,), dtype=acc, device=x.device)
     sum_dy_xhat = torch.empty((C,), dtype=acc, device=x.device)
-    kernels.grad_sums_kernel[(cfg.num_c_blocks, cfg.num_splits)](
+    _run(
+        kernels.grad_sums_kernel,
+        (cfg.num_c_blocks, cfg.num_splits),
         dy,
         x,
         _vec(mean),
@@ -337,7 +351,9 @@ def grad_input(
     cfg = launch_config(geom, x.device)
     dx = torch.empty_like(x) if want_dx else None
     recompute = relu and y is None
-    kernels.grad_input_kernel[(cfg.num_tiles * cfg.num_c_blocks,)](
+    _run(
+        kernels.grad_input_kernel,
+        (cfg.num_tiles * cfg.num_c_blocks,),
         dy,
         x,
         dx,

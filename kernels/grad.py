@@ -109,7 +109,7 @@ def grad_sums_kernel(
     acc_dy_xhat = tl.zeros([BLOCK_R, BLOCK_C, BLOCK_S], ACC)
     first, last = split_range(split, num_tiles, num_splits)
     for tile in range(first, last):
-        offs, mask, _, _ = tile_offsets(
+        offs, mask, _, _, _ = tile_offsets(
             tile, pid_c, R, C, S, stride_r, stride_c, BLOCK_R, BLOCK_C, BLOCK_S, CHANNELS_CONTIG, S_DIV
         )
         dy = tl.load(DY + offs, mask=mask, other=0.0).to(ACC)
@@ -183,7 +183,7 @@ def grad_input_kernel(
     pid = tl.program_id(0)
     pid_c = pid % num_c_blocks
     tile = pid // num_c_blocks
-    offs, mask, c, _ = tile_offsets(
+    offs, mask, c, _, _ = tile_offsets(
         tile, pid_c, R, C, S, stride_r, stride_c, BLOCK_R, BLOCK_C, BLOCK_S, CHANNELS_CONTIG, S_DIV
     )
     cm = c < C

@@ -89,7 +89,7 @@ def normalize_kernel(
     pid = tl.program_id(0)
     pid_c = pid % num_c_blocks
     tile = pid // num_c_blocks
-    offs, mask, c, _ = tile_offsets(
+    offs, mask, c, _, _ = tile_offsets(
         tile, pid_c, R, C, S, stride_r, stride_c, BLOCK_R, BLOCK_C, BLOCK_S, CHANNELS_CONTIG, S_DIV
     )
     cm = c < C

@@ -96,6 +96,7 @@ def stats_kernel(
     BLOCK_P: tl.constexpr,  # partials merged per step by the last program
     CHANNELS_CONTIG: tl.constexpr,
     S_DIV: tl.constexpr,
+    UNIFORM_S: tl.constexpr,  # every tile has the same valid spatial columns (see _config.launch_config)
     HAS_VAR: tl.constexpr = False,
     HAS_RUNNING: tl.constexpr = False,
     CUMULATIVE: tl.constexpr = False,
@@ -103,19 +104,34 @@ def stats_kernel(
 ):
     pid_c = tl.program_id(0)
     split = tl.program_id(1)
-    n = tl.zeros([BLOCK_R, 1, BLOCK_S], ACC)
+    # Per-lane counts: per row when every tile has the same valid spatial columns (UNIFORM_S: the
+    # launcher's BLOCK_S covers S or divides it), else per (row, column).
+    if UNIFORM_S:
+        n = tl.zeros([BLOCK_R, 1, 1], ACC)
+    else:
+        n = tl.zeros([BLOCK_R, 1, BLOCK_S], ACC)
     mean = tl.zeros([BLOCK_R, BLOCK_C, BLOCK_S], ACC)
     m2 = tl.zeros([BLOCK_R, BLOCK_C, BLOCK_S], ACC)
     first, last = split_range(split, num_tiles, num_splits)
     for tile in range(first, last):
-        offs, mask, _, lanes = tile_offsets(
+        offs, mask, _, rows, cols = tile_offsets(
             tile, pid_c, R, C, S, stride_r, stride_c, BLOCK_R, BLOCK_C, BLOCK_S, CHANNELS_CONTIG, S_DIV
         )
         x = tl.load(X + offs, mask=mask, other=0.0).to(ACC)
-        n, mean, m2 = welford_lanes(n, mean, m2, x, lanes)
-    n_s, mean_s, m2_s = merge_lanes(n, mean, m2)
+        if UNIFORM_S:
+            n, mean, m2 = welford_lanes(n, mean, m2, x, rows)
+        else:
+            n, mean, m2 = welford_lanes(n, mean, m2, x, rows & cols)
+    if UNIFORM_S:  # the columns past S never held values: no count there
+        n = n * (tl.arange(0, BLOCK_S) < S).to(ACC)[None, None, :]
     c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     cm = c < C
+    # Each channel's first value: the reference the lane means are merged around.
+    if CHANNELS_CONTIG:
+        ref = tl.load(X + c, mask=cm, other=0.0).to(ACC)
+    else:
+        ref = tl.load(X + c.to(tl.int64) * stride_c, mask=cm, other=0.0).to(ACC)
+    n_s, mean_s, m2_s = merge_lanes(n, mean, m2, ref)
     plane = num_splits * C
     out = split * C + c
     tl.store(PART + out, n_s, mask=cm)

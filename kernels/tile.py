@@ -20,12 +20,12 @@ def tile_offsets(
     CHANNELS_CONTIG: tl.constexpr,
     S_DIV: tl.constexpr = 1,
 ):
-    """Offsets, mask, channel indices and lane mask of one [BLOCK_R, BLOCK_C, BLOCK_S] tile.
+    """Offsets, mask and channel indices of one [BLOCK_R, BLOCK_C, BLOCK_S] tile, and which of its
+    rows ([BLOCK_R, 1, 1]) and spatial columns ([1, 1, BLOCK_S]) hold values.
 
-    ``tile`` numbers the tiles of the (R, S) plane row-major; ``pid_c`` picks the channel block. The
-    lane mask ([BLOCK_R, 1, BLOCK_S]) says which (r, s) positions of the tile hold values; it is the
-    same for every channel. Every offset product is int64: a tensor may hold more than 2**31
-    elements, and so may (C - 1) * stride_c alone.
+    ``tile`` numbers the tiles of the (R, S) plane row-major; ``pid_c`` picks the channel block.
+    Every offset product is int64: a tensor may hold more than 2**31 elements, and so may
+    (C - 1) * stride_c alone.
 
     S_DIV (a power of two dividing S, set by the launcher) lets the compiler prove that each row of
     a channel starts on a multiple of S_DIV elements and that the mask is constant over such runs:
@@ -46,9 +46,10 @@ def tile_offsets(
         offs = r3 * stride_r + c3 + s3  # S == 1 here, so s3 == 0
     else:
         offs = r3 * ((stride_r // S_DIV) * S_DIV) + c3 * ((stride_c // S_DIV) * S_DIV) + s3
-    lanes = (r3 < R) & (s3 < (S // S_DIV) * S_DIV)
-    mask = lanes & (c3 < C)
-    return offs, mask, c, lanes
+    rows = r3 < R
+    cols = s3 < (S // S_DIV) * S_DIV
+    mask = rows & cols & (c3 < C)
+    return offs, mask, c, rows, cols
 
 
 @triton.jit
@@ -65,8 +66,10 @@ def welford_lanes(n, mean, m2, x, lanes):
     """Add one tile to per-lane (count, mean, M2) accumulators (Welford's update, lane by lane).
 
     Each lane keeps its own running statistics, so the loop body has no cross-lane reduction and the
-    next tile's load is not held up by one: the lanes are merged once, after the loop. ``n`` is
-    [BLOCK_R, 1, BLOCK_S] (the same for every channel); masked lanes keep their state.
+    next tile's load is not held up by one: the lanes are merged once, after the loop. ``n`` and
+    ``lanes`` have the shape of the lanes whose counts can differ: [BLOCK_R, 1, 1] when the spatial
+    columns that hold values are the same in every tile (one division per row, not per element), else
+    [BLOCK_R, 1, BLOCK_S]. Lanes outside ``lanes`` keep their state.
     """
     n = n + lanes.to(n.dtype)
     step = tl.where(lanes, 1.0 / tl.maximum(n, 1.0), 0.0)
@@ -74,6 +77,27 @@ def welford_lanes(n, mean, m2, x, lanes):
     mean = mean + delta * step
     m2 = m2 + tl.where(lanes, delta * (x - mean), 0.0)
     return n, mean, m2
+
+
+@triton.jit
+def merge_lanes(n, mean, m2, ref):
+    """Merge per-lane accumulators ([BLOCK_R, BLOCK_C, BLOCK_S], counts broadcastable) into one
+    (count, mean, M2) per channel: mean = ref + sum(w_l mean_l - w_l ref) with w_l = n_l / N, and
+    M2 = sum(M2_l) + sum(n_l (mean_l - mean)^2): the exact parallel formula, in sums.
+
+    ``ref`` ([BLOCK_C]) is one value of each channel: the terms summed are then deviations (no digits
+    lost to a large common offset, a mean of 1e4 with std 1 in fp32), and w_l <= 1 keeps each
+    product within fp32's range even for values of opposite signs near its limits. Empty lanes
+    contribute exactly nothing.
+    """
+    n = n + tl.zeros_like(mean)
+    full = n > 0
+    total = sum_rs(n)
+    w = n * (1.0 / tl.where(total > 0, total, 1.0))[None, :, None]
+    mean_c = ref + sum_rs(tl.where(full, w * mean - w * ref[None, :, None], 0.0))
+    d = mean - mean_c[None, :, None]
+    m2_c = sum_rs(m2) + sum_rs(tl.where(full, n * d * d, 0.0))
+    return total, mean_c, m2_c
 
 
 @triton.jit
@@ -94,14 +118,6 @@ def chan_combine(n_a, mean_a, m2_a, n_b, mean_b, m2_b):
     mean = tl.where(n_a == 0, mean_b, tl.where(n_b == 0, mean_a, mean))
     m2 = tl.where(n_a == 0, m2_b, tl.where(n_b == 0, m2_a, m2))
     return n, mean, m2
-
-
-@triton.jit
-def merge_lanes(n, mean, m2):
-    """Merge per-lane accumulators ([BLOCK_R, BLOCK_C, BLOCK_S]) into one partial per channel."""
-    n = n + tl.zeros_like(mean)
-    n, mean, m2 = tl.reduce((n, mean, m2), 2, chan_combine)
-    return tl.reduce((n, mean, m2), 0, chan_combine)
 
 
 @triton.jit

@@ -248,12 +248,6 @@ def test_huge_channel_mean_stays_finite(case, dtype, device):
             assert_close(y, np64(y_t), dtype, scale=2, what="y vs torch")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="library bug: kernels/tile.py chan_combine computes delta = mean_b - mean_a, which overflows "
-    "for partial means of opposite sign near fp32's max (3e38 - -3e38 = inf): mean, running_mean, "
-    "running_var and y become NaN where torch's y is 0 and its running_mean is finite",
-)
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")
 def test_huge_values_of_opposite_sign_stay_finite(device):
     """[3e38, -3e38] in one channel: the mean (0) is finite, the variance is inf in fp32 as torch's."""
