@@ -296,6 +296,7 @@ class BatchNormFunction(torch.autograd.Function):
         needs = ctx.needs_input_grad
         want_dx, want_dres = needs[0], _want(needs, 3)
         want_dw, want_db = needs[1] and weight is not None, needs[2] and bias is not None
+        wants = (want_dx, want_dw, want_db, want_dres)
         training, relu, eps = ctx.training, ctx.relu, ctx.eps
         if torch.is_grad_enabled() and ctx.sync is None:  # create_graph=True: a differentiable backward
             mask = None
@@ -311,19 +312,7 @@ class BatchNormFunction(torch.autograd.Function):
                 mean_var=None if training else (mean, scale),
                 relu_mask=mask,
             )
-            return (
-                dx if want_dx else None,
-                dw if want_dw else None,
-                db if want_db else None,
-                dz if want_dres else None,
-                None,
-                None,
-                None,
-                None,
-                None,
-                None,
-                None,
-            )
+            return _grads(wants, dx, dw, db, dz)
         dx = dw = db = dz = None
         # With a residual and ReLU, the reduction writes the masked dy g (it is d(residual)), and
         # the dx pass then reads g instead of dy and y.
@@ -408,19 +397,13 @@ class BatchNormFunction(torch.autograd.Function):
             )
         if want_dres and not relu:
             dz = dy
-        return (
-            dx if want_dx else None,
-            dw if want_dw else None,
-            db if want_db else None,
-            dz if want_dres else None,
-            None,
-            None,
-            None,
-            None,
-            None,
-            None,
-            None,
-        )
+        return _grads(wants, dx, dw, db, dz)
+
+
+def _grads(wants, dx, dw, db, dz) -> tuple:
+    """BatchNormFunction.backward's return: the four gradients asked for (else None), then None for
+    mean, scale, eps, training, relu, count and sync."""
+    return tuple(g if w else None for w, g in zip(wants, (dx, dw, db, dz), strict=True)) + (None,) * 7
 
 
 def _relu_keep(x, weight, bias, mean, scale, eps, training):

@@ -1,4 +1,4 @@
-"""Issue 14, items 5 and 6: forward-mode AD, torch.func transforms and double backward.
+"""Forward-mode AD, torch.func transforms and double backward.
 
 The Triton fast path is an autograd.Function with no forward-mode formula, no batching rule and a
 once-differentiable backward. Under transforms and forward AD, bn_triton.batch_norm takes
@@ -65,10 +65,10 @@ def _close(actual, expected, what=""):
 
 
 def _nonzero(t, what):
-    assert t.abs().max() > 1e-3, f"{what} is zero: the silent wrong answer of issue 14"
+    assert t.abs().max() > 1e-3, f"{what} is zero: a silently wrong (zero) answer"
 
 
-# ---------------------------------------------------------------- item 5: forward-mode AD
+# ---------------------------------------------------------------- forward-mode AD
 @pytest.mark.parametrize("fusion", FUSIONS)
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 def test_func_jvp_matches_torch(training, fusion, device):
@@ -136,7 +136,7 @@ def test_forward_ad_half_input_with_float32_params(device):
     torch.testing.assert_close(ty.float(), ty_ref, atol=4e-3, rtol=4e-3)
 
 
-# ---------------------------------------------------------------- item 5: reverse-mode transforms
+# ---------------------------------------------------------------- reverse-mode transforms
 @pytest.mark.parametrize("fusion", FUSIONS)
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 def test_func_grad_matches_torch(training, fusion, device):
@@ -216,7 +216,7 @@ def test_empty_batch_under_jvp_matches_torch(device):
         assert y.shape == ty.shape == x.shape
 
 
-# ---------------------------------------------------------------- item 5: vmap
+# ---------------------------------------------------------------- vmap
 def _module_pair(training, track_running_stats, device):
     ours = bn_triton.BatchNorm2d(3, track_running_stats=track_running_stats).to(device, F64)
     ref = torch.nn.BatchNorm2d(3, track_running_stats=track_running_stats).to(device, F64)
@@ -282,7 +282,7 @@ def test_vmap_with_batched_running_stats_matches_torch(device):
     _close(stats[0][1], stats[1][1], "running_var")
 
 
-# ---------------------------------------------------------------- item 5: the composite path is only taken when needed
+# ---------------------------------------------------------------- the composite path is only taken when needed
 def test_needed_only_under_transforms_and_forward_ad(device):
     x, w, b, _ = _inputs(device)
     w.requires_grad_()
@@ -323,7 +323,7 @@ def test_composite_matches_fast_path_and_torch(training, device):
         _close(fast, expected, what + " (fast path)")
 
 
-# ---------------------------------------------------------------- item 6: double backward
+# ---------------------------------------------------------------- double backward
 CASES = [
     pytest.param(training, affine, fusion, id=f"{'train' if training else 'eval'}-{affine}-{fusion}")
     for training in (True, False)
@@ -441,7 +441,7 @@ def test_gradient_penalty_matches_torch(training, fusion, device):
 
     expected = _penalty_grads(_torch_first_order(x, w, b, r, training, activation, rm, rv), x, w, b, dy)
     _check_penalty(_penalty_grads(ours_first, x, w, b, dy), expected)
-    _nonzero(expected[1], "torch's d(penalty)/dweight")  # the gradient issue 14 saw come back as None
+    _nonzero(expected[1], "torch's d(penalty)/dweight")  # a gradient that once came back as None
 
 
 @pytest.mark.parametrize("fusion", ["plain", "add_relu"])
@@ -459,7 +459,7 @@ def test_gradient_penalty_backward_graph_matches_torch(training, fusion, device)
 
 
 def test_gradient_penalty_without_allow_unused_like_torch(device):
-    """(wired) Where torch's graph reaches every input, no error (issue 14: a misleading one)."""
+    """(wired) Where torch's graph reaches every input, no error (not a misleading one)."""
     x, w, b, _ = _gg_inputs(device, "affine", False)
     dy = torch.randn_like(x)
     results = []

@@ -1,14 +1,14 @@
 """CUDA only: what only a real GPU shows. Skipped without CUDA; bench/gpu_check.sh runs them.
 
-* Inputs past 2**31 elements, in both layouts (issue 14, item 2: a contiguous (1, 3, 2**30) bf16
+* Inputs past 2**31 elements, in both layouts (a contiguous (1, 3, 2**30) bf16
   training forward crashed with an illegal memory access, its channel offset computed in int32):
   training forward, running stats, backward and eval forward, checked against a float64 reference
   computed chunk by chunk (per-channel sums on the GPU, never a float64 copy of the whole tensor),
   then y and dx spot-checked on slices: the first and last elements of every channel and the
   elements around flat offset 2**31.
-* float64 on the GPU (issue 14, item 3): running stats and dx to 1e-12, which fp32 scalars (1/m,
+* float64 on the GPU: running stats and dx to 1e-12, which fp32 scalars (1/m,
   momentum, eps, m/(m-1)) passed to a float64 kernel cannot reach.
-* Launch counts from the profiler (issue 12, item 2): a training forward with running stats is at
+* Launch counts from the profiler: a training forward with running stats is at
   most 2 kernels, a backward at most 2, an eval forward 1, and every kernel on the path is ours (no
   torch fill, copy or elementwise kernel) when the input is contiguous or channels_last.
 
@@ -142,7 +142,7 @@ def _make_large(shape, memory_format, device):
 
 
 LARGE = {
-    # issue 14's crash: contiguous, (C - 1) * spatial = 2**31
+    # int32 channel offsets crashed here: contiguous, (C - 1) * spatial = 2**31
     "ncl_contiguous_3x2^30": ((1, 3, 2**30), None),
     # channels_last past 2**31 elements: row offsets r * C pass 2**31
     "nchw_channels_last_33x64x1024x1024": ((33, 64, 1024, 1024), torch.channels_last),

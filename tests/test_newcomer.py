@@ -1,4 +1,4 @@
-"""A newcomer's path, as the README gives it: clone, install, run the two commands (issue 15).
+"""A newcomer's path, as the README gives it: clone, install, run the two commands.
 
 Each case runs in a fresh venv that sees this interpreter's torch and triton (tests/installs.py) and
 holds its own bn_triton, with a copy of the repository as the clone:

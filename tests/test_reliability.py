@@ -1,5 +1,6 @@
-"""Reliability promises (issue 14, items 1, 3, 4, 7-10) and issue 12's CPU proofs (launch counts, no
-torch kernels on the path, a bitwise-reproducible last-program finalize).
+"""Reliability promises (per-channel views, float64 precision, huge values, argument checks) and the
+CPU proofs of the launch plan (launch counts, no torch kernels on the path, a bitwise-reproducible
+last-program finalize).
 
 Each test failed on d78ce61, the state before these fixes, except the ones whose docstring says
 "guard": those pin down behaviour that must not change while the others were fixed. Where torch's
@@ -38,7 +39,7 @@ def _torch_error(fn):
     return info.value
 
 
-# ---------------------------------------------------------------- item 1: non-contiguous per-channel tensors
+# ---------------------------------------------------------------- non-contiguous per-channel tensors
 def _view(base: torch.Tensor, kind: str) -> torch.Tensor:
     """A 3-element view of ``base`` that is not contiguous: a column of a (3, 2) matrix, every other
     element, or one element expanded (stride 0). ``base`` has 6 elements."""
@@ -111,7 +112,7 @@ def test_expanded_running_stats_stay_inside_the_view(device):
     assert torch.isfinite(rv_base[1]) and rv_base[1] > 0 and rv_base[1] != 3.0
 
 
-# ---------------------------------------------------------------- item 3: float64 keeps float64 digits
+# ---------------------------------------------------------------- float64 keeps float64 digits
 F64_EXACT = dict(rtol=1e-13, atol=0.0)
 
 
@@ -210,7 +211,7 @@ def test_float64_kernels_get_no_fp32_rounded_floats(device, monkeypatch):
     assert not rounded, f"floats that fp32 rounds, by kernel: {sorted(rounded)}"
 
 
-# ---------------------------------------------------------------- item 4: huge channel means stay finite
+# ---------------------------------------------------------------- huge channel means stay finite
 def _huge(case: str, dtype: torch.dtype) -> torch.Tensor:
     gen = torch.Generator().manual_seed(122)
     if case == "constant_1e30":  # the issue's example: delta^2 * 0 = inf * 0 in the Chan merge
@@ -386,7 +387,7 @@ def test_eps_as_a_0d_tensor(training, device):
     assert_close(rv, np64(rv_t), torch.float32, what="running_var")
 
 
-# ---------------------------------------------------------------- issue 12: launches, no torch kernels
+# ---------------------------------------------------------------- launches, no torch kernels
 MODULE_CASES = [
     (bn_triton.BatchNorm1d, (6, 3), None),
     (bn_triton.BatchNorm1d, (4, 3, 5), None),
