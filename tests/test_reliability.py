@@ -273,7 +273,7 @@ def test_huge_values_of_opposite_sign_stay_finite(device):
     assert torch.equal(y, y_t) and torch.equal(rm, rm_t) and torch.equal(rv, rv_t)
 
 
-# ---------------------------------------------------------------- items 7, 8: arguments torch checks
+# ---------------------------------------------------------------- arguments torch checks
 EPS_CASES = [(True, 0.0), (True, -1.0), (False, -1e-3)]
 
 
@@ -361,7 +361,7 @@ def test_module_momentum_none_is_the_cumulative_average(device):
         assert ours.num_batches_tracked.item() == ref.num_batches_tracked.item() == step + 1
 
 
-# ---------------------------------------------------------------- items 9, 10
+# ---------------------------------------------------------------- zero channels, a 0-d eps
 @pytest.mark.parametrize("with_running", [True, False], ids=["running", "no_running"])
 @pytest.mark.parametrize("shape", [(2, 0, 3), (2, 0)])
 def test_zero_channels_in_training(shape, with_running, device):
