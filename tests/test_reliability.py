@@ -544,7 +544,8 @@ def many_splits(monkeypatch):
 
 
 def _tickets_at_zero():
-    return all(int(t.count_nonzero()) == 0 for t in launch._TICKETS.values())
+    # Tickets of devices that hold data (another test may have run the launchers on meta tensors).
+    return all(int(t.count_nonzero()) == 0 for t in launch._TICKETS.values() if t.device.type != "meta")
 
 
 @pytest.mark.parametrize("fmt", [None, torch.channels_last], ids=["NCHW", "channels_last"])
