@@ -11,7 +11,20 @@ Run ``python -m bench`` (see __main__.py). Modules, one job each:
   e2e.py          training steps of a whole model (``python -m bench --model resnet50``)
   overhead.py     host cost per call of the public API, kernels stubbed or not
   inspect_sass.py sm_90 SASS of every kernel launch, compiled without a GPU
-  gpu_check.sh    one call on a GPU machine: versions, the test suite on the GPU, the quick bench
+  gpu_check.sh    one call on a GPU machine: versions, the test suite on the GPU, e2e, suite v1,
+                  the comparison with torch.compile
 
 Nothing here imports bn_triton at import time: on CPU, TRITON_INTERPRET must be set first.
 """
+
+
+def start_smoke(cuda: bool, smoke: bool, no_gpu_lines: tuple, smoke_line: str) -> None:
+    """Say why no times follow. Without a GPU also switch Triton's interpreter on: before bn_triton's
+    kernels are imported, since @triton.jit reads TRITON_INTERPRET when it decorates them."""
+    import os
+
+    if not cuda:
+        print("\n".join(no_gpu_lines))
+        os.environ["TRITON_INTERPRET"] = "1"
+    elif smoke:
+        print(smoke_line)

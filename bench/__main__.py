@@ -15,6 +15,8 @@ import signal
 import sys
 import time
 
+from bench import start_smoke
+
 
 def parse_args(argv):
     from bench import impls, suite
@@ -96,13 +98,15 @@ def main(argv=None) -> int:
         from bench import e2e
 
         return e2e.main(["--model", args.model] + (["--out", args.out] if args.out else []) + ["--smoke"] * smoke)
-    if not cuda:
-        print("No CUDA GPU: timings need a CUDA GPU. Running the smoke instead: the same checks on tiny inputs")
-        print("in Triton's interpreter (correctness and backend detection only; no times are reported).")
-        # Must be set before bn_triton's kernels are imported (@triton.jit reads it then).
-        os.environ["TRITON_INTERPRET"] = "1"
-    elif smoke:
-        print("--smoke: tiny inputs, correctness and backend detection only; no times are reported.")
+    start_smoke(
+        cuda,
+        smoke,
+        (
+            "No CUDA GPU: timings need a CUDA GPU. Running the smoke instead: the same checks on tiny inputs",
+            "in Triton's interpreter (correctness and backend detection only; no times are reported).",
+        ),
+        "--smoke: tiny inputs, correctness and backend detection only; no times are reported.",
+    )
 
     from bench import impls, report, runner, suite
 

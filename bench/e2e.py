@@ -41,6 +41,8 @@ import statistics
 import sys
 import time
 
+from bench import start_smoke
+
 COLUMNS = ("model", "config", "variant", "batch", "step_ms")
 VARIANTS = ("torch", "bn_triton", "torch_compile", "bn_triton_compile")
 TINY = "tinynet"
@@ -335,13 +337,15 @@ def main(argv=None) -> int:
     cuda = torch.cuda.is_available()
     smoke = args.smoke or not cuda
     model_name = args.model or (TINY if smoke else "resnet50")
-    if not cuda:
-        print("No CUDA GPU: running the end-to-end smoke on CPU under Triton's interpreter instead")
-        print("(the code path and the losses only; no time is meaningful, step_ms is left empty).")
-        # Must be set before bn_triton's kernels are imported (@triton.jit reads it then).
-        os.environ["TRITON_INTERPRET"] = "1"
-    elif smoke:
-        print("--smoke: the code path and the losses only; no time is reported.")
+    start_smoke(
+        cuda,
+        smoke,
+        (
+            "No CUDA GPU: running the end-to-end smoke on CPU under Triton's interpreter instead",
+            "(the code path and the losses only; no time is meaningful, step_ms is left empty).",
+        ),
+        "--smoke: the code path and the losses only; no time is reported.",
+    )
 
     torch.manual_seed(args.seed)  # the initial weights, shared by every variant
     try:

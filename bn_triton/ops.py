@@ -336,45 +336,25 @@ class BatchNormFunction(torch.autograd.Function):
             )
             if ctx.sync is not None:
                 ctx.sync(sum_dy, sum_dy_xhat)
-            if want_dx:
-                if store_g:
-                    dx, _ = step(
-                        "grad_input",
-                        g,
-                        x,
-                        mean,
-                        scale,
-                        weight,
-                        sum_dy,
-                        sum_dy_xhat,
-                        bias,
-                        None,
-                        eps,
-                        training,
-                        ctx.count,
-                        False,
-                        True,
-                        False,
-                    )
-                else:
-                    dx, _ = step(
-                        "grad_input",
-                        dy,
-                        x,
-                        mean,
-                        scale,
-                        weight,
-                        sum_dy,
-                        sum_dy_xhat,
-                        bias,
-                        y,
-                        eps,
-                        training,
-                        ctx.count,
-                        relu,
-                        True,
-                        False,
-                    )
+            if want_dx:  # from g (already masked) when the reduction wrote it, else from dy and the mask
+                dx, _ = step(
+                    "grad_input",
+                    g if store_g else dy,
+                    x,
+                    mean,
+                    scale,
+                    weight,
+                    sum_dy,
+                    sum_dy_xhat,
+                    bias,
+                    None if store_g else y,
+                    eps,
+                    training,
+                    ctx.count,
+                    relu and not store_g,
+                    True,
+                    False,
+                )
             dz = g if store_g else None
         elif want_dx or (relu and want_dres):  # eval, elementwise only: dx and/or d(residual)
             dx, dz = step(
