@@ -45,34 +45,14 @@ class TritonBatchNormMixin:
         use_running = not self.training or self.track_running_stats
         running_mean = self.running_mean if use_running else None
         running_var = self.running_var if use_running else None
-        functional.check_inputs(
-            input,
-            running_mean,
-            running_var,
-            self.weight,
-            self.bias,
-            bn_training,
-            activation=self.activation,
-            residual=residual,
-            eps=self.eps,
-        )
+        args = (input, running_mean, running_var, self.weight, self.bias, bn_training)
+        fused = dict(activation=self.activation, residual=residual)
+        functional.check_inputs(*args, **fused, eps=self.eps)
         # Counted by our statistics kernel, on the device, in the same launch (torch: an add_).
         num_batches = None
         if self.training and self.track_running_stats and self.num_batches_tracked is not None:
             num_batches = self.num_batches_tracked
-        return functional._batch_norm(
-            input,
-            running_mean,
-            running_var,
-            self.weight,
-            self.bias,
-            bn_training,
-            self.momentum,
-            self.eps,
-            num_batches,
-            activation=self.activation,
-            residual=residual,
-        )
+        return functional._batch_norm(*args, self.momentum, self.eps, num_batches, **fused)
 
 
 class BatchNorm1d(TritonBatchNormMixin, torch.nn.BatchNorm1d):
