@@ -33,10 +33,13 @@ MAX_BLOCK_C = 128
 MAX_BLOCK_S = 1024
 # Reduction programs per SM: the grid aims at one wave of resident programs (a second, nearly empty
 # wave would cost a whole program's time). Compiled for sm_90 (triton 3.8, bench/inspect_sass.py),
-# the fp16/bf16 reductions take 71-80 registers: 3 programs of 8 warps fit per SM (fp32: 4-5), so
-# 3 keeps every dtype inside one wave; 24 warps per SM still keep enough loads in flight. The
-# partials stay tiny ([SPLIT, C] floats). The interpreter gets few programs, but more
-# than one split for small C so that the partial merge runs on CPU too.
+# the statistics kernel takes 80 registers for channels_last and 2-D inputs in fp16/bf16 and for
+# large NCHW maps in fp32: 3 programs of 8 warps fit per SM. Where per-row counts meet small maps
+# or long split rows (fp32 NCHW 64@56, 7x7; fp32 2-D) it takes 96-104: 2 fit, and a grid of 3 per
+# SM runs in ~1.5 waves there (inspect_sass lists them as warnings). 3 is kept for the others' loads
+# in flight; measured on an H200 the statistics pass still beats torch's on 64@56 fp32 (device time,
+# bench/results). The partials stay tiny ([SPLIT, C] floats). The interpreter gets few programs,
+# but more than one split for small C so that the partial merge runs on CPU too.
 PROGRAMS_PER_SM = 3
 INTERPRETER_PROGRAMS = 8
 # The last program of a reduction merges its channel block's [SPLIT, BLOCK_C] partials in steps of
