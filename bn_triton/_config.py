@@ -37,7 +37,7 @@ MAX_BLOCK_S = 1024
 # large NCHW maps in fp32: 3 programs of 8 warps fit per SM. Where per-row counts meet small maps
 # or long split rows (fp32 NCHW 64@56, 7x7; fp32 2-D) it takes 96-104: 2 fit, and a grid of 3 per
 # SM runs in ~1.5 waves there (inspect_sass lists them as warnings). 3 is kept for the others' loads
-# in flight; measured on an H200 the statistics pass still beats torch's on 64@56 fp32 (device time,
+# in flight; measured on an H200 the training forward still beats torch's on 64@56 fp32 (device time,
 # bench/results). The partials stay tiny ([SPLIT, C] floats). The interpreter gets few programs,
 # but more than one split for small C so that the partial merge runs on CPU too.
 PROGRAMS_PER_SM = 3
