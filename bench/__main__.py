@@ -15,11 +15,11 @@ import signal
 import sys
 import time
 
-from bench import start_smoke
+from . import start_smoke
 
 
 def parse_args(argv):
-    from bench import impls, suite
+    from . import impls, suite
 
     p = argparse.ArgumentParser(
         prog="python -m bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -43,7 +43,9 @@ def parse_args(argv):
     p.add_argument("--passes", help=f"comma-separated from {', '.join(suite.PASSES)} (default all)")
     p.add_argument("--impls", help=f"comma-separated from {', '.join(impls.IMPLS)} (default all)")
     p.add_argument(
-        "--out", help="output folder (default bench/results/<gpu-name>-<date>/ on a GPU; none for the smoke)"
+        "--out",
+        help="output folder (default on a GPU: bench/results/<gpu-name>-<date>/ in a clone, "
+        "./bn_triton-results/<gpu-name>-<date>/ from an installed wheel; none for the smoke)",
     )
     p.add_argument(
         "--budget-s", type=float, help="start no new case after this many seconds; the rest is recorded as skipped"
@@ -62,8 +64,13 @@ def _slug(text: str) -> str:
 
 
 def default_out_dir(name: str) -> str:
+    """bench/results/<gpu>-<date>/ in a clone; ./bn_triton-results/<gpu>-<date>/ when the bench runs
+    from an installed wheel (as bn_triton.bench: no results folder beside it to write into)."""
     date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d")
-    return os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", f"{_slug(name)}-{date}")
+    here = os.path.dirname(os.path.abspath(__file__))
+    in_clone = os.path.isfile(os.path.join(here, "..", "pyproject.toml"))
+    base = os.path.join(here, "results") if in_clone else os.path.join(os.getcwd(), "bn_triton-results")
+    return os.path.join(base, f"{_slug(name)}-{date}")
 
 
 class Progress:
@@ -95,7 +102,7 @@ def main(argv=None) -> int:
     cuda = torch.cuda.is_available()
     smoke = args.smoke or not cuda
     if args.model:
-        from bench import e2e
+        from . import e2e
 
         return e2e.main(["--model", args.model] + (["--out", args.out] if args.out else []) + ["--smoke"] * smoke)
     start_smoke(
@@ -108,7 +115,7 @@ def main(argv=None) -> int:
         "--smoke: tiny inputs, correctness and backend detection only; no times are reported.",
     )
 
-    from bench import impls, report, runner, suite
+    from . import impls, report, runner, suite
 
     try:
         impl_names = suite.parse_list(args.impls, impls.IMPLS, "implementation") if args.impls else list(impls.IMPLS)

@@ -41,7 +41,7 @@ import statistics
 import sys
 import time
 
-from bench import start_smoke
+from . import start_smoke
 
 COLUMNS = ("model", "config", "variant", "batch", "step_ms")
 VARIANTS = ("torch", "bn_triton", "torch_compile", "bn_triton_compile")

@@ -24,10 +24,10 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from bench import impls as impls_mod
-from bench import traffic
-from bench.report import CSV_COLUMNS
-from bench.suite import PLAIN, Case, Workload
+from . import impls as impls_mod
+from . import traffic
+from .report import CSV_COLUMNS
+from .suite import PLAIN, Case, Workload
 
 # Error floors, as a fraction of the largest reference value, for when torch's own error happens to
 # be tiny: about 2^-9 of the output for bf16 (8 bits of mantissa), 2^-11 for fp16, and for fp32 the

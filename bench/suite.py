@@ -8,7 +8,7 @@ from collections.abc import Callable
 
 import torch
 
-from bench import traffic
+from . import traffic
 
 SUITE_VERSION = "v1"
 

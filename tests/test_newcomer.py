@@ -6,10 +6,9 @@ holds its own bn_triton, with a copy of the repository as the clone:
 * ``pip install .`` (the wheel), then both commands from the clone's root. The clone's bn_triton/
   comes first on sys.path and shadows the installed one; its kernels must come from the clone's
   kernels/ (bn_triton/_loader.py), never fail as a "circular import".
-* the same wheel from a folder outside the clone: ``python -m bn_triton`` runs the installed package.
-  ``python -m bench`` is the repository's benchmark, not in the wheel (``bench`` is another PyPI
-  package's name): it runs from the clone's root, as the README says. A clone-less bench folder
-  on PYTHONPATH proves it runs on the installed bn_triton too.
+* the same wheel from a folder outside the clone: ``python -m bn_triton`` and the benchmark, which
+  the wheel ships as ``bn_triton.bench`` (``bench`` and ``kernels`` are other PyPI packages' names,
+  so neither is installed at the top level): ``python -m bn_triton.bench``, as the README says.
 * ``pip install -e .``, then both commands from the clone's root.
 
 Both commands are run as a user types them (no TRITON_INTERPRET: without a GPU they turn the
@@ -57,8 +56,8 @@ def _where(py: Path, cwd: Path, **env) -> tuple[Path, Path]:
     return Path(pkg).resolve(), Path(kernels).resolve()
 
 
-def _both_commands(py: Path, cwd: Path, bench_env: dict | None = None) -> None:
-    """``python -m bn_triton`` and ``python -m bench`` from ``cwd``: both exit 0 with their verdicts."""
+def _both_commands(py: Path, cwd: Path, bench: str = "bench") -> None:
+    """``python -m bn_triton`` and ``python -m <bench>`` from ``cwd``: both exit 0 with their verdicts."""
     res = _run(py, ["-m", "bn_triton"], cwd)
     out = res.stdout + res.stderr
     assert res.returncode == 0, out[-4000:]
@@ -66,8 +65,8 @@ def _both_commands(py: Path, cwd: Path, bench_env: dict | None = None) -> None:
     assert "circular import" not in out
     # On a GPU `python -m bench` would time all of suite v1 (minutes); --smoke runs the same imports and
     # checks on tiny inputs, which is what it runs anyway without a GPU.
-    bench_args = ["-m", "bench", "--smoke"] if _cuda() else ["-m", "bench"]
-    res = _run(py, bench_args, cwd, timeout=400, **(bench_env or {}))
+    bench_args = ["-m", bench, "--smoke"] if _cuda() else ["-m", bench]
+    res = _run(py, bench_args, cwd, timeout=400)
     out = res.stdout + res.stderr
     assert res.returncode == 0, out[-4000:]  # 0: every bn_triton row passed its check
     assert "bn_triton" in res.stdout, out[-4000:]
@@ -110,11 +109,8 @@ def test_wheel_runs_from_outside_the_clone(wheel_venv, clone, tmp_path):
     pkg, kernels = _where(wheel_venv, elsewhere)
     assert not pkg.is_relative_to(clone.resolve()) and kernels == pkg / "kernels", (pkg, kernels)
     assert pkg.is_relative_to(Path(str(wheel_venv.parent.parent)).resolve()), pkg
-    # The benchmark on the installed bn_triton: only bench/ on PYTHONPATH, no bn_triton/ beside it.
-    bench_only = tmp_path / "bench_only"
-    shutil.copytree(clone / "bench", bench_only / "bench")
-    assert _where(wheel_venv, elsewhere, PYTHONPATH=str(bench_only))[0] == pkg
-    _both_commands(wheel_venv, elsewhere, bench_env={"PYTHONPATH": str(bench_only)})
+    # The benchmark as the wheel ships it.
+    _both_commands(wheel_venv, elsewhere, bench="bn_triton.bench")
 
 
 @needs_build

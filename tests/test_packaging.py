@@ -120,11 +120,14 @@ def test_wheel_ships_kernels_and_runs_outside_the_repo(tmp_path):
         assert len(licenses) == 1, "the wheel must carry the LICENSE file (pyproject.toml: license-files)"
         assert zf.read(licenses[0]).decode() == (ROOT / "LICENSE").read_text()
     tops = {n.split("/")[0] for n in names}
-    assert "kernels" not in tops, "the wheel must not install a top-level `kernels` package"
+    assert not {"kernels", "bench"} & tops, "the wheel must not install a top-level `kernels` or `bench` package"
     assert tops == {"bn_triton", "bn_triton-0.1.0.dist-info".replace("0.1.0", PYPROJECT["project"]["version"])}, tops
     shipped = {n for n in names if n.startswith("bn_triton/kernels/")}
     expected = {f"bn_triton/kernels/{p.name}" for p in (ROOT / "kernels").glob("*.py")}
     assert expected and shipped == expected, (shipped, expected)
+    shipped = {n for n in names if n.startswith("bn_triton/bench/")}
+    expected = {f"bn_triton/bench/{p.name}" for p in (ROOT / "bench").glob("*.py")}
+    assert expected and shipped == expected, (shipped, expected)  # Python only: no results, no scripts
     for p in (ROOT / "bn_triton").glob("*.py"):
         assert f"bn_triton/{p.name}" in names
 
