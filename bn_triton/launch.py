@@ -104,16 +104,20 @@ def _vec(t):
 # Tickets of the last-program merges (kernels/tile.py last_to_arrive), one int32 per channel block
 # plus one, per device. Each launch leaves them at zero, so they are allocated and zeroed once (a
 # zero fill inside a CUDA-graph capture would be replayed, but an allocation there would belong to
-# the graph's pool) and shared by every launch on the device. Two reductions running at the same
-# time on two streams of one device would share tickets: bn_triton launches on the current stream
-# only, so that takes a user's concurrent streams.
+# the graph's pool) and shared by every launch on the device. A larger buffer replaces a smaller
+# one when a geometry needs more; the old one is kept alive, since a captured CUDA graph may still
+# point at it. Two reductions running at the same time on two streams of one device would share
+# tickets: bn_triton launches on the current stream only, so that takes a user's concurrent streams.
 _TICKETS: dict = {}
+_RETIRED_TICKETS: list = []
 _MIN_TICKETS = 4096
 
 
 def _tickets(device: torch.device, n: int) -> torch.Tensor:
     t = _TICKETS.get(device)
     if t is None or t.numel() < n:
+        if t is not None:
+            _RETIRED_TICKETS.append(t)
         t = torch.zeros(max(n, _MIN_TICKETS), dtype=torch.int32, device=device)
         _TICKETS[device] = t
     return t
