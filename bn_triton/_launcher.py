@@ -11,8 +11,10 @@ kernel on exactly those; a key seen before launches the compiled kernel with the
 hooks and launch metadata that ``JITFunction.run`` would pass. Anything else (the interpreter,
 stubbed kernels, a Triton whose launch signature was not checked) takes Triton's own path.
 
-The compiled-kernel call was read from triton 3.6 and 3.8's ``JITFunction.run`` (identical there) and
-tested on a GPU with 3.6. ``BN_TRITON_DIRECT_LAUNCH=0`` turns it off.
+The compiled-kernel call and the specialization rules were read from triton 3.6's ``JITFunction.run``
+and tested on a GPU with it (bitwise equal to Triton's own launches, tests/test_launcher.py); other
+versions take Triton's own path until they are checked the same way (3.8's ``run`` reads the same, but
+its binder is native code). ``BN_TRITON_DIRECT_LAUNCH=0`` turns it off.
 """
 
 import inspect
@@ -27,7 +29,7 @@ try:
     from triton.runtime.jit import JITFunction
 
     _VERSION = tuple(int(p) for p in triton.__version__.split(".")[:2])
-    _SUPPORTED = (3, 6) <= _VERSION < (3, 9)
+    _SUPPORTED = _VERSION == (3, 6)
 except ImportError:  # older Triton: its own path only
     _SUPPORTED = False
 
