@@ -31,7 +31,7 @@ import triton
 import triton.language as tl
 
 from .normalize import bn_affine, channel_scale, relu_keep
-from .tile import last_to_arrive, split_range, sum_rs, tile_offsets
+from .tile import elementwise_tile, last_to_arrive, split_range, sum_rs, tile_offsets
 
 
 @triton.jit
@@ -180,13 +180,9 @@ def grad_input_kernel(
     STORE_DZ: tl.constexpr = False,
     STORE_DX: tl.constexpr = True,
 ):
-    pid = tl.program_id(0)
-    pid_c = pid % num_c_blocks
-    tile = pid // num_c_blocks
-    offs, mask, c, _, _ = tile_offsets(
-        tile, pid_c, R, C, S, stride_r, stride_c, BLOCK_R, BLOCK_C, BLOCK_S, CHANNELS_CONTIG, S_DIV
+    offs, mask, c, cm = elementwise_tile(
+        num_c_blocks, R, C, S, stride_r, stride_c, BLOCK_R, BLOCK_C, BLOCK_S, CHANNELS_CONTIG, S_DIV
     )
-    cm = c < C
     a = channel_scale(SCALE, W, c, cm, eps, ACC, not TRAINING, HAS_W)
     dy = tl.load(DY + offs, mask=mask, other=0.0).to(ACC)
     if RELU:

@@ -17,7 +17,7 @@ so the extra subtract is free.
 import triton
 import triton.language as tl
 
-from .tile import acc_scalar, inv_sqrt, tile_offsets
+from .tile import acc_scalar, elementwise_tile, inv_sqrt
 
 
 @triton.jit
@@ -86,13 +86,9 @@ def normalize_kernel(
     HAS_RESIDUAL: tl.constexpr = False,
     RELU: tl.constexpr = False,
 ):
-    pid = tl.program_id(0)
-    pid_c = pid % num_c_blocks
-    tile = pid // num_c_blocks
-    offs, mask, c, _, _ = tile_offsets(
-        tile, pid_c, R, C, S, stride_r, stride_c, BLOCK_R, BLOCK_C, BLOCK_S, CHANNELS_CONTIG, S_DIV
+    offs, mask, c, cm = elementwise_tile(
+        num_c_blocks, R, C, S, stride_r, stride_c, BLOCK_R, BLOCK_C, BLOCK_S, CHANNELS_CONTIG, S_DIV
     )
-    cm = c < C
     a = channel_scale(SCALE, W, c, cm, eps, ACC, SCALE_IS_VAR, HAS_W)
     x = tl.load(X + offs, mask=mask, other=0.0).to(ACC)
     y = bn_affine(x, MEAN, B, a, c, cm, ACC, HAS_B)

@@ -53,6 +53,40 @@ def tile_offsets(
 
 
 @triton.jit
+def elementwise_tile(
+    num_c_blocks,
+    R,
+    C,
+    S,
+    stride_r,
+    stride_c,
+    BLOCK_R: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+    CHANNELS_CONTIG: tl.constexpr,
+    S_DIV: tl.constexpr,
+):
+    """The tile of this program in an elementwise pass (one tile each, channel blocks fastest):
+    offsets, mask, channel indices and their mask."""
+    pid = tl.program_id(0)
+    offs, mask, c, _, _ = tile_offsets(
+        pid // num_c_blocks,
+        pid % num_c_blocks,
+        R,
+        C,
+        S,
+        stride_r,
+        stride_c,
+        BLOCK_R,
+        BLOCK_C,
+        BLOCK_S,
+        CHANNELS_CONTIG,
+        S_DIV,
+    )
+    return offs, mask, c, c < C
+
+
+@triton.jit
 def split_range(split, num_tiles, num_splits):
     """Tiles [k*T/P, (k+1)*T/P) of split k: every split gets floor or ceil of T/P tiles, so the
     programs of a reduction finish together (int64: k*T may pass 2**31)."""
