@@ -249,14 +249,23 @@ def _(running_mean, running_var, mean, var, momentum, count, num_batches_tracked
 
 
 # ---------------------------------------------------------------- one route for eager and tracing
-_PLAIN_TYPES = (Tensor, torch.nn.Parameter)
+_Parameter = torch.nn.Parameter
 
 
 def plain_eager(*args) -> bool:
-    """True when no tracer, mode, transform or tensor subclass needs to see our ops as ops."""
+    """True when no tracer, mode, transform or tensor subclass needs to see our ops as ops.
+
+    On the eager hot path (each step asks): a plain loop, exact type tests first."""
     if torch.compiler.is_compiling() or _get_current_dispatch_mode() is not None:
         return False
-    return all(not isinstance(a, Tensor) or (type(a) in _PLAIN_TYPES and not _is_functorch_wrapped(a)) for a in args)
+    for a in args:
+        t = type(a)
+        if t is Tensor or t is _Parameter:
+            if _is_functorch_wrapped(a):
+                return False
+        elif isinstance(a, Tensor):  # a tensor subclass
+            return False
+    return True
 
 
 def step(name: str, *args):
