@@ -2,7 +2,8 @@
 # One call on a GPU machine, within 8 minutes on an H100: (1) the GPU and versions, (2) the whole
 # test suite on the GPU, GPU-only tests included (not the Triton interpreter), (3) the ResNet-50
 # training step (python -m bench.e2e), (4) suite v1 (python -m bench: wall, host and device time),
-# (5) the comparison against torch.compile (python -m bench --quick --impls bn_triton,compile), then
+# (5) the host cost per call and its cProfile (bench/overhead.py --profile), (6) the comparison against
+# torch.compile (python -m bench --quick --impls bn_triton,compile), then
 # a summary, printed last.
 #
 #   bash bench/gpu_check.sh [--out DIR]      (from anywhere; default DIR: bench/results/<gpu-name>-<date>/)
@@ -14,7 +15,7 @@
 #   overview.png   suite v1 on one page        plots.tar.gz the per-pass PNGs and the rest: pytest.xml
 #                  (JUnit), e2e.md, the comparison's summary.md/env.json/PNGs, precompile.log
 # Time: every stage runs under `timeout`, and the limits add up to GPU_CHECK_TOTAL_S (465 s) even if
-# one hangs. Planned limits (seconds): tests 190, e2e 100, suite v1 100, compile comparison 35;
+# one hangs. Planned limits (seconds): tests 190, e2e 90, suite v1 90, compile comparison 60 (of it ~20 s for the host-cost profile);
 # the time a stage leaves unused goes to the next one. The benches get --budget-s below their limit
 # (start no new case after it), so they end on their own with partial results recorded. While the
 # tests run (CPU-bound: Triton compiles), a background run of the e2e steps, untimed, fills the
@@ -37,16 +38,16 @@ TOTAL_S=${GPU_CHECK_TOTAL_S:-465}
 STAGES=${GPU_CHECK_STAGES:-tests,e2e,bench,compare}
 # Planned limits in seconds, in the order the stages run.
 PLAN_TESTS=190
-PLAN_E2E=100
-PLAN_BENCH=100
-PLAN_COMPARE=35
+PLAN_E2E=90
+PLAN_BENCH=90
+PLAN_COMPARE=60
 
 OUT=""
 while [ $# -gt 0 ]; do
   case "$1" in
     --out) OUT="${2:?--out needs a folder}"; shift 2 ;;
     --out=*) OUT="${1#--out=}"; shift ;;
-    -h|--help) sed -n '2,31p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,32p' "$0"; exit 0 ;;
     *) echo "gpu_check.sh: unknown argument $1 (usage: bash bench/gpu_check.sh [--out DIR])" >&2; exit 2 ;;
   esac
 done
@@ -253,8 +254,16 @@ print('bn_triton from', bn_triton.__file__, '| kernels from', bn_triton.kernels.
 
   lim=$(limit_for compare)
   if want compare && has_time "vs torch.compile" "$lim"; then
+    if [ "$GPU" = 1 ]; then
+      # Where the host time per call goes (the bench's host_ms says how much): ~20 s of the stage.
+      echo
+      echo "== 5. host cost per call and its cProfile (bench/overhead.py --profile 200; limit 25 s)"
+      (cd "$run_dir" && timeout -k 5 20 "$PY" bench/overhead.py --shape 32,64,14,14 --calls 100 --repeats 3 \
+        --profile 200) || echo "host profile: exit status $?"
+      lim=$(limit_for compare)
+    fi
     echo
-    echo "== 5. against torch.compile (python -m bench --quick --impls bn_triton,compile --no-fused; limit ${lim} s)"
+    echo "== 6. against torch.compile (python -m bench --quick --impls bn_triton,compile --no-fused; limit ${lim} s)"
     ts=$(date +%s)
     (cd "$run_dir" && timeout -k 5 "$((lim - 5))" "$PY" -m bench --quick --impls bn_triton,compile --no-fused \
       --warmup-ms 10 --rep-ms 30 --budget-s "$((lim - 25))" --out "$WORK/compare")

@@ -90,6 +90,13 @@ def main(argv=None) -> None:
     p.add_argument("--shape", default="2,3,4,4", help="input shape (default 2,3,4,4: tiny on purpose)")
     p.add_argument("--calls", type=int, help="calls per loop (default 200 on GPU or with --stub, else 3)")
     p.add_argument("--repeats", type=int, default=7)
+    p.add_argument(
+        "--profile",
+        type=int,
+        metavar="N",
+        help="then profile N calls of bn_triton's forward + backward (cProfile, top functions by own time): "
+        "where the host time goes, launcher and allocations included",
+    )
     args = p.parse_args(argv)
     cuda = torch.cuda.is_available()
     device = "cuda" if cuda else "cpu"
@@ -102,9 +109,29 @@ def main(argv=None) -> None:
     print(f"best of {args.repeats} loops of {calls} calls, taking turns; microseconds per call")
     print(f"{'':36s} {'bn_triton':>10s} {'torch':>10s} {'ratio':>7s}")
     with stub.stubbed_kernels() if args.stub else contextlib.nullcontext():
-        for name, routes in cases(device, shape):
+        rows = cases(device, shape)
+        for name, routes in rows:
             t = per_call_us(routes, calls, args.repeats, sync)
             print(f"{name:36s} {t['bn_triton']:10.1f} {t['torch']:10.1f} {t['bn_triton'] / t['torch']:6.2f}x")
+        if args.profile:
+            profile(dict(rows)["batch_norm forward + backward"]["bn_triton"], args.profile, sync)
+
+
+def profile(fn, calls: int, sync) -> None:
+    """cProfile of ``calls`` calls of fn, synchronized at the end: the 25 functions with the most own time."""
+    import cProfile
+    import pstats
+
+    fn()
+    sync()
+    prof = cProfile.Profile()
+    prof.enable()
+    for _ in range(calls):
+        fn()
+    sync()
+    prof.disable()
+    print(f"\ncProfile of {calls} bn_triton forward + backward calls (own time, then cumulative):")
+    pstats.Stats(prof).sort_stats("tottime").print_stats(25)
 
 
 if __name__ == "__main__":
