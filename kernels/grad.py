@@ -185,17 +185,17 @@ def grad_input_kernel(
     )
     a = channel_scale(SCALE, W, c, cm, eps, ACC, not TRAINING, HAS_W)
     dy = tl.load(DY + offs, mask=mask, other=0.0).to(ACC)
+    if TRAINING or not MASK_FROM_Y:  # xhat needs x, and so does a recomputed ReLU mask
+        x = tl.load(X + offs, mask=mask, other=0.0).to(ACC)
     if RELU:
-        if MASK_FROM_Y:
+        if MASK_FROM_Y:  # eval with a residual: the mask from y, no x read at all
             keep = tl.load(Y + offs, mask=mask, other=0.0).to(ACC) > 0
         else:
-            x = tl.load(X + offs, mask=mask, other=0.0).to(ACC)
             keep = relu_keep(bn_affine(x, MEAN, B, a, c, cm, ACC, HAS_B), X.dtype.element_ty)
         dy = tl.where(keep, dy, 0.0)
         if STORE_DZ:
             tl.store(DZ + offs, dy.to(DZ.dtype.element_ty), mask=mask)
     if TRAINING:
-        x = tl.load(X + offs, mask=mask, other=0.0).to(ACC)
         inv_m = 1.0 / (tl.zeros([], ACC) + count)  # count may arrive as a constant
         rstd = tl.load(SCALE + c, mask=cm, other=0.0).to(ACC)
         mean = tl.load(MEAN + c, mask=cm, other=0.0).to(ACC)
