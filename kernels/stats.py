@@ -126,11 +126,9 @@ def stats_kernel(
         n = n * (tl.arange(0, BLOCK_S) < S).to(ACC)[None, None, :]
     c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     cm = c < C
-    # Each channel's first value: the reference the lane means are merged around.
-    if CHANNELS_CONTIG:
-        ref = tl.load(X + c, mask=cm, other=0.0).to(ACC)
-    else:
-        ref = tl.load(X + c.to(tl.int64) * stride_c, mask=cm, other=0.0).to(ACC)
+    # Each channel's first value (row 0, position 0; stride_c is 1 when channels are contiguous):
+    # the reference the lane means are merged around.
+    ref = tl.load(X + c.to(tl.int64) * stride_c, mask=cm, other=0.0).to(ACC)
     n_s, mean_s, m2_s = merge_lanes(n, mean, m2, ref)
     plane = num_splits * C
     out = split * C + c
