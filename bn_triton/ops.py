@@ -137,15 +137,10 @@ def grad_sums(
     """sum(dy), sum(dy * xhat) (acc dtype), dweight and dbias (their dtypes), and with ``relu`` the
     masked dy (``want_dz``: d(residual)); the mask is y > 0 when ``y`` is given, else recomputed."""
     x_, geom = launch.canonical(x)
-    dw = x.new_empty((geom.C,), dtype=weight.dtype) if want_dw else _none(x)
-    db = (
-        x.new_empty((geom.C,), dtype=bias.dtype if bias is not None else launch.acc_dtype(x.dtype))
-        if want_db
-        else _none(x)
-    )
+    dw, db = _param_grads(x, weight, bias, want_dw, want_db)
     if x_.numel() == 0:  # an empty rank of SyncBatchNorm contributes zeros
-        zeros = x.new_zeros((2, geom.C), dtype=launch.acc_dtype(x.dtype))
-        return zeros[0], zeros[1], dw.zero_(), db.zero_(), torch.empty_like(x_) if want_dz else _none(x)
+        zeros = (x.new_zeros((geom.C,), dtype=launch.acc_dtype(x.dtype)) for _ in range(2))
+        return *zeros, dw.zero_(), db.zero_(), torch.empty_like(x_) if want_dz else _none(x)
     dz = torch.empty_like(x_) if want_dz else None
     sum_dy, sum_dy_xhat = launch.grad_sums(
         launch.like(dy, x_),
@@ -168,11 +163,17 @@ def grad_sums(
 
 @grad_sums.register_fake
 def _(dy, x, mean, scale, weight, bias, y, eps, scale_is_var, relu, want_dw, want_db, want_dz):
+    dw, db = _param_grads(x, weight, bias, want_dw, want_db)
+    dz = torch.empty_like(launch.canonical_layout(x)) if want_dz else _none(x)
+    return _stat(x), _stat(x), dw, db, dz
+
+
+def _param_grads(x, weight, bias, want_dw, want_db) -> tuple[Tensor, Tensor]:
+    """grad_sums' dweight and dbias buffers (the parameters' dtypes), or empty tensors when not wanted."""
     C = x.shape[1]
     dw = x.new_empty((C,), dtype=weight.dtype) if want_dw else _none(x)
     db = x.new_empty((C,), dtype=bias.dtype if bias is not None else launch.acc_dtype(x.dtype)) if want_db else _none(x)
-    dz = torch.empty_like(launch.canonical_layout(x)) if want_dz else _none(x)
-    return _stat(x), _stat(x), dw, db, dz
+    return dw, db
 
 
 @_op()
