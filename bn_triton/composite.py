@@ -83,13 +83,8 @@ def batch_norm(
     normalizes with the running statistics, which, as in torch, get no gradient.
     """
     if input.numel() == 0:  # nothing to compute: torch's empty-batch rules, under every transform
-        if num_batches_tracked is not None:
-            momentum = 1.0 / float(num_batches_tracked)
-        elif momentum is None:  # a module's momentum=None without running statistics: no factor needed
-            momentum = 0.0
-        y = F.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
-        y = y if residual is None else y + residual
-        return torch.relu(y) if activation == "relu" else y
+        args = (input, running_mean, running_var, weight, bias, training, momentum, eps, num_batches_tracked)
+        return torch_batch_norm(*args, activation=activation, residual=residual)
     acc = _acc_dtype(input.dtype)
     x = input.to(acc)
     if training:
@@ -101,16 +96,60 @@ def batch_norm(
             _update_running_stats(running_mean, running_var, mean, var, count, momentum, num_batches_tracked)
     else:
         mean, var = running_mean.detach().to(acc), running_var.detach().to(acc)
-    y = (x - _per_channel(mean, x, acc)) * _per_channel(torch.rsqrt(var + eps), x, acc)
-    if weight is not None:
-        y = y * _per_channel(weight, x, acc)
-    if bias is not None:
-        y = y + _per_channel(bias, x, acc)
+    y = _affine(x, mean, torch.rsqrt(var + eps), weight, bias)
     if residual is not None:
         y = y + residual.to(acc)
     if activation == "relu":
         y = torch.relu(y)
     return y.to(input.dtype)
+
+
+def torch_batch_norm(
+    input,
+    running_mean,
+    running_var,
+    weight,
+    bias,
+    training,
+    momentum,
+    eps,
+    num_batches_tracked=None,
+    *,
+    activation=None,
+    residual=None,
+) -> Tensor:
+    """``act(BN(input) + residual)`` by torch's own batch_norm (CPU tensors without the interpreter,
+    empty batches), with ``num_batches_tracked`` already counting this batch as in ``batch_norm``."""
+    if num_batches_tracked is not None:  # torch's batch_norm takes the factor from the host
+        momentum = 1.0 / float(num_batches_tracked)
+    elif momentum is None:  # a module's momentum=None without running statistics: no factor needed
+        momentum = 0.0
+    y = F.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
+    return epilogue(y, activation, residual)
+
+
+def epilogue(y: Tensor, activation: Optional[str], residual: Optional[Tensor]) -> Tensor:
+    """act(y + residual) with torch ops: the fused epilogue where torch's batch_norm did the rest."""
+    y = y if residual is None else y + residual
+    return torch.relu(y) if activation == "relu" else y
+
+
+def _affine(x: Tensor, mean: Tensor, rstd: Tensor, weight: Optional[Tensor], bias: Optional[Tensor]) -> Tensor:
+    """(x - mean) * rstd * weight + bias per channel, in x's dtype (the accumulation dtype here)."""
+    y = (x - _per_channel(mean, x, x.dtype)) * _per_channel(rstd, x, x.dtype)
+    if weight is not None:
+        y = y * _per_channel(weight, x, x.dtype)
+    if bias is not None:
+        y = y + _per_channel(bias, x, x.dtype)
+    return y
+
+
+def relu_keep(x, weight, bias, mean, scale, eps, training) -> Tensor:
+    """Where a fused ReLU passed the gradient, recomputed from x (scale: rstd in training, running_var
+    in eval), rounded to x's dtype first as the kernels do: for the differentiable backward."""
+    acc = _acc_dtype(x.dtype)
+    rstd = scale.to(acc) if training else torch.rsqrt(scale.to(acc) + eps)
+    return _affine(x.to(acc), mean.to(acc), rstd, weight, bias).to(x.dtype) > 0
 
 
 # ---------------------------------------------------------------- running statistics

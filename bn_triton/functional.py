@@ -11,7 +11,6 @@ Validation happens here, before any kernel runs or any running statistic changes
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from bn_triton import _loader, composite, ops
@@ -182,14 +181,8 @@ def _batch_norm(
     relu = activation == "relu"
     if not uses_triton(input) or input.numel() == 0:
         nbt = _count_batch(num_batches_tracked, momentum)
-        if nbt is not None:  # torch's own path needs the factor on the host
-            momentum = 1.0 / float(nbt)
-        elif momentum is None:  # no running statistics to update (torch's parser wants a float)
-            momentum = 0.0
-        y = F.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
-        if residual is not None:
-            y = y + residual
-        return torch.relu(y) if relu else y
+        args = (input, running_mean, running_var, weight, bias, training, momentum, eps, nbt)
+        return composite.torch_batch_norm(*args, activation=activation, residual=residual)
     if training:
         # One launch: statistics, running statistics and num_batches_tracked. Detached: the
         # statistics are constants to BatchNormFunction, whose backward carries their gradients.

@@ -13,7 +13,7 @@ parameter or buffer, so state_dicts stay torch's; with the defaults the modules 
 import torch
 from torch import Tensor
 
-from bn_triton import functional
+from bn_triton import composite, functional
 
 
 class TritonBatchNormMixin:
@@ -36,10 +36,7 @@ class TritonBatchNormMixin:
         # Before anything runs or num_batches_tracked moves, on every path.
         functional.check_fused(input, self.activation, residual)
         if not functional.uses_triton(input):
-            y = super().forward(input)
-            if residual is not None:
-                y = y + residual
-            return torch.relu(y) if self.activation == "relu" else y
+            return composite.epilogue(super().forward(input), self.activation, residual)
         # Eval with track_running_stats=False normalizes with batch statistics, as torch does.
         bn_training = self.training or (self.running_mean is None and self.running_var is None)
         use_running = not self.training or self.track_running_stats

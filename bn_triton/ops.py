@@ -276,10 +276,6 @@ def step(name: str, *args):
     return _OPS[name](*args)
 
 
-def _want(needs, i) -> bool:
-    return i < len(needs) and needs[i]
-
-
 class BatchNormFunction(torch.autograd.Function):
     """y = act((x - mean) * s * weight + bias + residual) with the statistics given, and its gradients.
 
@@ -304,14 +300,14 @@ class BatchNormFunction(torch.autograd.Function):
     def backward(ctx, dy):
         x, weight, bias, mean, scale, y = ctx.saved_tensors
         needs = ctx.needs_input_grad
-        want_dx, want_dres = needs[0], _want(needs, 3)
+        want_dx, want_dres = needs[0], needs[3]
         want_dw, want_db = needs[1] and weight is not None, needs[2] and bias is not None
         wants = (want_dx, want_dw, want_db, want_dres)
         training, relu, eps = ctx.training, ctx.relu, ctx.eps
         if torch.is_grad_enabled() and ctx.sync is None:  # create_graph=True: a differentiable backward
             mask = None
             if relu:
-                mask = (y > 0) if y is not None else _relu_keep(x, weight, bias, mean, scale, eps, training)
+                mask = (y > 0) if y is not None else composite.relu_keep(x, weight, bias, mean, scale, eps, training)
             dx, dw, db, dz = composite.backward_graph(
                 dy,
                 x,
@@ -394,18 +390,6 @@ def _grads(wants, dx, dw, db, dz) -> tuple:
     """BatchNormFunction.backward's return: the four gradients asked for (else None), then None for
     mean, scale, eps, training, relu, count and sync."""
     return tuple(g if w else None for w, g in zip(wants, (dx, dw, db, dz), strict=True)) + (None,) * 7
-
-
-def _relu_keep(x, weight, bias, mean, scale, eps, training):
-    """Where the fused ReLU passed the gradient, recomputed with torch ops (double backward only)."""
-    shape = (1, -1) + (1,) * (x.dim() - 2)
-    s = scale if training else torch.rsqrt(scale + eps)
-    pre = (x - mean.view(shape)) * s.view(shape)
-    if weight is not None:
-        pre = pre * weight.view(shape)
-    if bias is not None:
-        pre = pre + bias.view(shape)
-    return pre.to(x.dtype) > 0
 
 
 def batch_norm(x, weight, bias, residual, mean, scale, eps, training, relu, count=0, sync=None):
