@@ -31,7 +31,7 @@ import triton
 import triton.language as tl
 
 from .normalize import bn_affine, channel_scale, relu_keep
-from .tile import elementwise_tile, last_to_arrive, split_range, sum_rs, tile_offsets
+from .tile import elementwise_tile, last_to_arrive, load_partials, split_range, sum_rs, tile_offsets
 
 
 @triton.jit
@@ -127,16 +127,12 @@ def grad_sums_kernel(
     tl.store(PART + plane + out, sum_rs(acc_dy_xhat), mask=cm)
 
     if last_to_arrive(COUNTER + pid_c, num_splits):
-        # Sum the partials, BLOCK_P splits at a time (a tree within a step, steps in order); .cg
-        # loads read L2, where the other programs' stores are.
+        # Sum the partials, BLOCK_P splits at a time (a tree within a step, steps in order).
         sum_dy = tl.zeros([BLOCK_C], ACC)
         sum_dy_xhat = tl.zeros([BLOCK_C], ACC)
         for p0 in range(0, num_splits, BLOCK_P):
-            p = p0 + tl.arange(0, BLOCK_P)
-            idx = p[:, None] * C + c[None, :]
-            pm = (p[:, None] < num_splits) & cm[None, :]
-            sum_dy += tl.sum(tl.load(PART + idx, mask=pm, other=0.0, cache_modifier=".cg"), axis=0)
-            sum_dy_xhat += tl.sum(tl.load(PART + plane + idx, mask=pm, other=0.0, cache_modifier=".cg"), axis=0)
+            sum_dy += tl.sum(load_partials(PART, 0, p0, num_splits, C, c, cm, BLOCK_P), axis=0)
+            sum_dy_xhat += tl.sum(load_partials(PART, 1, p0, num_splits, C, c, cm, BLOCK_P), axis=0)
         tl.store(SUM_DY + c, sum_dy, mask=cm)
         tl.store(SUM_DY_XHAT + c, sum_dy_xhat, mask=cm)
         if HAS_DW:

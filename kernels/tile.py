@@ -179,6 +179,17 @@ def last_to_arrive(COUNTER, num_arrivals):
 
 
 @triton.jit
+def load_partials(PART, plane, p0, num_splits, C, c, cm, BLOCK_P: tl.constexpr):
+    """Plane ``plane`` of a [planes, SPLIT, C] partials workspace, splits p0 .. p0 + BLOCK_P of
+    channels c: a [BLOCK_P, BLOCK_C] block, 0 past the last split. Read through L2 (.cg), where the
+    other programs' stores are, never from a stale L1 line."""
+    p = p0 + tl.arange(0, BLOCK_P)
+    idx = (plane * num_splits + p[:, None]) * C + c[None, :]
+    pm = (p[:, None] < num_splits) & cm[None, :]
+    return tl.load(PART + idx, mask=pm, other=0.0, cache_modifier=".cg")
+
+
+@triton.jit
 def acc_scalar(value, ACC: tl.constexpr):
     """A float argument in the accumulation dtype. Triton passes Python floats as fp32, so float64
     kernels receive theirs as the int64 bit pattern (``launch.scalar``) and reinterpret it here."""
