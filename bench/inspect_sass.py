@@ -38,6 +38,7 @@ import torch
 
 COPY_BW_TBS = 3.0  # H100 device-to-device copy, measured
 H100_SMS = 132
+H100_L2_BYTES = 50 * 2**20
 # Per-SM limits of compute capability 9.0 (CUDA occupancy calculator).
 REGS_PER_SM, MAX_WARPS_PER_SM, MAX_BLOCKS_PER_SM, SMEM_PER_SM = 65536, 64, 32, 228 * 1024
 # The block sizes of the (R, C, S) tile that every kernel streams (kernels/__init__.py).
@@ -53,23 +54,24 @@ def pretend_cuda(sms: int):
     from bn_triton import _config, functional
 
     cuda = torch.device("cuda", 0)
-    real = _config.launch_config
-    props = types.SimpleNamespace(multi_processor_count=sms)
+    real_target = _config.target
+    props = types.SimpleNamespace(multi_processor_count=sms, L2_cache_size=H100_L2_BYTES)
     patches = [(torch.cuda, "get_device_properties", lambda *a, **k: props)]
     patches.append((functional, "uses_triton", lambda x: True))
-    for name, mod in sys.modules.items():  # launch_config wherever it was imported by name
-        if name.startswith("bn_triton") and getattr(mod, "launch_config", None) is real:
-            patches.append((mod, "launch_config", lambda geom, device: real(geom, cuda)))
+    patches.append((_config, "target", lambda device: real_target(cuda)))
     saved = [(m, a, getattr(m, a)) for m, a, _ in patches]
     for m, a, v in patches:
         setattr(m, a, v)
-    getattr(_config.sm_count, "cache_clear", lambda: None)()
+    caches = (_config.sm_count, _config.l2_bytes, _config._cuda_target)
+    for fn in caches:
+        fn.cache_clear()
     try:
         yield
     finally:
         for m, a, v in saved:
             setattr(m, a, v)
-        getattr(_config.sm_count, "cache_clear", lambda: None)()
+        for fn in caches:
+            fn.cache_clear()
 
 
 def record_launches(case, sms: int = H100_SMS) -> dict:

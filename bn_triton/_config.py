@@ -48,6 +48,18 @@ INTERPRETER_PROGRAMS = 8
 MERGE_ELEMS = 4096
 # The running-stat update on its own (SyncBatchNorm): one program per 128 channels.
 RUNNING_BLOCK_C = 128
+# The single-pass kernels (kernels/single_pass.py) serve the inputs whose reductions get one split
+# per channel block (the blocks alone fill a wave) and whose resident programs' blocks, x and dy
+# together (the backward's), fit in L2: the second read of each block then comes from L2, not DRAM.
+# 2048 x 7 x 7 at batch 256: 396 programs x 12544 values x 2 tensors x 4 B = 40 MB, under the 50 MB
+# of an H100's L2. The forward's tiles are half the split kernels': compiled for sm_90
+# (bench/inspect_sass.py, 2048@7 fp32) it takes 142 registers with 4096-value tiles, 1 program of 8
+# warps per SM, and 79 with 2048, 3 per SM. The backward keeps the split kernels' tiles: 108
+# registers, 2 per SM (with 2048: 48 registers, 5 per SM, whose blocks of x and dy, 66 MB in fp32,
+# would not stay in L2). So PROGRAMS_PER_SM bounds the resident programs of both.
+SINGLE_PASS_TILE_ELEMS_GPU = 2048
+# BN_TRITON_SINGLE_PASS=0 turns them off (the bench compares both paths that way).
+SINGLE_PASS = os.environ.get("BN_TRITON_SINGLE_PASS", "1") != "0"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,6 +95,51 @@ def sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
+@functools.cache
+def l2_bytes(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).L2_cache_size
+
+
+@dataclasses.dataclass(frozen=True)
+class Target:
+    """What the launch settings need to know of a device."""
+
+    tile: int  # values per tile of the split kernels
+    single_pass_tile: int  # and of the single-pass kernels
+    programs: int  # resident reduction programs to aim for: one wave
+    l2_bytes: int | None  # None: no cache to fit (the interpreter)
+
+
+def target(device: torch.device) -> Target:
+    """The Target of ``device``: a CUDA GPU, or the CPU under the interpreter (read anew each time:
+    tests change its settings)."""
+    if device.type != "cuda":
+        return Target(TILE_ELEMS_INTERPRETER, TILE_ELEMS_INTERPRETER, INTERPRETER_PROGRAMS, None)
+    return _cuda_target(device.index if device.index is not None else torch.cuda.current_device())
+
+
+@functools.cache
+def _cuda_target(index: int) -> Target:
+    return Target(TILE_ELEMS_GPU, SINGLE_PASS_TILE_ELEMS_GPU, PROGRAMS_PER_SM * sm_count(index), l2_bytes(index))
+
+
+def single_pass(geom: Geometry, device: torch.device, itemsize: int) -> LaunchConfig | None:
+    """The single-pass forward's launch settings for ``geom`` (its backward takes ``launch_config``'s),
+    or None where the split kernels serve it (see SINGLE_PASS_TILE_ELEMS_GPU)."""
+    return _single_pass(geom, target(device), itemsize) if SINGLE_PASS else None
+
+
+@functools.lru_cache(maxsize=4096)  # on the eager hot path
+def _single_pass(geom: Geometry, t: Target, itemsize: int) -> LaunchConfig | None:
+    split = _launch_config(geom, t.tile, t.programs, MAX_BLOCK_C, MAX_BLOCK_S)
+    if split.num_splits != 1:
+        return None
+    resident = min(split.num_c_blocks, t.programs)
+    if t.l2_bytes is not None and resident * split.block_c * geom.per_channel * 2 * itemsize > t.l2_bytes:
+        return None
+    return _launch_config(geom, t.single_pass_tile, t.programs, MAX_BLOCK_C, MAX_BLOCK_S)
+
+
 def _cdiv(a: int, b: int) -> int:
     return -(-a // b)  # plain ints: triton.cdiv costs microseconds per call on the host
 
@@ -92,11 +149,9 @@ def _pow2_at_most(n: int, cap: int) -> int:
 
 
 def launch_config(geom: Geometry, device: torch.device) -> LaunchConfig:
-    """Tile, split and warps for ``geom`` on ``device`` (CUDA, or CPU under the interpreter)."""
-    if device.type != "cuda":
-        return _launch_config(geom, TILE_ELEMS_INTERPRETER, INTERPRETER_PROGRAMS, MAX_BLOCK_C, MAX_BLOCK_S)
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    return _launch_config(geom, TILE_ELEMS_GPU, PROGRAMS_PER_SM * sm_count(index), MAX_BLOCK_C, MAX_BLOCK_S)
+    """Tile, split and warps of the split kernels for ``geom`` on ``device``."""
+    t = target(device)
+    return _launch_config(geom, t.tile, t.programs, MAX_BLOCK_C, MAX_BLOCK_S)
 
 
 @functools.lru_cache(maxsize=4096)  # on the eager hot path: every input decides it again

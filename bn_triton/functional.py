@@ -184,10 +184,14 @@ def _batch_norm(
         args = (input, running_mean, running_var, weight, bias, training, momentum, eps, nbt)
         return composite.torch_batch_norm(*args, activation=activation, residual=residual)
     if training:
+        count = num_batches_tracked is not None
+        plain = ops.plain_eager(input)
+        if plain and ops.single_pass(input):  # statistics, running statistics and y: one launch
+            stats = (running_mean, running_var, num_batches_tracked, momentum, count)
+            return ops.batch_norm(input, weight, bias, residual, None, None, eps, True, relu, stats=stats)
         # One launch: statistics, running statistics and num_batches_tracked. Detached: the
         # statistics are constants to BatchNormFunction, whose backward carries their gradients.
-        x = input if ops.plain_eager(input) else input.detach()
-        count = num_batches_tracked is not None
+        x = input if plain else input.detach()
         mean, scale, _ = ops.step(
             "stats", x, running_mean, running_var, num_batches_tracked, momentum, eps, count, False
         )

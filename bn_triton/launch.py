@@ -13,7 +13,7 @@ import struct
 
 import torch
 
-from bn_triton import _launcher, kernels
+from bn_triton import _config, _launcher, kernels
 from bn_triton._config import RUNNING_BLOCK_C, Geometry, LaunchConfig, launch_config
 
 # Kernel launches by name, so tests can prove that our kernels (not torch's batch_norm) ran.
@@ -96,6 +96,11 @@ def like(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def _buffers(size: int, dtype: torch.dtype, device: torch.device, n: int = 1) -> list:
+    """n new 1-D tensors of ``size`` values: per-channel outputs, partial workspaces."""
+    return [torch.empty((size,), dtype=dtype, device=device) for _ in range(n)]
+
+
 def _vec(t):
     """A per-channel tensor the kernels index as t[c]: contiguous (a copy only for strided views)."""
     return t if t is None or t.is_contiguous() else t.contiguous()
@@ -121,6 +126,11 @@ def _tickets(device: torch.device, n: int) -> torch.Tensor:
         t = torch.zeros(max(n, _MIN_TICKETS), dtype=torch.int32, device=device)
         _TICKETS[device] = t
     return t
+
+
+def single_pass(x: torch.Tensor, geom: Geometry) -> bool:
+    """Whether ``train_forward`` and ``train_backward`` serve x (``_config.single_pass``)."""
+    return _config.single_pass(geom, x.device, x.element_size()) is not None
 
 
 def _tile_args(geom: Geometry, cfg: LaunchConfig) -> dict:
@@ -159,10 +169,8 @@ def batch_stats(
     cfg = launch_config(geom, x.device)
     acc = acc_dtype(x.dtype)
     C = geom.C
-    parts = torch.empty((3 * cfg.num_splits * C,), dtype=acc, device=x.device)
-    mean = torch.empty((C,), dtype=acc, device=x.device)
-    rstd = torch.empty((C,), dtype=acc, device=x.device)
-    var = torch.empty((C,), dtype=acc, device=x.device) if want_var else None
+    (parts,) = _buffers(3 * cfg.num_splits * C, acc, x.device)
+    mean, rstd, var = _buffers(C, acc, x.device, 3 if want_var else 2) + ([] if want_var else [None])
     has_running = running_mean is not None
     cumulative = has_running and momentum is None
     _run(
@@ -230,6 +238,109 @@ def normalize(x, geom, mean, scale, weight, bias, eps, *, scale_is_var, residual
     return y
 
 
+def train_forward(
+    x,
+    geom,
+    weight,
+    bias,
+    eps,
+    *,
+    running_mean=None,
+    running_var=None,
+    momentum=0.0,
+    num_batches_tracked=None,
+    count_batch=False,
+    residual=None,
+    relu=False,
+):
+    """``batch_stats`` then ``normalize`` (training) in one launch, where ``single_pass`` holds.
+
+    Returns (y, mean, rstd); running statistics and num_batches_tracked as in ``batch_stats``, the
+    epilogue (``residual``, ``relu``) as in ``normalize``. Bitwise the same results as those two.
+    """
+    cfg = _config.single_pass(geom, x.device, x.element_size())
+    acc = acc_dtype(x.dtype)
+    mean, rstd = _buffers(geom.C, acc, x.device, 2)
+    y = torch.empty_like(x)
+    has_running = running_mean is not None
+    cumulative = has_running and momentum is None
+    _run(
+        kernels.forward_kernel,
+        (cfg.num_c_blocks,),
+        x,
+        y,
+        mean,
+        rstd,
+        _vec(weight),
+        _vec(bias),
+        running_mean,
+        running_var,
+        num_batches_tracked if (cumulative or count_batch) else None,
+        _tickets(x.device, 1),
+        *_shape_args(geom),
+        cfg.num_tiles,
+        scalar(eps, acc),
+        scalar(0.0 if momentum is None else momentum, acc),
+        running_mean.stride(0) if has_running else 0,
+        running_var.stride(0) if has_running else 0,
+        ACC=_tl_acc(acc),
+        UNIFORM_S=cfg.uniform_s,
+        HAS_W=weight is not None,
+        HAS_B=bias is not None,
+        HAS_RUNNING=has_running,
+        CUMULATIVE=cumulative,
+        COUNT_BATCH=count_batch,
+        **_tile_args(geom, cfg),
+        RES=residual,
+        HAS_RESIDUAL=residual is not None,
+        RELU=relu,
+    )
+    LAUNCHES["forward"] += 1
+    return y, mean, rstd
+
+
+def train_backward(
+    dy, x, geom, mean, rstd, weight, *, dweight=None, dbias=None, relu=False, y=None, bias=None, dz=None
+):
+    """``grad_sums`` then the training ``grad_input`` in one launch, where ``single_pass`` holds.
+
+    Returns dx; writes dweight/dbias if given, and with ``relu`` the masked dy to ``dz`` if given
+    (arguments as in ``grad_sums``). Bitwise the same results as those two.
+    """
+    cfg = launch_config(geom, x.device)  # the split kernels' tiles (see _config.SINGLE_PASS_TILE_ELEMS_GPU)
+    recompute = relu and y is None
+    dx = torch.empty_like(x)
+    _run(
+        kernels.backward_kernel,
+        (cfg.num_c_blocks,),
+        dy,
+        x,
+        dx,
+        _vec(mean),
+        _vec(rstd),
+        _vec(weight),
+        dweight,
+        dbias,
+        *_shape_args(geom),
+        cfg.num_tiles,
+        geom.per_channel,
+        ACC=_tl_acc(acc_dtype(x.dtype)),
+        HAS_W=weight is not None,
+        HAS_DW=dweight is not None,
+        HAS_DB=dbias is not None,
+        **_tile_args(geom, cfg),
+        Y=y,
+        B=_vec(bias) if recompute else None,
+        DZ=dz,
+        RELU=relu,
+        MASK_FROM_Y=y is not None,
+        HAS_B=recompute and bias is not None,
+        STORE_DZ=dz is not None,
+    )
+    LAUNCHES["backward"] += 1
+    return dx
+
+
 def update_running_stats(running_mean, running_var, mean, var, *, momentum, count, num_batches_tracked=None):
     """running <- (1 - f) running + f batch; f = momentum, or 1 / num_batches_tracked when momentum is None.
 
@@ -284,9 +395,8 @@ def grad_sums(
     cfg = launch_config(geom, x.device)
     acc = acc_dtype(x.dtype)
     C = geom.C
-    parts = torch.empty((2 * cfg.num_splits * C,), dtype=acc, device=x.device)
-    sum_dy = torch.empty((C,), dtype=acc, device=x.device)
-    sum_dy_xhat = torch.empty((C,), dtype=acc, device=x.device)
+    (parts,) = _buffers(2 * cfg.num_splits * C, acc, x.device)
+    sum_dy, sum_dy_xhat = _buffers(C, acc, x.device, 2)
     _run(
         kernels.grad_sums_kernel,
         (cfg.num_c_blocks, cfg.num_splits),

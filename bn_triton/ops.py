@@ -15,6 +15,14 @@ batch_norm_elemt, batch_norm_backward_reduce and batch_norm_backward_elemt), one
 * ``update_running_stats(running_mean!, running_var!, mean, var, momentum?, count, num_batches?)``:
   the running-stat update on its own, for statistics computed elsewhere (SyncBatchNorm)
 
+and, where one program owns a channel block (``single_pass``: many channels, small maps), the
+training pairs in one launch each, with the same results:
+
+* ``stats_normalize(x, weight?, bias?, residual?, running_mean?, running_var?, num_batches_tracked?,
+  momentum?, count_batch, eps, relu) -> (y, mean, rstd)``: stats, then normalize
+* ``grad_sums_input(dy, x, mean, rstd, weight?, bias?, y?, relu, want_dw, want_db, want_dz)
+  -> (dx, dweight, dbias, dz)``: grad_sums, then the training grad_input
+
 Each is a torch.library custom op (``bn_triton::<name>``, with a fake implementation) so that
 torch.compile, torch.export and make_fx see it as one opaque node. In plain eager mode the same
 Python implementation is called without the dispatcher (``step``): tens of microseconds less per
@@ -249,6 +257,92 @@ def _(running_mean, running_var, mean, var, momentum, count, num_batches_tracked
     return None
 
 
+@_op(mutates_args=("running_mean", "running_var", "num_batches_tracked"))
+def stats_normalize(
+    x: Tensor,
+    weight: Optional[Tensor],
+    bias: Optional[Tensor],
+    residual: Optional[Tensor],
+    running_mean: Optional[Tensor],
+    running_var: Optional[Tensor],
+    num_batches_tracked: Optional[Tensor],
+    momentum: Optional[float],
+    count_batch: bool,
+    eps: float,
+    relu: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    x_, geom = launch.canonical(x)
+    return launch.train_forward(
+        x_,
+        geom,
+        weight,
+        bias,
+        eps,
+        running_mean=running_mean,
+        running_var=running_var,
+        momentum=momentum,
+        num_batches_tracked=num_batches_tracked,
+        count_batch=count_batch,
+        residual=None if residual is None else launch.like(residual, x_),
+        relu=relu,
+    )
+
+
+@stats_normalize.register_fake
+def _(x, weight, bias, residual, running_mean, running_var, num_batches_tracked, momentum, count_batch, eps, relu):
+    return torch.empty_like(launch.canonical_layout(x)), _stat(x), _stat(x)
+
+
+@_op()
+def grad_sums_input(
+    dy: Tensor,
+    x: Tensor,
+    mean: Tensor,
+    rstd: Tensor,
+    weight: Optional[Tensor],
+    bias: Optional[Tensor],
+    y: Optional[Tensor],
+    relu: bool,
+    want_dw: bool,
+    want_db: bool,
+    want_dz: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The training dx, dweight, dbias and (``want_dz``, with ``relu``) the masked dy, in one launch."""
+    x_, geom = launch.canonical(x)
+    dw, db = _param_grads(x, weight, bias, want_dw, want_db)
+    dz = torch.empty_like(x_) if want_dz else None
+    dx = launch.train_backward(
+        launch.like(dy, x_),
+        x_,
+        geom,
+        mean,
+        rstd,
+        weight,
+        dweight=dw if want_dw else None,
+        dbias=db if want_db else None,
+        relu=relu,
+        y=None if y is None else launch.like(y, x_),
+        bias=bias,
+        dz=dz,
+    )
+    return dx, dw, db, _none(x) if dz is None else dz
+
+
+@grad_sums_input.register_fake
+def _(dy, x, mean, rstd, weight, bias, y, relu, want_dw, want_db, want_dz):
+    dw, db = _param_grads(x, weight, bias, want_dw, want_db)
+    dz = torch.empty_like(launch.canonical_layout(x)) if want_dz else _none(x)
+    return torch.empty_like(launch.canonical_layout(x)), dw, db, dz
+
+
+def single_pass(x: Tensor) -> bool:
+    """Whether x's training forward and backward take one launch each (launch.single_pass).
+
+    Asked in plain eager mode only: deciding reads x's shape, which a tracer with dynamic shapes would
+    then specialize. Traced graphs (torch.compile, export) keep the split path."""
+    return launch.single_pass(*launch.canonical(x))
+
+
 # ---------------------------------------------------------------- one route for eager and tracing
 _Parameter = torch.nn.Parameter
 
@@ -283,13 +377,18 @@ class BatchNormFunction(torch.autograd.Function):
     0 meaning x's own; SyncBatchNorm passes the global batch's), computed beforehand by ``stats``;
     the backward's closed form carries the paths through them, so they take no gradient here.
     Eval: mean and scale are running_mean and running_var (s = rsqrt(scale + eps)).
-    ``sync``, when given, all-reduces the two gradient sums in place between the backward's
-    reduction and its dx pass (SyncBatchNorm), on every rank.
+    ``stats``, when given (plain eager training where ``single_pass`` holds; mean and scale None), is
+    (running_mean, running_var, num_batches_tracked, momentum, count_batch): the statistics are then
+    computed in the same launch as y. ``sync``, when given, all-reduces the two gradient sums in
+    place between the backward's reduction and its dx pass (SyncBatchNorm), on every rank.
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, residual, mean, scale, eps, training, relu, count, sync):
-        y = step("normalize", x, mean, scale, weight, bias, eps, not training, residual, relu)
+    def forward(ctx, x, weight, bias, residual, mean, scale, eps, training, relu, count, sync, stats):
+        if stats is None:
+            y = step("normalize", x, mean, scale, weight, bias, eps, not training, residual, relu)
+        else:  # the statistics in y's launch (stats_normalize); running buffers in the tuple
+            y, mean, scale = step("stats_normalize", x, weight, bias, residual, *stats, eps, relu)
         # The ReLU's backward mask: from y with a residual (y > 0), else recomputed from x and bias.
         mask_y = y if relu and residual is not None else None
         ctx.save_for_backward(x, weight, bias, mean, scale, mask_y)
@@ -323,7 +422,12 @@ class BatchNormFunction(torch.autograd.Function):
         # With a residual and ReLU, the reduction writes the masked dy g (it is d(residual)), and
         # the dx pass then reads g instead of dy and y.
         store_g = relu and y is not None
-        if want_dw or want_db or (training and want_dx):
+        if training and want_dx and ctx.sync is None and ctx.count == 0 and plain_eager(dy, x) and single_pass(x):
+            dx, dw, db, dz = step(
+                "grad_sums_input", dy, x, mean, scale, weight, bias, y, relu, want_dw, want_db, store_g and want_dres
+            )
+            dz = dz if store_g else None
+        elif want_dw or want_db or (training and want_dx):
             sum_dy, sum_dy_xhat, dw, db, g = step(
                 "grad_sums",
                 dy,
@@ -388,12 +492,15 @@ class BatchNormFunction(torch.autograd.Function):
 
 def _grads(wants, dx, dw, db, dz) -> tuple:
     """BatchNormFunction.backward's return: the four gradients asked for (else None), then None for
-    mean, scale, eps, training, relu, count and sync."""
-    return tuple(g if w else None for w, g in zip(wants, (dx, dw, db, dz), strict=True)) + (None,) * 7
+    mean, scale, eps, training, relu, count, sync and stats."""
+    return tuple(g if w else None for w, g in zip(wants, (dx, dw, db, dz), strict=True)) + (None,) * 8
 
 
-def batch_norm(x, weight, bias, residual, mean, scale, eps, training, relu, count=0, sync=None):
-    """The layer's output through ``BatchNormFunction`` when autograd needs it, else one normalize."""
+def batch_norm(x, weight, bias, residual, mean, scale, eps, training, relu, count=0, sync=None, stats=None):
+    """The layer's output through ``BatchNormFunction`` when autograd needs it, else one normalize
+    (or one stats_normalize, with ``stats``)."""
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias, residual)):
-        return BatchNormFunction.apply(x, weight, bias, residual, mean, scale, eps, training, relu, count, sync)
+        return BatchNormFunction.apply(x, weight, bias, residual, mean, scale, eps, training, relu, count, sync, stats)
+    if stats is not None:
+        return step("stats_normalize", x, weight, bias, residual, *stats, eps, relu)[0]
     return step("normalize", x, mean, scale, weight, bias, eps, not training, residual, relu)

@@ -195,7 +195,7 @@ class SyncBatchNorm(TritonBatchNormMixin, torch.nn.SyncBatchNorm):
         # The plain layers' autograd formula and kernels, fused epilogue included, with the global
         # statistics and count, and the backward's sums all-reduced between its two passes.
         relu = self.activation == "relu"
-        return ops.BatchNormFunction.apply(
+        return ops.batch_norm(
             x, self.weight, self.bias, residual, mean, rstd, self.eps, True, relu, N, _all_reduce_sums(group)
         )
 

@@ -14,6 +14,8 @@ Files, one job each:
                 statistics updated there too); the running-stat update on its own
   normalize.py  y = (x - mean) * rstd * weight + bias (train and eval), with the fused add + ReLU
   grad.py       sum(dy), sum(dy * xhat) in one launch (dweight, dbias); dx
+  single_pass.py  the training forward and backward in one launch each, where one program owns a
+                channel block (many channels, small maps): the same code as the above, one split
 
 Reductions are deterministic: partials are merged by one program in a fixed order, and the only
 atomic is an integer ticket that picks that program.
@@ -21,9 +23,12 @@ atomic is an integer ticket that picks that program.
 
 from .grad import grad_input_kernel, grad_sums_kernel
 from .normalize import normalize_kernel
+from .single_pass import backward_kernel, forward_kernel
 from .stats import running_stats_kernel, stats_kernel
 
 __all__ = [
+    "backward_kernel",
+    "forward_kernel",
     "grad_input_kernel",
     "grad_sums_kernel",
     "normalize_kernel",

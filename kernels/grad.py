@@ -30,31 +30,48 @@ version check), as with torch's own relu, which also saves its output.
 import triton
 import triton.language as tl
 
-from .normalize import bn_affine, channel_scale, relu_keep
+from .normalize import bn_affine, channel_scale, channel_values, relu_keep
 from .tile import elementwise_tile, last_to_arrive, load_partials, split_range, sum_rs, tile_offsets
 
 
 @triton.jit
-def relu_mask(
-    x,
+def masked_dy(
+    DY,
+    X,
     Y,
     offs,
     mask,
-    MEAN,
-    B,
+    mean,
     a,
-    c,
-    cm,
+    b,
     ACC: tl.constexpr,
-    OUT_DTYPE: tl.constexpr,
     HAS_B: tl.constexpr,
+    RELU: tl.constexpr,
     MASK_FROM_Y: tl.constexpr,
 ):
-    """Where the fused ReLU let the gradient through: y > 0, read or recomputed (see the module doc)."""
-    if MASK_FROM_Y:
-        return tl.load(Y + offs, mask=mask, other=0.0).to(ACC) > 0
-    else:
-        return relu_keep(bn_affine(x, MEAN, B, a, c, cm, ACC, HAS_B), OUT_DTYPE)
+    """One tile of x and of g = dy masked by the fused ReLU (dy itself without it), in ACC. The mask
+    is y > 0 (``MASK_FROM_Y``), or the pre-activation recomputed from x, mean, a = rstd * weight and
+    bias (see the module doc)."""
+    dy = tl.load(DY + offs, mask=mask, other=0.0).to(ACC)
+    x = tl.load(X + offs, mask=mask, other=0.0).to(ACC)
+    if RELU:
+        if MASK_FROM_Y:
+            keep = tl.load(Y + offs, mask=mask, other=0.0).to(ACC) > 0
+        else:
+            keep = relu_keep(bn_affine(x, mean, a, b, HAS_B), X.dtype.element_ty)
+        dy = tl.where(keep, dy, 0.0)
+    return dy, x
+
+
+@triton.jit
+def dx_train(g, x, mean, rstd, a, sum_g, sum_g_xhat, count):
+    """The training dx of one tile from the two per-channel sums over ``count`` values: the closed
+    form a * (g - sum(g)/m - xhat * sum(g * xhat)/m) with a = rstd * weight."""
+    inv_m = 1.0 / (tl.zeros([], rstd.dtype) + count)  # count may arrive as a constant
+    xhat = (x - mean[None, :, None]) * rstd[None, :, None]
+    mean_g = (sum_g * inv_m)[None, :, None]
+    mean_g_xhat = (sum_g_xhat * inv_m)[None, :, None]
+    return a[None, :, None] * (g - mean_g - xhat * mean_g_xhat)
 
 
 @triton.jit
@@ -102,8 +119,9 @@ def grad_sums_kernel(
     c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     cm = c < C
     a = channel_scale(SCALE, W, c, cm, eps, ACC, SCALE_IS_VAR, HAS_W)  # weight * rstd: the recompute's scale
-    mean = tl.load(MEAN + c, mask=cm, other=0.0).to(ACC)[None, :, None]
-    rstd = channel_scale(SCALE, SCALE, c, cm, eps, ACC, SCALE_IS_VAR, False)[None, :, None]
+    mean = channel_values(MEAN, c, cm, ACC)
+    rstd = channel_scale(SCALE, SCALE, c, cm, eps, ACC, SCALE_IS_VAR, False)
+    b = channel_values(B, c, cm, ACC) if HAS_B else a
     # Per-lane sums, reduced once after the loop: no cross-lane work holds up the next load.
     acc_dy = tl.zeros([BLOCK_R, BLOCK_C, BLOCK_S], ACC)
     acc_dy_xhat = tl.zeros([BLOCK_R, BLOCK_C, BLOCK_S], ACC)
@@ -112,15 +130,11 @@ def grad_sums_kernel(
         offs, mask, _, _, _ = tile_offsets(
             tile, pid_c, R, C, S, stride_r, stride_c, BLOCK_R, BLOCK_C, BLOCK_S, CHANNELS_CONTIG, S_DIV
         )
-        dy = tl.load(DY + offs, mask=mask, other=0.0).to(ACC)
-        x = tl.load(X + offs, mask=mask, other=0.0).to(ACC)
-        if RELU:
-            keep = relu_mask(x, Y, offs, mask, MEAN, B, a, c, cm, ACC, X.dtype.element_ty, HAS_B, MASK_FROM_Y)
-            dy = tl.where(keep, dy, 0.0)
-            if STORE_DZ:
-                tl.store(DZ + offs, dy.to(DZ.dtype.element_ty), mask=mask)
+        dy, x = masked_dy(DY, X, Y, offs, mask, mean, a, b, ACC, HAS_B, RELU, MASK_FROM_Y)
+        if STORE_DZ:
+            tl.store(DZ + offs, dy.to(DZ.dtype.element_ty), mask=mask)
         acc_dy += dy
-        acc_dy_xhat += tl.where(mask, dy * ((x - mean) * rstd), 0.0)
+        acc_dy_xhat += tl.where(mask, dy * ((x - mean[None, :, None]) * rstd[None, :, None]), 0.0)
     plane = num_splits * C
     out = split * C + c
     tl.store(PART + out, sum_rs(acc_dy), mask=cm)
@@ -180,25 +194,20 @@ def grad_input_kernel(
         num_c_blocks, R, C, S, stride_r, stride_c, BLOCK_R, BLOCK_C, BLOCK_S, CHANNELS_CONTIG, S_DIV
     )
     a = channel_scale(SCALE, W, c, cm, eps, ACC, not TRAINING, HAS_W)
-    dy = tl.load(DY + offs, mask=mask, other=0.0).to(ACC)
+    mean = channel_values(MEAN, c, cm, ACC)
+    b = channel_values(B, c, cm, ACC) if HAS_B else a
     if TRAINING or not MASK_FROM_Y:  # xhat needs x, and so does a recomputed ReLU mask
-        x = tl.load(X + offs, mask=mask, other=0.0).to(ACC)
-    if RELU:
-        if MASK_FROM_Y:  # eval with a residual: the mask from y, no x read at all
-            keep = tl.load(Y + offs, mask=mask, other=0.0).to(ACC) > 0
-        else:
-            keep = relu_keep(bn_affine(x, MEAN, B, a, c, cm, ACC, HAS_B), X.dtype.element_ty)
-        dy = tl.where(keep, dy, 0.0)
-        if STORE_DZ:
-            tl.store(DZ + offs, dy.to(DZ.dtype.element_ty), mask=mask)
+        dy, x = masked_dy(DY, X, Y, offs, mask, mean, a, b, ACC, HAS_B, RELU, MASK_FROM_Y)
+    else:  # eval with a residual: the mask from y, no x read at all
+        dy = tl.load(DY + offs, mask=mask, other=0.0).to(ACC)
+        dy = tl.where(tl.load(Y + offs, mask=mask, other=0.0).to(ACC) > 0, dy, 0.0)
+    if RELU and STORE_DZ:
+        tl.store(DZ + offs, dy.to(DZ.dtype.element_ty), mask=mask)
     if TRAINING:
-        inv_m = 1.0 / (tl.zeros([], ACC) + count)  # count may arrive as a constant
-        rstd = tl.load(SCALE + c, mask=cm, other=0.0).to(ACC)
-        mean = tl.load(MEAN + c, mask=cm, other=0.0).to(ACC)
-        mean_dy = tl.load(SUM_DY + c, mask=cm, other=0.0) * inv_m
-        mean_dy_xhat = tl.load(SUM_DY_XHAT + c, mask=cm, other=0.0) * inv_m
-        xhat = (x - mean[None, :, None]) * rstd[None, :, None]
-        dx = a[None, :, None] * (dy - mean_dy[None, :, None] - xhat * mean_dy_xhat[None, :, None])
+        rstd = channel_values(SCALE, c, cm, ACC)
+        sum_dy = channel_values(SUM_DY, c, cm, ACC)
+        sum_dy_xhat = channel_values(SUM_DY_XHAT, c, cm, ACC)
+        dx = dx_train(dy, x, mean, rstd, a, sum_dy, sum_dy_xhat, count)
     else:
         dx = dy * a[None, :, None]
     if STORE_DX:

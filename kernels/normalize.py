@@ -32,13 +32,44 @@ def channel_scale(SCALE, W, c, cm, eps, ACC: tl.constexpr, SCALE_IS_VAR: tl.cons
 
 
 @triton.jit
-def bn_affine(x, MEAN, B, a, c, cm, ACC: tl.constexpr, HAS_B: tl.constexpr):
-    """(x - mean) * a + bias on a tile (x already in ACC); forward and the backward's recompute share it."""
-    x = x - tl.load(MEAN + c, mask=cm, other=0.0).to(ACC)[None, :, None]
-    y = x * a[None, :, None]
+def channel_values(PTR, c, cm, ACC: tl.constexpr):
+    """A per-channel tensor's values for channels c ([BLOCK_C], in ACC; 0 for channels past C)."""
+    return tl.load(PTR + c, mask=cm, other=0.0).to(ACC)
+
+
+@triton.jit
+def bn_affine(x, mean, a, b, HAS_B: tl.constexpr):
+    """(x - mean) * a + bias on a tile (x in ACC; mean, a, b per channel [BLOCK_C]). The forward and
+    the backward's recompute of the pre-activation share it: the same code gives the same bits."""
+    y = (x - mean[None, :, None]) * a[None, :, None]
     if HAS_B:
-        y = y + tl.load(B + c, mask=cm, other=0.0).to(ACC)[None, :, None]
+        y = y + b[None, :, None]
     return y
+
+
+@triton.jit
+def normalize_tile(
+    X,
+    Y,
+    RES,
+    offs,
+    mask,
+    mean,
+    a,
+    b,
+    ACC: tl.constexpr,
+    HAS_B: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr,
+    RELU: tl.constexpr,
+):
+    """y = act(bn_affine(x) + residual) for one tile, stored in Y's dtype."""
+    x = tl.load(X + offs, mask=mask, other=0.0).to(ACC)
+    y = bn_affine(x, mean, a, b, HAS_B)
+    if HAS_RESIDUAL:
+        y = y + tl.load(RES + offs, mask=mask, other=0.0).to(ACC)
+    if RELU:
+        y = relu(y)
+    tl.store(Y + offs, y.to(Y.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -90,10 +121,6 @@ def normalize_kernel(
         num_c_blocks, R, C, S, stride_r, stride_c, BLOCK_R, BLOCK_C, BLOCK_S, CHANNELS_CONTIG, S_DIV
     )
     a = channel_scale(SCALE, W, c, cm, eps, ACC, SCALE_IS_VAR, HAS_W)
-    x = tl.load(X + offs, mask=mask, other=0.0).to(ACC)
-    y = bn_affine(x, MEAN, B, a, c, cm, ACC, HAS_B)
-    if HAS_RESIDUAL:
-        y = y + tl.load(RES + offs, mask=mask, other=0.0).to(ACC)
-    if RELU:
-        y = relu(y)
-    tl.store(Y + offs, y.to(Y.dtype.element_ty), mask=mask)
+    mean = channel_values(MEAN, c, cm, ACC)
+    b = channel_values(B, c, cm, ACC) if HAS_B else a
+    normalize_tile(X, Y, RES, offs, mask, mean, a, b, ACC, HAS_B, HAS_RESIDUAL, RELU)

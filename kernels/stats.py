@@ -69,6 +69,65 @@ def update_running(
 
 
 @triton.jit
+def block_stats(
+    X,
+    pid_c,
+    first,
+    last,
+    R,
+    C,
+    S,
+    stride_r,
+    stride_c,
+    ACC: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+    CHANNELS_CONTIG: tl.constexpr,
+    S_DIV: tl.constexpr,
+    UNIFORM_S: tl.constexpr,
+):
+    """(count, mean, M2) of channel block ``pid_c`` over tiles [first, last): per-lane Welford in the
+    loop (no cross-lane work holds up the next load), the lanes merged once after it."""
+    # Per-lane counts: per row when every tile has the same valid spatial columns (UNIFORM_S: the
+    # launcher's BLOCK_S covers S or divides it), else per (row, column).
+    if UNIFORM_S:
+        n = tl.zeros([BLOCK_R, 1, 1], ACC)
+    else:
+        n = tl.zeros([BLOCK_R, 1, BLOCK_S], ACC)
+    mean = tl.zeros([BLOCK_R, BLOCK_C, BLOCK_S], ACC)
+    m2 = tl.zeros([BLOCK_R, BLOCK_C, BLOCK_S], ACC)
+    for tile in range(first, last):
+        offs, mask, _, rows, cols = tile_offsets(
+            tile, pid_c, R, C, S, stride_r, stride_c, BLOCK_R, BLOCK_C, BLOCK_S, CHANNELS_CONTIG, S_DIV
+        )
+        x = tl.load(X + offs, mask=mask, other=0.0).to(ACC)
+        if UNIFORM_S:
+            n, mean, m2 = welford_lanes(n, mean, m2, x, rows)
+        else:
+            n, mean, m2 = welford_lanes(n, mean, m2, x, rows & cols)
+    if UNIFORM_S:  # the columns past S never held values: no count there
+        n = n * (tl.arange(0, BLOCK_S) < S).to(ACC)[None, None, :]
+    c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    cm = c < C
+    # Each channel's first value (row 0, position 0): the reference the lane means are merged around.
+    # Channels contiguous: offset c (no int64 multiply by stride_c = 1: 8 fewer registers, sm_90).
+    if CHANNELS_CONTIG:
+        ref = tl.load(X + c, mask=cm, other=0.0).to(ACC)
+    else:
+        ref = tl.load(X + c.to(tl.int64) * stride_c, mask=cm, other=0.0).to(ACC)
+    return merge_lanes(n, mean, m2, ref)
+
+
+@triton.jit
+def count_batch(NUM_BATCHES, TICKET):
+    """num_batches_tracked += 1, by the last of the programs that take ``TICKET`` (each after its
+    reads of num_batches_tracked), so that every one of them read the old count."""
+    if last_to_arrive(TICKET, tl.num_programs(0)):
+        tl.store(NUM_BATCHES, tl.load(NUM_BATCHES) + 1)
+
+
+@triton.jit
 def stats_kernel(
     X,  # input, viewed as (R, C, S)
     PART,  # [3, SPLIT, C] acc dtype workspace: count, mean, M2 of each split
@@ -105,35 +164,27 @@ def stats_kernel(
 ):
     pid_c = tl.program_id(0)
     split = tl.program_id(1)
-    # Per-lane counts: per row when every tile has the same valid spatial columns (UNIFORM_S: the
-    # launcher's BLOCK_S covers S or divides it), else per (row, column).
-    if UNIFORM_S:
-        n = tl.zeros([BLOCK_R, 1, 1], ACC)
-    else:
-        n = tl.zeros([BLOCK_R, 1, BLOCK_S], ACC)
-    mean = tl.zeros([BLOCK_R, BLOCK_C, BLOCK_S], ACC)
-    m2 = tl.zeros([BLOCK_R, BLOCK_C, BLOCK_S], ACC)
     first, last = split_range(split, num_tiles, num_splits)
-    for tile in range(first, last):
-        offs, mask, _, rows, cols = tile_offsets(
-            tile, pid_c, R, C, S, stride_r, stride_c, BLOCK_R, BLOCK_C, BLOCK_S, CHANNELS_CONTIG, S_DIV
-        )
-        x = tl.load(X + offs, mask=mask, other=0.0).to(ACC)
-        if UNIFORM_S:
-            n, mean, m2 = welford_lanes(n, mean, m2, x, rows)
-        else:
-            n, mean, m2 = welford_lanes(n, mean, m2, x, rows & cols)
-    if UNIFORM_S:  # the columns past S never held values: no count there
-        n = n * (tl.arange(0, BLOCK_S) < S).to(ACC)[None, None, :]
+    n_s, mean_s, m2_s = block_stats(
+        X,
+        pid_c,
+        first,
+        last,
+        R,
+        C,
+        S,
+        stride_r,
+        stride_c,
+        ACC,
+        BLOCK_R,
+        BLOCK_C,
+        BLOCK_S,
+        CHANNELS_CONTIG,
+        S_DIV,
+        UNIFORM_S,
+    )
     c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     cm = c < C
-    # Each channel's first value (row 0, position 0): the reference the lane means are merged around.
-    # Channels contiguous: offset c (no int64 multiply by stride_c = 1: 8 fewer registers, sm_90).
-    if CHANNELS_CONTIG:
-        ref = tl.load(X + c, mask=cm, other=0.0).to(ACC)
-    else:
-        ref = tl.load(X + c.to(tl.int64) * stride_c, mask=cm, other=0.0).to(ACC)
-    n_s, mean_s, m2_s = merge_lanes(n, mean, m2, ref)
     plane = num_splits * C
     out = split * C + c
     tl.store(PART + out, n_s, mask=cm)
@@ -172,11 +223,8 @@ def stats_kernel(
                 CUMULATIVE,
                 COUNT_BATCH,
             )
-        if COUNT_BATCH:
-            # num_batches_tracked += 1, once all channel blocks have read it: a second ticket, taken
-            # by the last program of each channel block after its reads.
-            if last_to_arrive(COUNTER + tl.num_programs(0), tl.num_programs(0)):
-                tl.store(NUM_BATCHES, tl.load(NUM_BATCHES) + 1)
+        if COUNT_BATCH:  # the second ticket: one per channel block's last program
+            count_batch(NUM_BATCHES, COUNTER + tl.num_programs(0))
 
 
 @triton.jit

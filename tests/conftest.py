@@ -54,3 +54,25 @@ def torch_bn_forbidden(monkeypatch):
                     setattr(mod, name, forbidden)
 
     return Guard()
+
+
+@pytest.fixture(params=["split", "single_pass"])
+def path(request, monkeypatch):
+    """Both training paths: the split kernels (two launches per pass), and the single-pass kernels
+    (one; taken where ops.single_pass(x) holds: a test's tiny inputs mostly qualify)."""
+    from bn_triton import _config
+
+    monkeypatch.setattr(_config, "SINGLE_PASS", request.param == "single_pass")
+    return request.param
+
+
+@pytest.fixture
+def h100(monkeypatch):
+    """bn_triton's launch settings for an H100 (132 SMs, 50 MB of L2) on any machine."""
+    from bn_triton import _config
+
+    monkeypatch.setattr(_config, "sm_count", lambda index: 132)
+    monkeypatch.setattr(_config, "l2_bytes", lambda index: 50 * 2**20)
+    _config._cuda_target.cache_clear()
+    yield torch.device("cuda", 0)
+    _config._cuda_target.cache_clear()

@@ -168,10 +168,22 @@ def _opcheck_cases(device):
         ),
         ("update_running_stats", ops.update_running_stats, (rm.clone(), rv.clone(), mean, var, 0.1, 8, None)),
         ("update_running_stats", ops.update_running_stats, (rm.clone(), rv.clone(), mean, var, None, 8, nbt)),
+        (
+            "stats_normalize",
+            ops.stats_normalize,
+            (x, w, b, None, rm.clone(), rv.clone(), nbt.clone(), 0.1, True, 1e-5, False),
+        ),
+        (
+            "stats_normalize",
+            ops.stats_normalize,
+            (x_cl, None, None, x_cl.clone(), rm.double(), rv.double(), nbt.clone(), None, True, 1e-3, True),
+        ),
+        ("grad_sums_input", ops.grad_sums_input, (dy, x, mean, rstd, w, b, None, False, True, True, False)),
+        ("grad_sums_input", ops.grad_sums_input, (dy, x, mean, rstd, w, b, y_fused, True, True, False, True)),
     ]
 
 
-@pytest.mark.parametrize("case", range(11))
+@pytest.mark.parametrize("case", range(15))
 def test_opcheck(case, device):
     name, op, args = _opcheck_cases(device)[case]
     results = torch.library.opcheck(op, args)

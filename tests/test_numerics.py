@@ -35,18 +35,17 @@ def test_split_reduction_merges_partials(layout, many_splits, device):
     assert_close(xg.grad, dx_ref, torch.float32, scale=4, what="dx")
 
 
-def test_launch_config_fills_the_gpu_at_small_c(monkeypatch):
+def test_launch_config_fills_the_gpu_at_small_c(h100):
     """At C=64 one program per channel leaves most of a 132-SM GPU idle; the split must not, and
     it must not overshoot one wave of PROGRAMS_PER_SM programs per SM either."""
-    monkeypatch.setattr(_config, "sm_count", lambda index: 132)
     geom = _config.Geometry(
         R=256, C=64, S=112 * 112, stride_r=64 * 112 * 112, stride_c=112 * 112, channels_contig=False
     )
-    cfg = _config.launch_config(geom, torch.device("cuda", 0))
+    cfg = _config.launch_config(geom, h100)
     wave = 132 * _config.PROGRAMS_PER_SM
     assert wave - cfg.num_c_blocks < cfg.num_c_blocks * cfg.num_splits <= wave
     cl = _config.Geometry(R=256 * 56 * 56, C=64, S=1, stride_r=64, stride_c=1, channels_contig=True)
-    cfg = _config.launch_config(cl, torch.device("cuda", 0))
+    cfg = _config.launch_config(cl, h100)
     wave = 132 * _config.PROGRAMS_PER_SM
     assert wave - cfg.num_c_blocks < cfg.num_c_blocks * cfg.num_splits <= wave
 

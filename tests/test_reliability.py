@@ -17,7 +17,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import bn_triton
 from bn_triton import _config, kernels, launch, reference
-from tests.helpers import assert_close, make, np64
+from tests.helpers import assert_close, make, np64, train_launches
 
 
 def _clones(*ts):
@@ -184,7 +184,7 @@ class _RecordingKernel:
         return lambda *args, **kwargs: self.record.append((self.name, args, kwargs))
 
 
-def test_float64_kernels_get_no_fp32_rounded_floats(device, monkeypatch):
+def test_float64_kernels_get_no_fp32_rounded_floats(device, monkeypatch, path):
     """Compiled for a GPU, Triton types a Python float argument as fp32. (The interpreter keeps the
     Python float: that is why the value tests above pass under it on d78ce61, while on an H100 they
     do not.) So no float reaching a kernel of a float64 call may lose digits in fp32: eps, momentum,
@@ -201,7 +201,8 @@ def test_float64_kernels_get_no_fp32_rounded_floats(device, monkeypatch):
         y = bn_triton.batch_norm(x, rm, rv, w, b, training=training, momentum=0.1, eps=1e-5)
         y.backward(torch.ones_like(y))
     bn_triton.BatchNorm1d(2, momentum=None, dtype=torch.float64, device=device)(x.detach())
-    assert len(record) >= 7  # 2 + 2 (training), 1 + 1 (eval), 1 (the module's statistics) at least
+    # training forward + backward: 2 + 2 (split) or 1 + 1 (single pass); eval 1 + 1; the module 1 or more
+    assert len(record) >= (7 if path == "split" else 5)
     rounded = {
         (name, v)
         for name, args, kwargs in record
@@ -397,7 +398,6 @@ MODULE_CASES = [
     (bn_triton.BatchNorm3d, (2, 3, 2, 3, 4), torch.channels_last_3d),
 ]
 MODULE_IDS = ["1d-NC", "1d-NCL", "2d-NCHW", "2d-channels_last", "3d-NCDHW", "3d-channels_last_3d"]
-FWD, BWD = {"stats": 1, "normalize": 1}, {"grad_sums": 1, "grad_input": 1}
 
 
 def _input(shape, fmt, device, seed):
@@ -414,11 +414,14 @@ def _launches(fn) -> tuple:
 
 
 @pytest.mark.parametrize("cls,shape,fmt", MODULE_CASES, ids=MODULE_IDS)
-def test_launch_counts_modules(cls, shape, fmt, device):
+def test_launch_counts_modules(cls, shape, fmt, device, path):
     """Training forward 2 launches (stats, with the running statistics and num_batches_tracked
-    updated inside it, and normalize), backward 2, eval forward 1, eval backward of dx alone 1."""
+    updated inside it, and normalize), backward 2; 1 each on the single-pass path. Eval forward 1,
+    eval backward of dx alone 1."""
     m = cls(3, device=device)
     x = _input(shape, fmt, device, 140)
+    FWD, BWD = train_launches(x)
+    assert ("forward" in FWD) == (path == "single_pass")
     rm, rv = _clones(m.running_mean, m.running_var)
     counts, y = _launches(lambda: m(x))
     assert counts == FWD
@@ -437,9 +440,12 @@ def test_launch_counts_modules(cls, shape, fmt, device):
 
 
 @pytest.mark.parametrize("fmt", [None, torch.channels_last], ids=["NCHW", "channels_last"])
-def test_launch_counts_functional(fmt, device):
-    """The same counts through bn_triton.batch_norm: the running statistics are updated by "stats"."""
+def test_launch_counts_functional(fmt, device, path):
+    """The same counts through bn_triton.batch_norm: the running statistics are updated by "stats"
+    (or "forward")."""
     x = _input((2, 3, 4, 5), fmt, device, 142)
+    FWD, BWD = train_launches(x)
+    assert ("forward" in FWD) == (path == "single_pass")
     w = make((3,), torch.float32, device, offset=1.0, seed=143).requires_grad_()
     b = make((3,), torch.float32, device, seed=144).requires_grad_()
     rm, rv = torch.zeros(3, device=device), torch.ones(3, device=device)
@@ -514,7 +520,7 @@ class _StubKernel:
 
 @pytest.mark.parametrize("api", ["module", "functional"])
 @pytest.mark.parametrize("fmt", [None, torch.channels_last], ids=["NCHW", "channels_last"])
-def test_no_torch_kernels_in_plain_eager(api, fmt, device, monkeypatch):
+def test_no_torch_kernels_in_plain_eager(api, fmt, device, monkeypatch, path):
     """Plain eager mode (the route users take), seen by the profiler, with our kernels stubbed so the
     interpreter's conversions do not show: the library's own torch ops are allocations only.
 
@@ -528,7 +534,10 @@ def test_no_torch_kernels_in_plain_eager(api, fmt, device, monkeypatch):
     run = _module_or_functional(api, fmt, device)
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         run()
-    assert record == ["stats_kernel", "normalize_kernel", "grad_sums_kernel", "grad_input_kernel"]
+    if path == "split":
+        assert record == ["stats_kernel", "normalize_kernel", "grad_sums_kernel", "grad_input_kernel"]
+    else:
+        assert record == ["forward_kernel", "backward_kernel"]
     aten = {e.name.removeprefix("aten::") for e in prof.events() if e.name.startswith("aten::")}
     assert aten <= ALLOWED_ATEN, f"torch ops on the path: {sorted(aten - ALLOWED_ATEN)}"
 

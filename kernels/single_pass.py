@@ -1,0 +1,191 @@
+"""Training forward and backward in one launch each, for inputs where one program owns a channel block.
+
+When the channel blocks alone fill the GPU (the split reductions would take one split per block:
+many channels, small maps, e.g. ResNet's 2048 x 7 x 7), a program can do the whole layer for its
+block: reduce, then run the elementwise pass over the same tiles. Nothing has to be merged across
+programs, so there is no partial workspace, no ticket (except num_batches_tracked's), and no second
+launch. In DRAM bytes (B: one full tensor):
+
+  forward:  the split path reads x twice and writes y: 3B; here x is read once from DRAM and again
+            while the block is still in L2 (the launcher takes this path only where the resident
+            programs' blocks fit in L2): 2B.
+  backward: the split path reads x and dy twice and writes dx: 5B; here 3B.
+
+Where the second read misses L2 the bytes are those of the split path, with one launch fewer.
+Each phase runs the same code as the split kernels (kernels/stats.py block_stats,
+normalize.normalize_tile, grad.masked_dy and dx_train) on one split: with the same tiles (always
+under the interpreter; on a GPU the forward's are smaller, see bn_triton/_config.py) the results
+are bitwise those of the two-launch path.
+
+One program per channel block, not a persistent grid walking several: compiled for sm_90, a loop
+over blocks around the two phases keeps their loop-invariant addresses (row offsets, the reduction's
+shared-memory slots) live throughout, 79 -> 116 registers for the forward and 48 -> 103 for the
+backward (bench/inspect_sass.py, 2048@7 fp32).
+"""
+
+import triton
+import triton.language as tl
+
+from .grad import dx_train, masked_dy
+from .normalize import channel_values, normalize_tile
+from .stats import block_stats, count_batch, update_running
+from .tile import acc_scalar, inv_sqrt, sum_rs, tile_offsets
+
+
+@triton.jit
+def forward_kernel(
+    X,  # input, viewed as (R, C, S)
+    Y,  # out, same strides as X
+    MEAN,  # [C] out, acc dtype
+    RSTD,  # [C] out
+    W,  # [C] weight (unused unless HAS_W)
+    B,  # [C] bias (unused unless HAS_B)
+    RUNNING_MEAN,  # [C] updated in place when HAS_RUNNING (strided, any float dtype)
+    RUNNING_VAR,
+    NUM_BATCHES,  # int64 scalar tensor: read when CUMULATIVE, incremented when COUNT_BATCH
+    TICKET,  # int32, zero between launches: num_batches_tracked's ticket (COUNT_BATCH)
+    R,
+    C,
+    S,
+    stride_r,
+    stride_c,
+    num_tiles,  # tiles of the (R, S) plane: all of them belong to this program's channel block
+    eps,  # acc-dtype scalars (see tile.acc_scalar)
+    momentum,
+    stride_rm,
+    stride_rv,
+    ACC: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+    CHANNELS_CONTIG: tl.constexpr,
+    S_DIV: tl.constexpr,
+    UNIFORM_S: tl.constexpr,
+    HAS_W: tl.constexpr,
+    HAS_B: tl.constexpr,
+    HAS_RUNNING: tl.constexpr = False,
+    CUMULATIVE: tl.constexpr = False,
+    COUNT_BATCH: tl.constexpr = False,
+    RES=None,  # residual, same strides as X (unused unless HAS_RESIDUAL)
+    HAS_RESIDUAL: tl.constexpr = False,
+    RELU: tl.constexpr = False,
+):
+    pid_c = tl.program_id(0)
+    n, mean, m2 = block_stats(
+        X,
+        pid_c,
+        0,
+        num_tiles,
+        R,
+        C,
+        S,
+        stride_r,
+        stride_c,
+        ACC,
+        BLOCK_R,
+        BLOCK_C,
+        BLOCK_S,
+        CHANNELS_CONTIG,
+        S_DIV,
+        UNIFORM_S,
+    )
+    c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    cm = c < C
+    var = m2 / tl.where(n > 0, n, 1.0)
+    rstd = inv_sqrt(var + acc_scalar(eps, ACC))
+    tl.store(MEAN + c, mean, mask=cm)
+    tl.store(RSTD + c, rstd, mask=cm)
+    if HAS_RUNNING:
+        update_running(
+            RUNNING_MEAN,
+            RUNNING_VAR,
+            NUM_BATCHES,
+            c,
+            cm,
+            mean,
+            var,
+            n,
+            acc_scalar(momentum, ACC),
+            stride_rm,
+            stride_rv,
+            CUMULATIVE,
+            COUNT_BATCH,
+        )
+    if COUNT_BATCH:
+        count_batch(NUM_BATCHES, TICKET)
+    a = rstd * channel_values(W, c, cm, ACC) if HAS_W else rstd
+    b = channel_values(B, c, cm, ACC) if HAS_B else a
+    for tile in range(0, num_tiles):  # the same tiles again: from L2
+        offs, mask, _, _, _ = tile_offsets(
+            tile, pid_c, R, C, S, stride_r, stride_c, BLOCK_R, BLOCK_C, BLOCK_S, CHANNELS_CONTIG, S_DIV
+        )
+        normalize_tile(X, Y, RES, offs, mask, mean, a, b, ACC, HAS_B, HAS_RESIDUAL, RELU)
+
+
+@triton.jit
+def backward_kernel(
+    DY,  # grad of the output, same strides as X
+    X,  # input, viewed as (R, C, S)
+    DX,  # out, same strides as X (when STORE_DX)
+    MEAN,  # [C] batch mean
+    RSTD,  # [C] batch rstd
+    W,  # [C] weight (unused unless HAS_W)
+    DW,  # [C] out in the weight's dtype: sum(g * xhat) (when HAS_DW)
+    DB,  # [C] out in the bias's dtype: sum(g) (when HAS_DB)
+    R,
+    C,
+    S,
+    stride_r,
+    stride_c,
+    num_tiles,
+    count,  # values per channel (R * S; an int64 when large)
+    ACC: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+    CHANNELS_CONTIG: tl.constexpr,
+    S_DIV: tl.constexpr,
+    HAS_W: tl.constexpr,
+    HAS_DW: tl.constexpr = False,
+    HAS_DB: tl.constexpr = False,
+    Y=None,  # forward output (read when MASK_FROM_Y)
+    B=None,  # [C] bias: to recompute the pre-activation (RELU and not MASK_FROM_Y)
+    DZ=None,  # out: g, the masked dy, d(residual) (when STORE_DZ)
+    RELU: tl.constexpr = False,
+    MASK_FROM_Y: tl.constexpr = False,
+    HAS_B: tl.constexpr = False,
+    STORE_DZ: tl.constexpr = False,
+    STORE_DX: tl.constexpr = True,
+):
+    pid_c = tl.program_id(0)
+    c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    cm = c < C
+    mean = channel_values(MEAN, c, cm, ACC)
+    rstd = channel_values(RSTD, c, cm, ACC)
+    a = rstd * channel_values(W, c, cm, ACC) if HAS_W else rstd
+    b = channel_values(B, c, cm, ACC) if HAS_B else a
+    acc_g = tl.zeros([BLOCK_R, BLOCK_C, BLOCK_S], ACC)
+    acc_g_xhat = tl.zeros([BLOCK_R, BLOCK_C, BLOCK_S], ACC)
+    for tile in range(0, num_tiles):
+        offs, mask, _, _, _ = tile_offsets(
+            tile, pid_c, R, C, S, stride_r, stride_c, BLOCK_R, BLOCK_C, BLOCK_S, CHANNELS_CONTIG, S_DIV
+        )
+        g, x = masked_dy(DY, X, Y, offs, mask, mean, a, b, ACC, HAS_B, RELU, MASK_FROM_Y)
+        if STORE_DZ:
+            tl.store(DZ + offs, g.to(DZ.dtype.element_ty), mask=mask)
+        acc_g += g
+        acc_g_xhat += tl.where(mask, g * ((x - mean[None, :, None]) * rstd[None, :, None]), 0.0)
+    sum_g = sum_rs(acc_g)
+    sum_g_xhat = sum_rs(acc_g_xhat)
+    if HAS_DW:
+        tl.store(DW + c, sum_g_xhat.to(DW.dtype.element_ty), mask=cm)
+    if HAS_DB:
+        tl.store(DB + c, sum_g.to(DB.dtype.element_ty), mask=cm)
+    if STORE_DX:
+        for tile in range(0, num_tiles):  # the same tiles again: from L2; g recomputed, same bits
+            offs, mask, _, _, _ = tile_offsets(
+                tile, pid_c, R, C, S, stride_r, stride_c, BLOCK_R, BLOCK_C, BLOCK_S, CHANNELS_CONTIG, S_DIV
+            )
+            g, x = masked_dy(DY, X, Y, offs, mask, mean, a, b, ACC, HAS_B, RELU, MASK_FROM_Y)
+            dx = dx_train(g, x, mean, rstd, a, sum_g, sum_g_xhat, count)
+            tl.store(DX + offs, dx.to(DX.dtype.element_ty), mask=mask)
