@@ -41,7 +41,10 @@ def parse_args(argv):
         f"(default {','.join(suite.DEFAULT_CONFIGS)})",
     )
     p.add_argument("--passes", help=f"comma-separated from {', '.join(suite.PASSES)} (default all)")
-    p.add_argument("--impls", help=f"comma-separated from {', '.join(impls.IMPLS)} (default all)")
+    p.add_argument(
+        "--impls",
+        help=f"comma-separated from {', '.join(impls.IMPLS + impls.EXTRA_IMPLS)} (default: {', '.join(impls.IMPLS)})",
+    )
     p.add_argument(
         "--out",
         help="output folder (default on a GPU: bench/results/<gpu-name>-<date>/ in a clone, "
@@ -118,7 +121,8 @@ def main(argv=None) -> int:
     from . import impls, report, runner, suite
 
     try:
-        impl_names = suite.parse_list(args.impls, impls.IMPLS, "implementation") if args.impls else list(impls.IMPLS)
+        known = impls.IMPLS + impls.EXTRA_IMPLS
+        impl_names = suite.parse_list(args.impls, known, "implementation") if args.impls else list(impls.IMPLS)
         passes = suite.parse_list(args.passes, suite.PASSES, "pass") if args.passes else list(suite.PASSES)
         default_shapes = suite.QUICK_SHAPES if args.quick else [s.name for s in suite.SUITE_V1]
         shape_tokens = args.shapes.split(",") if args.shapes else default_shapes

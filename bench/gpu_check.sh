@@ -2,9 +2,10 @@
 # One call on a GPU machine, within 8 minutes on an H100: (1) the GPU and versions, (2) the whole
 # test suite on the GPU, GPU-only tests included (not the Triton interpreter), (3) the ResNet-50
 # training step (python -m bench.e2e), (4) suite v1 (python -m bench: wall, host and device time),
-# (5) the host cost per call and its cProfile (bench/overhead.py --profile), (6) the comparison against
-# torch.compile (python -m bench --quick --impls bn_triton,compile), then
-# a summary, printed last.
+# (5) the host cost per call and its cProfile (bench/overhead.py --profile) and the single-pass kernels
+# against the split path on the shapes they serve (--impls bn_triton,bn_triton_split,native), (6) the
+# comparison against torch.compile (python -m bench --quick --impls bn_triton,compile), then a
+# summary, printed last.
 #
 #   bash bench/gpu_check.sh [--out DIR]      (from anywhere; default DIR: bench/results/<gpu-name>-<date>/)
 #
@@ -15,7 +16,8 @@
 #   overview.png   suite v1 on one page        plots.tar.gz the per-pass PNGs and the rest: pytest.xml
 #                  (JUnit), e2e.md, the comparison's summary.md/env.json/PNGs, precompile.log
 # Time: every stage runs under `timeout`, and the limits add up to GPU_CHECK_TOTAL_S (465 s) even if
-# one hangs. Planned limits (seconds): tests 190, e2e 90, suite v1 90, compile comparison 60 (of it ~20 s for the host-cost profile);
+# one hangs. Planned limits (seconds): tests 160, e2e 90, suite v1 90, compile comparison 90 (of it ~20 s for
+# the host-cost profile and ~30 s for the single-pass comparison);
 # the time a stage leaves unused goes to the next one. The benches get --budget-s below their limit
 # (start no new case after it), so they end on their own with partial results recorded. While the
 # tests run (CPU-bound: Triton compiles), a background run of the e2e steps, untimed, fills the
@@ -37,17 +39,17 @@ PY=${PYTHON:-python3}
 TOTAL_S=${GPU_CHECK_TOTAL_S:-465}
 STAGES=${GPU_CHECK_STAGES:-tests,e2e,bench,compare}
 # Planned limits in seconds, in the order the stages run.
-PLAN_TESTS=190
+PLAN_TESTS=160
 PLAN_E2E=90
 PLAN_BENCH=90
-PLAN_COMPARE=60
+PLAN_COMPARE=90
 
 OUT=""
 while [ $# -gt 0 ]; do
   case "$1" in
     --out) OUT="${2:?--out needs a folder}"; shift 2 ;;
     --out=*) OUT="${1#--out=}"; shift ;;
-    -h|--help) sed -n '2,32p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,34p' "$0"; exit 0 ;;
     *) echo "gpu_check.sh: unknown argument $1 (usage: bash bench/gpu_check.sh [--out DIR])" >&2; exit 2 ;;
   esac
 done
@@ -260,6 +262,12 @@ print('bn_triton from', bn_triton.__file__, '| kernels from', bn_triton.kernels.
       echo "== 5. host cost per call and its cProfile (bench/overhead.py --profile 200; limit 25 s)"
       (cd "$run_dir" && timeout -k 5 20 "$PY" bench/overhead.py --shape 32,64,14,14 --calls 100 --repeats 3 \
         --profile 200) || echo "host profile: exit status $?"
+      echo
+      echo "== 5b. single-pass kernels against the split path (BN_TRITON_SINGLE_PASS off: bn_triton_split; limit 35 s)"
+      (cd "$run_dir" && timeout -k 5 35 "$PY" -m bench --shapes 2048@7,512@7 --dtypes fp32-nchw,bf16-nchw \
+        --impls bn_triton,bn_triton_split,native --no-fused --warmup-ms 10 --rep-ms 30 --budget-s 20 \
+        --out "$WORK/single_pass") || echo "single-pass comparison: exit status $?"
+      [ -f "$WORK/single_pass/results.csv" ] && mv "$WORK/single_pass/results.csv" "$WORK/extras/single_pass.csv"
       lim=$(limit_for compare)
     fi
     echo
@@ -307,6 +315,7 @@ pack_and_summarize() {
     [ -f "$WORK/compare/$f" ] && mv "$WORK/compare/$f" "$WORK/extras/compile_$f"
   done
   [ -f "$WORK/bench/summary.md" ] && cp "$WORK/bench/summary.md" "$WORK/extras/suite_summary.md"
+  [ -f "$WORK/single_pass/summary.md" ] && cp "$WORK/single_pass/summary.md" "$WORK/extras/single_pass_summary.md"
   tar -czf "$OUT/plots.tar.gz" -C "$WORK/extras" . || echo "gpu_check.sh: packing plots.tar.gz failed"
 
   {
@@ -321,7 +330,8 @@ pack_and_summarize() {
       echo
       grep -E '^(FAILED|ERROR) ' "$WORK/pytest.out" | sed 's/^/- /'
     fi
-    for f in "$WORK/extras/e2e.md" "$WORK/bench/summary.md" "$WORK/extras/compile_summary.md"; do
+    for f in "$WORK/extras/e2e.md" "$WORK/bench/summary.md" "$WORK/extras/single_pass_summary.md" \
+      "$WORK/extras/compile_summary.md"; do
       if [ -f "$f" ]; then
         echo
         cat "$f"

@@ -5,6 +5,9 @@ residual=None) -> y`` with momentum and eps fixed; with a residual it computes r
 (the fused workload, suite.FUSED). runner.py builds every pass from it, the same way for all:
 
   bn_triton  bn_triton.batch_norm (with a residual: its fused add + ReLU epilogue)
+  bn_triton_split  the same with its single-pass kernels off (bn_triton/_config.py SINGLE_PASS):
+             the split path everywhere; on request only (--impls), to measure what the single pass
+             does on the inputs it serves (on the others the two rows are the same kernels)
   cudnn      torch.nn.functional.batch_norm (then + residual, relu), eager, cuDNN enabled. torch
              still routes some inputs to its native kernels (2-D inputs; bf16, and fp16 with fp16
              weights, in the torch versions we know): detect_backend() records what actually ran
@@ -29,6 +32,7 @@ MOMENTUM = 0.1
 EPS = 1e-5
 
 IMPLS = ("bn_triton", "cudnn", "native", "compile")
+EXTRA_IMPLS = ("bn_triton_split",)  # run only when named
 
 
 def torch_bn(x, running_mean, running_var, weight, bias, training: bool, residual=None):
@@ -49,6 +53,7 @@ class Impl:
     fn: Callable
     cudnn: bool | None = None  # torch.backends.cudnn.enabled while this runs; None: leave as is
     compiled: bool = False
+    single_pass: bool | None = None  # bn_triton's single-pass kernels on or off; None: leave as is
 
     @contextlib.contextmanager
     def active(self):
@@ -64,6 +69,11 @@ class Impl:
                 saved = torch.backends.cudnn.enabled
                 torch.backends.cudnn.enabled = self.cudnn
                 stack.callback(setattr, torch.backends.cudnn, "enabled", saved)
+            if self.single_pass is not None:
+                from bn_triton import _config
+
+                stack.callback(setattr, _config, "SINGLE_PASS", _config.SINGLE_PASS)
+                _config.SINGLE_PASS = self.single_pass
             yield
 
 
@@ -71,6 +81,8 @@ def make_impl(name: str, compile_backend: str = "inductor") -> Impl:
     """A fresh implementation for one case (for ``compile``: a fresh compiled function)."""
     if name == "bn_triton":
         return Impl(name, triton_bn)
+    if name == "bn_triton_split":
+        return Impl(name, triton_bn, single_pass=False)
     if name == "cudnn":
         return Impl(name, torch_bn, cudnn=True)
     if name == "native":
@@ -80,7 +92,7 @@ def make_impl(name: str, compile_backend: str = "inductor") -> Impl:
         # cuDNN stays enabled, as in a default training run: inductor lowers batch_norm to its own
         # kernels, and if it fell back to eager, detect_backend() would show which kernels ran.
         return Impl(name, torch.compile(torch_bn, backend=compile_backend), cudnn=True, compiled=True)
-    raise ValueError(f"unknown implementation {name!r}; choose from {', '.join(IMPLS)}")
+    raise ValueError(f"unknown implementation {name!r}; choose from {', '.join(IMPLS + EXTRA_IMPLS)}")
 
 
 # Aten ops that only dispatch to the real batch-norm kernels (cuDNN, MIOpen or native).
