@@ -31,6 +31,8 @@ from torch._C._functorch import (
     push_dynamic_layer_stack,
 )
 
+from bn_triton.running import NO_RUNNING
+
 
 def needed(*args) -> bool:
     """True when a tensor in ``args`` is wrapped by a torch.func transform or carries a forward-AD tangent."""
@@ -61,30 +63,19 @@ def _per_channel(t: Tensor, x: Tensor, dtype: torch.dtype) -> Tensor:
     return t.to(dtype).view(1, -1, *([1] * (x.dim() - 2)))
 
 
-def batch_norm(
-    input: Tensor,
-    running_mean: Optional[Tensor],
-    running_var: Optional[Tensor],
-    weight: Optional[Tensor],
-    bias: Optional[Tensor],
-    training: bool,
-    momentum: Optional[float],
-    eps: float,
-    num_batches_tracked: Optional[Tensor] = None,
-    *,
-    activation: Optional[str] = None,
-    residual: Optional[Tensor] = None,
-) -> Tensor:
+def batch_norm(input, weight, bias, training, eps, running=NO_RUNNING, *, activation=None, residual=None):
     """``act(BN(input) + residual)`` from differentiable torch ops; arguments as ``functional._batch_norm``.
 
     Training normalizes with the batch statistics (biased variance) and updates the running
-    statistics in place (unbiased variance), outside any graph, as torch does; with
-    ``num_batches_tracked`` the factor is 1 / num_batches_tracked, read on the device. Eval
-    normalizes with the running statistics, which, as in torch, get no gradient.
+    statistics in place (unbiased variance), outside any graph, as torch does; the cumulative
+    factor 1 / num_batches_tracked (momentum None) is read on the device. Eval normalizes with the
+    running statistics, which, as in torch, get no gradient.
     """
     if input.numel() == 0:  # nothing to compute: torch's empty-batch rules, under every transform
-        args = (input, running_mean, running_var, weight, bias, training, momentum, eps, num_batches_tracked)
-        return torch_batch_norm(*args, activation=activation, residual=residual)
+        return torch_batch_norm(input, weight, bias, training, eps, running, activation=activation, residual=residual)
+    running_mean, running_var, momentum, num_batches_tracked = running
+    if num_batches_tracked is not None:
+        _count_batch(num_batches_tracked)
     acc = _acc_dtype(input.dtype)
     x = input.to(acc)
     if training:
@@ -93,7 +84,8 @@ def batch_norm(
         var = x.var(dims, correction=0)
         if running_mean is not None:
             count = input.numel() // input.shape[1]
-            _update_running_stats(running_mean, running_var, mean, var, count, momentum, num_batches_tracked)
+            cumulative = num_batches_tracked if momentum is None else None
+            _update_running_stats(running_mean, running_var, mean, var, count, momentum, cumulative)
     else:
         mean, var = running_mean.detach().to(acc), running_var.detach().to(acc)
     y = _affine(x, mean, torch.rsqrt(var + eps), weight, bias)
@@ -104,27 +96,17 @@ def batch_norm(
     return y.to(input.dtype)
 
 
-def torch_batch_norm(
-    input,
-    running_mean,
-    running_var,
-    weight,
-    bias,
-    training,
-    momentum,
-    eps,
-    num_batches_tracked=None,
-    *,
-    activation=None,
-    residual=None,
-) -> Tensor:
+def torch_batch_norm(input, weight, bias, training, eps, running=NO_RUNNING, *, activation=None, residual=None):
     """``act(BN(input) + residual)`` by torch's own batch_norm (CPU tensors without the interpreter,
-    empty batches), with ``num_batches_tracked`` already counting this batch as in ``batch_norm``."""
-    if num_batches_tracked is not None:  # torch's batch_norm takes the factor from the host
-        momentum = 1.0 / float(num_batches_tracked)
-    elif momentum is None:  # a module's momentum=None without running statistics: no factor needed
+    empty batches); num_batches_tracked counted with a torch op."""
+    momentum = running.momentum
+    if running.num_batches_tracked is not None:
+        running.num_batches_tracked.add_(1)
+        if momentum is None:  # torch's batch_norm takes the factor from the host
+            momentum = 1.0 / float(running.num_batches_tracked)
+    if momentum is None:  # a module's momentum=None without running statistics: no factor needed
         momentum = 0.0
-    y = F.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
+    y = F.batch_norm(input, running.mean, running.var, weight, bias, training, momentum, eps)
     return epilogue(y, activation, residual)
 
 
@@ -190,6 +172,13 @@ def _transforms_down_to(level: int):
     finally:
         while popped:
             push_dynamic_layer_stack(popped.pop())
+
+
+def _count_batch(num_batches_tracked: Tensor) -> None:
+    """num_batches_tracked += 1 at its own level: a buffer the transformed function captured."""
+    level = _level(num_batches_tracked)
+    with _transforms_down_to(level), torch.no_grad():
+        _lower(num_batches_tracked, level).add_(1)
 
 
 def _update_running_stats(running_mean, running_var, mean, var, count, momentum, num_batches_tracked):

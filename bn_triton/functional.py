@@ -15,6 +15,7 @@ from torch import Tensor
 
 from bn_triton import _loader, composite, ops
 from bn_triton._config import interpreting
+from bn_triton.running import NO_RUNNING, Running
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -140,70 +141,29 @@ def batch_norm(
     check_inputs(
         input, running_mean, running_var, weight, bias, training, activation=activation, residual=residual, eps=eps
     )
-    return _batch_norm(
-        input,
-        running_mean,
-        running_var,
-        weight,
-        bias,
-        training,
-        momentum,
-        eps,
-        activation=activation,
-        residual=residual,
-    )
+    running = Running(running_mean, running_var, momentum)
+    return _batch_norm(input, weight, bias, training, eps, running, activation=activation, residual=residual)
 
 
-def _batch_norm(
-    input: Tensor,
-    running_mean: Optional[Tensor],
-    running_var: Optional[Tensor],
-    weight: Optional[Tensor],
-    bias: Optional[Tensor],
-    training: bool,
-    momentum: Optional[float],
-    eps: float,
-    num_batches_tracked: Optional[Tensor] = None,
-    *,
-    activation: Optional[str] = None,
-    residual: Optional[Tensor] = None,
-) -> Tensor:
-    """batch_norm after validation.
-
-    ``num_batches_tracked`` (the modules, training with running statistics): this batch is counted
-    on it (+1, on the device) and, when momentum is None, the running statistics take the cumulative
-    factor 1 / num_batches_tracked.
-    """
-    if composite.needed(input, running_mean, running_var, weight, bias, residual):  # torch.func, forward AD
-        nbt = _count_batch(num_batches_tracked, momentum)
-        args = (input, running_mean, running_var, weight, bias, training, momentum, eps, nbt)
-        return composite.batch_norm(*args, activation=activation, residual=residual)
+def _batch_norm(input, weight, bias, training, eps, running=NO_RUNNING, *, activation=None, residual=None):
+    """batch_norm after validation; ``running`` (bn_triton/running.py): the running statistics, their
+    momentum, and num_batches_tracked (the modules), on which this batch is counted."""
+    if composite.needed(input, running.mean, running.var, weight, bias, residual):  # torch.func, forward AD
+        return composite.batch_norm(
+            input, weight, bias, training, eps, running, activation=activation, residual=residual
+        )
     relu = activation == "relu"
     if not uses_triton(input) or input.numel() == 0:
-        nbt = _count_batch(num_batches_tracked, momentum)
-        args = (input, running_mean, running_var, weight, bias, training, momentum, eps, nbt)
+        args = (input, weight, bias, training, eps, running)
         return composite.torch_batch_norm(*args, activation=activation, residual=residual)
     if training:
-        count = num_batches_tracked is not None
         plain = ops.plain_eager(input)
         if plain and ops.single_pass(input):  # statistics, running statistics and y: one launch
-            stats = (running_mean, running_var, num_batches_tracked, momentum, count)
-            return ops.batch_norm(input, weight, bias, residual, None, None, eps, True, relu, stats=stats)
+            return ops.batch_norm(input, weight, bias, residual, None, None, eps, True, relu, stats=running)
         # One launch: statistics, running statistics and num_batches_tracked. Detached: the
         # statistics are constants to BatchNormFunction, whose backward carries their gradients.
         x = input if plain else input.detach()
-        mean, scale, _ = ops.step(
-            "stats", x, running_mean, running_var, num_batches_tracked, momentum, eps, count, False
-        )
+        mean, scale, _ = ops.step("stats", x, *running, eps, False)
     else:
-        mean, scale = running_mean, running_var
+        mean, scale = running.mean, running.var
     return ops.batch_norm(input, weight, bias, residual, mean, scale, eps, training, relu)
-
-
-def _count_batch(num_batches_tracked: Optional[Tensor], momentum: Optional[float]) -> Optional[Tensor]:
-    """num_batches_tracked += 1 with a torch op (the paths without our stats kernel); returns it when
-    the cumulative average needs it (momentum None)."""
-    if num_batches_tracked is None:
-        return None
-    num_batches_tracked.add_(1)
-    return num_batches_tracked if momentum is None else None

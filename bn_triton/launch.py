@@ -10,11 +10,13 @@ no torch kernels (fills, copies) unless a per-channel tensor is not contiguous.
 import collections
 import functools
 import struct
+from typing import NamedTuple, Optional
 
 import torch
 
 from bn_triton import _config, _launcher, kernels
 from bn_triton._config import RUNNING_BLOCK_C, Geometry, LaunchConfig, launch_config
+from bn_triton.running import NO_RUNNING, Running
 
 # Kernel launches by name, so tests can prove that our kernels (not torch's batch_norm) ran.
 LAUNCHES: collections.Counter = collections.Counter()
@@ -144,35 +146,80 @@ def _tile_args(geom: Geometry, cfg: LaunchConfig) -> dict:
     )
 
 
+def _running_args(running: Running, acc) -> dict:
+    """The running-statistics arguments of stats_kernel and forward_kernel (kernels/stats.py
+    update_running)."""
+    has_running = running.mean is not None
+    cumulative = has_running and running.momentum is None
+    if cumulative and running.num_batches_tracked is None:
+        raise ValueError("momentum=None (the cumulative average) needs num_batches_tracked")
+    return dict(
+        RUNNING_MEAN=running.mean,
+        RUNNING_VAR=running.var,
+        NUM_BATCHES=running.num_batches_tracked,
+        momentum=scalar(0.0 if cumulative else running.momentum, acc),
+        stride_rm=running.mean.stride(0) if has_running else 0,
+        stride_rv=running.var.stride(0) if has_running else 0,
+        HAS_RUNNING=has_running,
+        CUMULATIVE=cumulative,
+        COUNT_BATCH=running.num_batches_tracked is not None,
+    )
+
+
+def _epilogue_args(weight, bias, residual, relu: bool) -> dict:
+    """The affine and fused-epilogue arguments of normalize_kernel and forward_kernel."""
+    return dict(
+        W=_vec(weight),
+        B=_vec(bias),
+        HAS_W=weight is not None,
+        HAS_B=bias is not None,
+        RES=residual,
+        HAS_RESIDUAL=residual is not None,
+        RELU=relu,
+    )
+
+
+class ReluGrad(NamedTuple):
+    """The fused ReLU in a backward launch: its mask is y > 0 when ``y`` is given, else recomputed
+    from x and the affine (the launch's weight, and ``bias``); the masked dy, d(residual), is
+    written to ``dz`` when given. ``y`` and ``dz`` have x's strides (see ``like``)."""
+
+    y: Optional[torch.Tensor] = None
+    bias: Optional[torch.Tensor] = None
+    dz: Optional[torch.Tensor] = None
+
+
+def _relu_grad_args(relu: Optional[ReluGrad]) -> dict:
+    """The fused ReLU's arguments of the backward kernels (kernels/grad.py masked_dy)."""
+    if relu is None:
+        return dict(RELU=False)
+    recompute = relu.y is None
+    return dict(
+        Y=relu.y,
+        B=_vec(relu.bias) if recompute else None,
+        DZ=relu.dz,
+        RELU=True,
+        MASK_FROM_Y=not recompute,
+        HAS_B=recompute and relu.bias is not None,
+        STORE_DZ=relu.dz is not None,
+    )
+
+
 def _shape_args(geom: Geometry) -> tuple:
     return (geom.R, geom.C, geom.S, geom.stride_r, geom.stride_c)
 
 
-def batch_stats(
-    x,
-    geom,
-    eps,
-    *,
-    running_mean=None,
-    running_var=None,
-    momentum=0.0,
-    num_batches_tracked=None,
-    count_batch=False,
-    want_var=False,
-):
+def batch_stats(x, geom, eps, running: Running = NO_RUNNING, *, want_var=False):
     """Per-channel batch mean and rstd (and the biased variance when ``want_var``), acc dtype.
 
-    One launch, no host sync. With running_mean/running_var it also updates them in place
-    (momentum, or the cumulative average 1 / num_batches_tracked when momentum is None), and with
-    ``count_batch`` it increments num_batches_tracked. Returns (mean, rstd, var or None).
+    One launch, no host sync, the running statistics included (``Running``). Returns (mean, rstd,
+    var or None).
     """
     cfg = launch_config(geom, x.device)
     acc = acc_dtype(x.dtype)
     C = geom.C
     (parts,) = _buffers(3 * cfg.num_splits * C, acc, x.device)
     mean, rstd, var = _buffers(C, acc, x.device, 3 if want_var else 2) + ([] if want_var else [None])
-    has_running = running_mean is not None
-    cumulative = has_running and momentum is None
     _run(
         kernels.stats_kernel,
         (cfg.num_c_blocks, cfg.num_splits),
@@ -182,23 +229,15 @@ def batch_stats(
         mean,
         rstd,
         var,
-        running_mean,
-        running_var,
-        num_batches_tracked if (cumulative or count_batch) else None,
         *_shape_args(geom),
         cfg.num_tiles,
         cfg.num_splits,
         scalar(eps, acc),
-        scalar(0.0 if momentum is None else momentum, acc),
-        running_mean.stride(0) if has_running else 0,
-        running_var.stride(0) if has_running else 0,
         ACC=_tl_acc(acc),
         BLOCK_P=cfg.block_p,
         UNIFORM_S=cfg.uniform_s,
         HAS_VAR=want_var,
-        HAS_RUNNING=has_running,
-        CUMULATIVE=cumulative,
-        COUNT_BATCH=count_batch,
+        **_running_args(running, acc),
         **_tile_args(geom, cfg),
     )
     LAUNCHES["stats"] += 1
@@ -220,39 +259,19 @@ def normalize(x, geom, mean, scale, weight, bias, eps, *, scale_is_var, residual
         y,
         _vec(mean),
         _vec(scale),
-        _vec(weight),
-        _vec(bias),
         *_shape_args(geom),
         cfg.num_c_blocks,
         scalar(eps, x.dtype),
         ACC=_tl_acc(acc_dtype(x.dtype)),
         SCALE_IS_VAR=scale_is_var,
-        HAS_W=weight is not None,
-        HAS_B=bias is not None,
+        **_epilogue_args(weight, bias, residual, relu),
         **_tile_args(geom, cfg),
-        RES=residual,
-        HAS_RESIDUAL=residual is not None,
-        RELU=relu,
     )
     LAUNCHES["normalize"] += 1
     return y
 
 
-def train_forward(
-    x,
-    geom,
-    weight,
-    bias,
-    eps,
-    *,
-    running_mean=None,
-    running_var=None,
-    momentum=0.0,
-    num_batches_tracked=None,
-    count_batch=False,
-    residual=None,
-    relu=False,
-):
+def train_forward(x, geom, weight, bias, eps, running: Running = NO_RUNNING, *, residual=None, relu=False):
     """``batch_stats`` then ``normalize`` (training) in one launch, where ``single_pass`` holds.
 
     Returns (y, mean, rstd); running statistics and num_batches_tracked as in ``batch_stats``, the
@@ -262,8 +281,6 @@ def train_forward(
     acc = acc_dtype(x.dtype)
     mean, rstd = _buffers(geom.C, acc, x.device, 2)
     y = torch.empty_like(x)
-    has_running = running_mean is not None
-    cumulative = has_running and momentum is None
     _run(
         kernels.forward_kernel,
         (cfg.num_c_blocks,),
@@ -271,44 +288,27 @@ def train_forward(
         y,
         mean,
         rstd,
-        _vec(weight),
-        _vec(bias),
-        running_mean,
-        running_var,
-        num_batches_tracked if (cumulative or count_batch) else None,
         _tickets(x.device, 1),
         *_shape_args(geom),
         cfg.num_tiles,
         scalar(eps, acc),
-        scalar(0.0 if momentum is None else momentum, acc),
-        running_mean.stride(0) if has_running else 0,
-        running_var.stride(0) if has_running else 0,
         ACC=_tl_acc(acc),
         UNIFORM_S=cfg.uniform_s,
-        HAS_W=weight is not None,
-        HAS_B=bias is not None,
-        HAS_RUNNING=has_running,
-        CUMULATIVE=cumulative,
-        COUNT_BATCH=count_batch,
+        **_epilogue_args(weight, bias, residual, relu),
+        **_running_args(running, acc),
         **_tile_args(geom, cfg),
-        RES=residual,
-        HAS_RESIDUAL=residual is not None,
-        RELU=relu,
     )
     LAUNCHES["forward"] += 1
     return y, mean, rstd
 
 
-def train_backward(
-    dy, x, geom, mean, rstd, weight, *, dweight=None, dbias=None, relu=False, y=None, bias=None, dz=None
-):
+def train_backward(dy, x, geom, mean, rstd, weight, *, dweight=None, dbias=None, relu=None):
     """``grad_sums`` then the training ``grad_input`` in one launch, where ``single_pass`` holds.
 
-    Returns dx; writes dweight/dbias if given, and with ``relu`` the masked dy to ``dz`` if given
-    (arguments as in ``grad_sums``). Bitwise the same results as those two.
+    Returns dx; writes dweight/dbias if given, and with ``relu`` (a ``ReluGrad``) the masked dy to
+    its ``dz`` if given. Bitwise the same results as those two.
     """
     cfg = launch_config(geom, x.device)  # the split kernels' tiles (see _config.SINGLE_PASS_TILE_ELEMS_GPU)
-    recompute = relu and y is None
     dx = torch.empty_like(x)
     _run(
         kernels.backward_kernel,
@@ -329,13 +329,7 @@ def train_backward(
         HAS_DW=dweight is not None,
         HAS_DB=dbias is not None,
         **_tile_args(geom, cfg),
-        Y=y,
-        B=_vec(bias) if recompute else None,
-        DZ=dz,
-        RELU=relu,
-        MASK_FROM_Y=y is not None,
-        HAS_B=recompute and bias is not None,
-        STORE_DZ=dz is not None,
+        **_relu_grad_args(relu),
     )
     LAUNCHES["backward"] += 1
     return dx
@@ -368,30 +362,12 @@ def update_running_stats(running_mean, running_var, mean, var, *, momentum, coun
     LAUNCHES["running_stats"] += 1
 
 
-def grad_sums(
-    dy,
-    x,
-    geom,
-    mean,
-    scale,
-    eps,
-    *,
-    scale_is_var,
-    dweight=None,
-    dbias=None,
-    relu=False,
-    y=None,
-    weight=None,
-    bias=None,
-    dz=None,
-):
+def grad_sums(dy, x, geom, mean, scale, weight, eps, *, scale_is_var, dweight=None, dbias=None, relu=None):
     """sum(dy) and sum(dy * xhat) per channel (acc dtype), one launch; also written to dweight/dbias if given.
 
     xhat = (x - mean) * s with s = scale (rstd), or rsqrt(scale + eps) when ``scale_is_var``. With
-    ``relu``, dy is first masked by the fused ReLU: by y > 0 when ``y`` is given, else by the
-    pre-activation recomputed from x, ``weight`` and ``bias``; the masked dy is written to ``dz`` if given.
+    ``relu`` (a ``ReluGrad``), dy is first masked by the fused ReLU.
     """
-    recompute = relu and y is None
     cfg = launch_config(geom, x.device)
     acc = acc_dtype(x.dtype)
     C = geom.C
@@ -420,39 +396,15 @@ def grad_sums(
         HAS_DW=dweight is not None,
         HAS_DB=dbias is not None,
         **_tile_args(geom, cfg),
-        Y=y,
-        W=_vec(weight) if recompute else None,
-        B=_vec(bias) if recompute else None,
-        DZ=dz,
-        RELU=relu,
-        MASK_FROM_Y=y is not None,
-        HAS_W=recompute and weight is not None,
-        HAS_B=recompute and bias is not None,
-        STORE_DZ=dz is not None,
+        W=_vec(weight),  # the recomputed ReLU mask's scale
+        HAS_W=weight is not None,
+        **_relu_grad_args(relu),
     )
     LAUNCHES["grad_sums"] += 1
     return sum_dy, sum_dy_xhat
 
 
-def grad_input(
-    dy,
-    x,
-    geom,
-    mean,
-    scale,
-    weight,
-    sum_dy,
-    sum_dy_xhat,
-    eps,
-    *,
-    training,
-    count=None,
-    relu=False,
-    y=None,
-    bias=None,
-    dz=None,
-    want_dx=True,
-):
+def grad_input(dy, x, geom, mean, scale, weight, sums, eps, *, training, count=None, relu=None, want_dx=True):
     """dx, one launch (closed form in kernels/grad.py).
 
     ``training``: from the two per-channel sums, with mean/scale the batch mean and rstd. ``count``
@@ -464,7 +416,7 @@ def grad_input(
     """
     cfg = launch_config(geom, x.device)
     dx = torch.empty_like(x) if want_dx else None
-    recompute = relu and y is None
+    sum_dy, sum_dy_xhat = (None, None) if sums is None else sums
     _run(
         kernels.grad_input_kernel,
         (cfg.num_tiles * cfg.num_c_blocks,),
@@ -484,14 +436,8 @@ def grad_input(
         HAS_W=weight is not None,
         **_tile_args(geom, cfg),
         TRAINING=training,
-        Y=y,
-        B=_vec(bias) if recompute else None,
-        DZ=dz,
-        RELU=relu,
-        MASK_FROM_Y=y is not None,
-        HAS_B=recompute and bias is not None,
-        STORE_DZ=dz is not None,
         STORE_DX=want_dx,
+        **_relu_grad_args(relu),
     )
     LAUNCHES["grad_input"] += 1
     return dx

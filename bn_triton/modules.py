@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 
 from bn_triton import composite, functional
+from bn_triton.running import Running
 
 
 class TritonBatchNormMixin:
@@ -49,7 +50,8 @@ class TritonBatchNormMixin:
         num_batches = None
         if self.training and self.track_running_stats and self.num_batches_tracked is not None:
             num_batches = self.num_batches_tracked
-        return functional._batch_norm(*args, self.momentum, self.eps, num_batches, **fused)
+        running = Running(running_mean, running_var, self.momentum, num_batches)
+        return functional._batch_norm(input, self.weight, self.bias, bn_training, self.eps, running, **fused)
 
 
 class BatchNorm1d(TritonBatchNormMixin, torch.nn.BatchNorm1d):

@@ -3,9 +3,9 @@
 The steps are torch's own split of batch norm (its SyncBatchNorm chains batch_norm_stats,
 batch_norm_elemt, batch_norm_backward_reduce and batch_norm_backward_elemt), one kernel launch each:
 
-* ``stats(x, running_mean?, running_var?, num_batches_tracked?, momentum?, eps, count_batch, want_var)
-  -> (mean, rstd, var)``: batch statistics; also updates the running statistics in place (momentum,
-  or the cumulative average when momentum is None) and, with ``count_batch``, num_batches_tracked
+* ``stats(x, running_mean?, running_var?, momentum?, num_batches_tracked?, eps, want_var)
+  -> (mean, rstd, var)``: batch statistics; also updates the running statistics in place and counts
+  the batch on num_batches_tracked (bn_triton/running.py)
 * ``normalize(x, mean, scale, weight?, bias?, eps, scale_is_var, residual?, relu) -> y``: the
   elementwise pass, act((x - mean) * s * weight + bias + residual), s = scale or rsqrt(scale + eps)
 * ``grad_sums(dy, x, mean, scale, weight?, bias?, y?, eps, scale_is_var, relu, want_dw, want_db,
@@ -18,8 +18,8 @@ batch_norm_elemt, batch_norm_backward_reduce and batch_norm_backward_elemt), one
 and, where one program owns a channel block (``single_pass``: many channels, small maps), the
 training pairs in one launch each, with the same results:
 
-* ``stats_normalize(x, weight?, bias?, residual?, running_mean?, running_var?, num_batches_tracked?,
-  momentum?, count_batch, eps, relu) -> (y, mean, rstd)``: stats, then normalize
+* ``stats_normalize(x, weight?, bias?, residual?, eps, relu, running_mean?, running_var?, momentum?,
+  num_batches_tracked?) -> (y, mean, rstd)``: stats, then normalize
 * ``grad_sums_input(dy, x, mean, rstd, weight?, bias?, y?, relu, want_dw, want_db, want_dz)
   -> (dx, dweight, dbias, dz)``: grad_sums, then the training grad_input
 
@@ -42,6 +42,7 @@ from torch._C._functorch import is_functorch_wrapped_tensor as _is_functorch_wra
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from bn_triton import composite, launch
+from bn_triton.running import Running
 
 _IMPL: dict = {}  # the ops' Python implementations by name: the eager route
 _OPS: dict = {}  # the custom ops by name: the traced route
@@ -74,29 +75,19 @@ def stats(
     x: Tensor,
     running_mean: Optional[Tensor],
     running_var: Optional[Tensor],
-    num_batches_tracked: Optional[Tensor],
     momentum: Optional[float],
+    num_batches_tracked: Optional[Tensor],
     eps: float,
-    count_batch: bool,
     want_var: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
     x_, geom = launch.canonical(x)
-    mean, rstd, var = launch.batch_stats(
-        x_,
-        geom,
-        eps,
-        running_mean=running_mean,
-        running_var=running_var,
-        momentum=momentum,
-        num_batches_tracked=num_batches_tracked,
-        count_batch=count_batch,
-        want_var=want_var,
-    )
+    running = Running(running_mean, running_var, momentum, num_batches_tracked)
+    mean, rstd, var = launch.batch_stats(x_, geom, eps, running, want_var=want_var)
     return mean, rstd, var if want_var else _none(mean)
 
 
 @stats.register_fake
-def _(x, running_mean, running_var, num_batches_tracked, momentum, eps, count_batch, want_var):
+def _(x, running_mean, running_var, momentum, num_batches_tracked, eps, want_var):
     return _stat(x), _stat(x), _stat(x, None if want_var else 0)
 
 
@@ -156,15 +147,12 @@ def grad_sums(
         geom,
         mean,
         scale,
+        weight,
         eps,
         scale_is_var=scale_is_var,
         dweight=dw if want_dw else None,
         dbias=db if want_db else None,
-        relu=relu,
-        y=None if y is None else launch.like(y, x_),
-        weight=weight,
-        bias=bias,
-        dz=dz,
+        relu=_relu_grad(relu, y, bias, dz, x_),
     )
     return sum_dy, sum_dy_xhat, dw, db, _none(x) if dz is None else dz
 
@@ -174,6 +162,11 @@ def _(dy, x, mean, scale, weight, bias, y, eps, scale_is_var, relu, want_dw, wan
     dw, db = _param_grads(x, weight, bias, want_dw, want_db)
     dz = torch.empty_like(launch.canonical_layout(x)) if want_dz else _none(x)
     return _stat(x), _stat(x), dw, db, dz
+
+
+def _relu_grad(relu: bool, y, bias, dz, x_) -> Optional[launch.ReluGrad]:
+    """The backward launchers' fused ReLU: its mask from y (in x_'s strides) when given, else recomputed."""
+    return launch.ReluGrad(None if y is None else launch.like(y, x_), bias, dz) if relu else None
 
 
 def _param_grads(x, weight, bias, want_dw, want_db) -> tuple[Tensor, Tensor]:
@@ -208,24 +201,11 @@ def grad_input(
     if x_.numel() == 0:
         return torch.empty_like(x_) if want_dx else _none(x), torch.empty_like(x_) if want_dz else _none(x)
     dz = torch.empty_like(x_) if want_dz else None
-    dx = launch.grad_input(
-        launch.like(dy, x_),
-        x_,
-        geom,
-        mean,
-        scale,
-        weight,
-        sum_dy,
-        sum_dy_xhat,
-        eps,
-        training=training,
-        count=count or None,
-        relu=relu,
-        y=None if y is None else launch.like(y, x_),
-        bias=bias,
-        dz=dz,
-        want_dx=want_dx,
-    )
+    sums = None if sum_dy is None else (sum_dy, sum_dy_xhat)
+    relu_ = _relu_grad(relu, y, bias, dz, x_)
+    dy_ = launch.like(dy, x_)
+    kw = dict(training=training, count=count or None, relu=relu_, want_dx=want_dx)
+    dx = launch.grad_input(dy_, x_, geom, mean, scale, weight, sums, eps, **kw)
     return _none(x) if dx is None else dx, _none(x) if dz is None else dz
 
 
@@ -263,33 +243,21 @@ def stats_normalize(
     weight: Optional[Tensor],
     bias: Optional[Tensor],
     residual: Optional[Tensor],
-    running_mean: Optional[Tensor],
-    running_var: Optional[Tensor],
-    num_batches_tracked: Optional[Tensor],
-    momentum: Optional[float],
-    count_batch: bool,
     eps: float,
     relu: bool,
+    running_mean: Optional[Tensor],
+    running_var: Optional[Tensor],
+    momentum: Optional[float],
+    num_batches_tracked: Optional[Tensor],
 ) -> tuple[Tensor, Tensor, Tensor]:
     x_, geom = launch.canonical(x)
-    return launch.train_forward(
-        x_,
-        geom,
-        weight,
-        bias,
-        eps,
-        running_mean=running_mean,
-        running_var=running_var,
-        momentum=momentum,
-        num_batches_tracked=num_batches_tracked,
-        count_batch=count_batch,
-        residual=None if residual is None else launch.like(residual, x_),
-        relu=relu,
-    )
+    running = Running(running_mean, running_var, momentum, num_batches_tracked)
+    res = None if residual is None else launch.like(residual, x_)
+    return launch.train_forward(x_, geom, weight, bias, eps, running, residual=res, relu=relu)
 
 
 @stats_normalize.register_fake
-def _(x, weight, bias, residual, running_mean, running_var, num_batches_tracked, momentum, count_batch, eps, relu):
+def _(x, weight, bias, residual, eps, relu, running_mean, running_var, momentum, num_batches_tracked):
     return torch.empty_like(launch.canonical_layout(x)), _stat(x), _stat(x)
 
 
@@ -320,10 +288,7 @@ def grad_sums_input(
         weight,
         dweight=dw if want_dw else None,
         dbias=db if want_db else None,
-        relu=relu,
-        y=None if y is None else launch.like(y, x_),
-        bias=bias,
-        dz=dz,
+        relu=_relu_grad(relu, y, bias, dz, x_),
     )
     return dx, dw, db, _none(x) if dz is None else dz
 
@@ -378,9 +343,9 @@ class BatchNormFunction(torch.autograd.Function):
     the backward's closed form carries the paths through them, so they take no gradient here.
     Eval: mean and scale are running_mean and running_var (s = rsqrt(scale + eps)).
     ``stats``, when given (plain eager training where ``single_pass`` holds; mean and scale None), is
-    (running_mean, running_var, num_batches_tracked, momentum, count_batch): the statistics are then
-    computed in the same launch as y. ``sync``, when given, all-reduces the two gradient sums in
-    place between the backward's reduction and its dx pass (SyncBatchNorm), on every rank.
+    the call's ``Running``: the statistics are then computed in the same launch as y. ``sync``, when
+    given, all-reduces the two gradient sums in place between the backward's reduction and its dx
+    pass (SyncBatchNorm), on every rank.
     """
 
     @staticmethod
@@ -388,7 +353,7 @@ class BatchNormFunction(torch.autograd.Function):
         if stats is None:
             y = step("normalize", x, mean, scale, weight, bias, eps, not training, residual, relu)
         else:  # the statistics in y's launch (stats_normalize); running buffers in the tuple
-            y, mean, scale = step("stats_normalize", x, weight, bias, residual, *stats, eps, relu)
+            y, mean, scale = step("stats_normalize", x, weight, bias, residual, eps, relu, *stats)
         # The ReLU's backward mask: from y with a residual (y > 0), else recomputed from x and bias.
         mask_y = y if relu and residual is not None else None
         ctx.save_for_backward(x, weight, bias, mean, scale, mask_y)
@@ -502,5 +467,5 @@ def batch_norm(x, weight, bias, residual, mean, scale, eps, training, relu, coun
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias, residual)):
         return BatchNormFunction.apply(x, weight, bias, residual, mean, scale, eps, training, relu, count, sync, stats)
     if stats is not None:
-        return step("stats_normalize", x, weight, bias, residual, *stats, eps, relu)[0]
+        return step("stats_normalize", x, weight, bias, residual, eps, relu, *stats)[0]
     return step("normalize", x, mean, scale, weight, bias, eps, not training, residual, relu)

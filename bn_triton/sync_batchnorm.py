@@ -136,7 +136,7 @@ class SyncBatchNorm(TritonBatchNormMixin, torch.nn.SyncBatchNorm):
             x, geom = launch.canonical(input)
             n = geom.per_channel
             if n > 0:
-                local_mean, _rstd, local_var = ops.step("stats", x, None, None, None, 0.0, self.eps, False, True)
+                local_mean, _rstd, local_var = ops.step("stats", x, None, None, 0.0, None, self.eps, True)
                 d = local_mean.to(torch.float64) - pivot
                 payload[1] = float(n)
                 torch.mul(d, n, out=payload[_HEAD : _HEAD + C])

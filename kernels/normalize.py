@@ -95,8 +95,6 @@ def normalize_kernel(
     Y,  # output, same strides as X
     MEAN,  # [C]: batch mean or running_mean
     SCALE,  # [C]: rstd, or running_var when SCALE_IS_VAR
-    W,  # [C] weight (unused unless HAS_W)
-    B,  # [C] bias (unused unless HAS_B)
     R,
     C,
     S,
@@ -104,6 +102,8 @@ def normalize_kernel(
     stride_c,
     num_c_blocks,
     eps,  # acc-dtype scalar (see tile.acc_scalar)
+    W,  # [C] weight (unused unless HAS_W)
+    B,  # [C] bias (unused unless HAS_B)
     ACC: tl.constexpr,
     SCALE_IS_VAR: tl.constexpr,
     HAS_W: tl.constexpr,

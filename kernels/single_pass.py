@@ -38,11 +38,6 @@ def forward_kernel(
     Y,  # out, same strides as X
     MEAN,  # [C] out, acc dtype
     RSTD,  # [C] out
-    W,  # [C] weight (unused unless HAS_W)
-    B,  # [C] bias (unused unless HAS_B)
-    RUNNING_MEAN,  # [C] updated in place when HAS_RUNNING (strided, any float dtype)
-    RUNNING_VAR,
-    NUM_BATCHES,  # int64 scalar tensor: read when CUMULATIVE, incremented when COUNT_BATCH
     TICKET,  # int32, zero between launches: num_batches_tracked's ticket (COUNT_BATCH)
     R,
     C,
@@ -50,8 +45,13 @@ def forward_kernel(
     stride_r,
     stride_c,
     num_tiles,  # tiles of the (R, S) plane: all of them belong to this program's channel block
-    eps,  # acc-dtype scalars (see tile.acc_scalar)
-    momentum,
+    eps,  # acc-dtype scalar (see tile.acc_scalar)
+    W,  # [C] weight (unused unless HAS_W)
+    B,  # [C] bias (unused unless HAS_B)
+    RUNNING_MEAN,  # [C] updated in place when HAS_RUNNING (strided, any float dtype)
+    RUNNING_VAR,
+    NUM_BATCHES,  # int64 scalar tensor: read when CUMULATIVE, incremented when COUNT_BATCH
+    momentum,  # acc-dtype scalar
     stride_rm,
     stride_rv,
     ACC: tl.constexpr,

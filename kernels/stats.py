@@ -135,9 +135,6 @@ def stats_kernel(
     MEAN,  # [C] out, acc dtype
     RSTD,  # [C] out: 1 / sqrt(var + eps)
     VAR,  # [C] out: biased batch variance (stored when HAS_VAR)
-    RUNNING_MEAN,  # [C] updated in place when HAS_RUNNING (strided, any float dtype)
-    RUNNING_VAR,
-    NUM_BATCHES,  # int64 scalar tensor: read when CUMULATIVE, incremented when COUNT_BATCH
     R,
     C,
     S,
@@ -145,8 +142,11 @@ def stats_kernel(
     stride_c,
     num_tiles,  # tiles of the (R, S) plane
     num_splits,  # programs sharing one channel block's tiles (grid axis 1)
-    eps,  # acc-dtype scalars (see tile.acc_scalar)
-    momentum,
+    eps,  # acc-dtype scalar (see tile.acc_scalar)
+    RUNNING_MEAN,  # [C] updated in place when HAS_RUNNING (strided, any float dtype)
+    RUNNING_VAR,
+    NUM_BATCHES,  # int64 scalar tensor: read when CUMULATIVE, incremented when COUNT_BATCH
+    momentum,  # acc-dtype scalar
     stride_rm,
     stride_rv,
     ACC: tl.constexpr,

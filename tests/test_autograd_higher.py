@@ -22,6 +22,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import bn_triton
 from bn_triton import composite
+from bn_triton.running import Running
 from tests.helpers import make
 
 F64 = torch.float64
@@ -196,13 +197,14 @@ def test_transforms_update_running_stats_once_like_torch(transform, device):
 
 
 def test_cumulative_running_stats_under_jvp(device):
-    """momentum=None with num_batches_tracked (this batch counted): factor 1 / num_batches_tracked."""
+    """momentum=None with num_batches_tracked (this batch counted: 3 + 1): factor 1 / num_batches_tracked."""
     x, w, b, _ = _inputs(device)
     rm, rv = _running(device)
     rm_ref, rv_ref = rm.clone(), rv.clone()
-    nbt = torch.tensor(4, device=device)
-    fn = lambda x: composite.batch_norm(x, rm, rv, w, b, True, None, EPS, nbt)
+    nbt = torch.tensor(3, device=device)
+    fn = lambda x: composite.batch_norm(x, w, b, True, EPS, Running(rm, rv, None, nbt))
     jvp(fn, (x,), (torch.randn_like(x),))
+    assert nbt.item() == 4
     F.batch_norm(x, rm_ref, rv_ref, w, b, True, 0.25, EPS)
     _close(rm, rm_ref, "running_mean")
     _close(rv, rv_ref, "running_var")
@@ -212,7 +214,8 @@ def test_empty_batch_under_jvp_matches_torch(device):
     """No values to normalize: torch's result (an empty tensor), also for a module's momentum=None."""
     x = make((0, 3, 4), F64, device)
     for momentum in (MOMENTUM, None):
-        y, ty = jvp(lambda x, m=momentum: composite.batch_norm(x, None, None, None, None, True, m, EPS), (x,), (x,))
+        running = Running(momentum=momentum)
+        y, ty = jvp(lambda x, r=running: composite.batch_norm(x, None, None, True, EPS, r), (x,), (x,))
         assert y.shape == ty.shape == x.shape
 
 
@@ -315,7 +318,8 @@ def test_composite_matches_fast_path_and_torch(training, device):
     outs = []
     for bn in (composite.batch_norm, bn_triton.functional._batch_norm):
         rm, rv = _running(device)
-        outs.append((bn(x, rm, rv, w, b, training, MOMENTUM, EPS, activation="relu", residual=r), rm, rv))
+        running = Running(rm, rv, MOMENTUM)
+        outs.append((bn(x, w, b, training, EPS, running, activation="relu", residual=r), rm, rv))
     rm, rv = _running(device)
     ref = (_torch_bn(x, rm, rv, w, b, training, "relu", r), rm, rv)
     for ours, fast, expected, what in zip(*outs, ref, ("y", "running_mean", "running_var"), strict=True):
@@ -346,7 +350,7 @@ def test_gradgradcheck_composite(training, affine, fusion, device):
     x, w, b, r = _gg_inputs(device, affine, with_residual)
     rm, rv = _running(device)
     fn = lambda x, w, b, r: composite.batch_norm(
-        x, rm.clone(), rv.clone(), w, b, training, MOMENTUM, EPS, activation=activation, residual=r
+        x, w, b, training, EPS, Running(rm.clone(), rv.clone(), MOMENTUM), activation=activation, residual=r
     )
     assert torch.autograd.gradgradcheck(fn, (x, w, b, r))
 

@@ -148,13 +148,13 @@ def _opcheck_cases(device):
     rm, rv = torch.randn(C, **f32), torch.rand(C, **f32) + 0.5
     dy = make((2, C, 4), torch.float32, device, seed=2)
     nbt = torch.tensor(3, device=device)
-    mean, rstd, var = ops.stats(x, None, None, None, 0.1, 1e-5, False, True)
+    mean, rstd, var = ops.stats(x, None, None, 0.1, None, 1e-5, True)
     r = make((2, C, 4), torch.float32, device, seed=3)
     y_fused = ops.normalize(x, mean, rstd, w, b, 1e-5, False, r, True)
     s1, s2, *_ = ops.grad_sums(dy, x, mean, rstd, w, b, None, 1e-5, False, False, False, False, False)
     return [
-        ("stats", ops.stats, (x, rm.clone(), rv.clone(), nbt.clone(), 0.1, 1e-5, True, False)),
-        ("stats", ops.stats, (x_cl, rm.double(), rv.double(), nbt.clone(), None, 1e-3, True, True)),
+        ("stats", ops.stats, (x, rm.clone(), rv.clone(), 0.1, nbt.clone(), 1e-5, False)),
+        ("stats", ops.stats, (x_cl, rm.double(), rv.double(), None, nbt.clone(), 1e-3, True)),
         ("normalize", ops.normalize, (x, mean, rstd, w, b, 1e-5, False, None, False)),
         ("normalize", ops.normalize, (x_cl, rm.double(), rv.double(), None, None, 1e-3, True, None, False)),
         ("normalize", ops.normalize, (x, mean, rstd, w, b, 1e-5, False, r, True)),
@@ -171,12 +171,12 @@ def _opcheck_cases(device):
         (
             "stats_normalize",
             ops.stats_normalize,
-            (x, w, b, None, rm.clone(), rv.clone(), nbt.clone(), 0.1, True, 1e-5, False),
+            (x, w, b, None, 1e-5, False, rm.clone(), rv.clone(), 0.1, nbt.clone()),
         ),
         (
             "stats_normalize",
             ops.stats_normalize,
-            (x_cl, None, None, x_cl.clone(), rm.double(), rv.double(), nbt.clone(), None, True, 1e-3, True),
+            (x_cl, None, None, x_cl.clone(), 1e-3, True, rm.double(), rv.double(), None, nbt.clone()),
         ),
         ("grad_sums_input", ops.grad_sums_input, (dy, x, mean, rstd, w, b, None, False, True, True, False)),
         ("grad_sums_input", ops.grad_sums_input, (dy, x, mean, rstd, w, b, y_fused, True, True, False, True)),
