@@ -8,7 +8,8 @@ takes on the GPU. The specialization of our launches is a function of a few thin
 cheaply: each tensor argument's dtype and 16-byte alignment, each int's value class (equal to 1,
 divisible by 16, 32 or 64 bits), None-ness, and the constexpr values. ``launch`` keys the compiled
 kernel on exactly those; a key seen before launches the compiled kernel with the same arguments,
-hooks and launch metadata that ``JITFunction.run`` would pass. Anything else (the interpreter,
+hooks and launch metadata that ``JITFunction.run`` would pass, tensors as their device pointers
+(``data_ptr()``; what Triton's launcher computes from them with a driver call). Anything else (the interpreter,
 stubbed kernels, a Triton whose launch signature was not checked) takes Triton's own path.
 
 The compiled-kernel call and the specialization rules were read from triton 3.6's ``JITFunction.run``
@@ -34,19 +35,23 @@ except ImportError:  # older Triton: its own path only
     _SUPPORTED = False
 
 ENABLED = _SUPPORTED and os.environ.get("BN_TRITON_DIRECT_LAUNCH", "1") != "0"
+DIRECT_LAUNCHES = [0]  # launches that took the direct path (tests prove the path is taken)
 _I32 = 2**31
 
 
 def _spec(v):
-    """What Triton's binder specializes on for a (non-constexpr) argument value v."""
-    if isinstance(v, torch.Tensor):
-        return v.dtype, v.data_ptr() & 15 == 0
+    """What Triton's binder specializes on for a (non-constexpr) argument value v (cheapest tests first:
+    this runs for every argument of every launch)."""
     t = type(v)
     if t is int:
         return v == 1, v & 15 == 0, -_I32 <= v < _I32
+    if v is None:
+        return None
     if t is float:
         return float
-    return v  # None, bools, constexpr values (ints of BLOCK sizes, tl.dtype): hashable, exact
+    if isinstance(v, torch.Tensor):
+        return v.dtype, v.data_ptr() & 15 == 0
+    return v  # bools, constexpr values (ints of BLOCK sizes, tl.dtype): hashable, exact
 
 
 class _Signature:
@@ -57,7 +62,9 @@ class _Signature:
         self.names = [p.name for p in params]
         self.defaults = {p.name: p.default for p in params if p.default is not inspect.Parameter.empty}
         # Constexpr values are part of the key as they are; the others by their specialization.
-        self.key_fns = [(lambda v: v) if "constexpr" in str(p.annotation) else _spec for p in params]
+        constexpr = ["constexpr" in str(p.annotation) for p in params]
+        self.constexprs = [i for i, c in enumerate(constexpr) if c]
+        self.specialized = [i for i, c in enumerate(constexpr) if not c]
         self.compiled: dict = {}
 
 
@@ -72,25 +79,33 @@ def launch(fn, grid: tuple, args: tuple, kwargs: dict) -> None:
     sig = _SIGNATURES.get(fn)
     if sig is None:
         sig = _SIGNATURES[fn] = _Signature(fn)
-    values = list(args)
-    for name in sig.names[len(args) :]:
-        values.append(kwargs[name] if name in kwargs else sig.defaults[name])
+    defaults = sig.defaults
+    values = [*args, *[kwargs[n] if n in kwargs else defaults[n] for n in sig.names[len(args) :]]]
     device = driver.active.get_current_device()
     key = (
         device,
         kwargs.get("num_warps"),
         kwargs.get("num_stages"),
-        *(f(v) for f, v in zip(sig.key_fns, values, strict=True)),
+        *[values[i] for i in sig.constexprs],
+        *[_spec(values[i]) for i in sig.specialized],
     )
-    kernel = sig.compiled.get(key)
-    if kernel is None:
+    plan = sig.compiled.get(key)
+    if plan is None:
         kernel = fn[grid](*args, **kwargs)  # compiles if needed, launches, returns the compiled kernel
         if hasattr(kernel, "packed_metadata"):  # not a future of an asynchronous compile
-            sig.compiled[key] = kernel
+            # The key fixes which arguments are tensors: they go to the kernel as device pointers.
+            sig.compiled[key] = (kernel, [i for i, v in enumerate(values) if isinstance(v, torch.Tensor)])
         return
+    kernel, tensors = plan
     stream = driver.active.get_current_stream(device)
     g1 = grid[1] if len(grid) > 1 else 1
     g2 = grid[2] if len(grid) > 2 else 1
+    metadata = kernel.launch_metadata(grid, stream, *values)
+    # Triton's C launcher turns a tensor into a pointer by calling its data_ptr() and then
+    # cuPointerGetAttribute, a driver call, per tensor and launch; an int it takes as the pointer.
+    for i in tensors:
+        values[i] = values[i].data_ptr()
+    DIRECT_LAUNCHES[0] += 1
     kernel.run(
         grid[0],
         g1,
@@ -98,7 +113,7 @@ def launch(fn, grid: tuple, args: tuple, kwargs: dict) -> None:
         stream,
         kernel.function,
         kernel.packed_metadata,
-        kernel.launch_metadata(grid, stream, *values),
+        metadata,
         knobs.runtime.launch_enter_hook,
         knobs.runtime.launch_exit_hook,
         *values,

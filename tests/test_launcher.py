@@ -76,7 +76,8 @@ def test_first_launch_of_a_key_goes_through_triton_then_direct(fake):
     (call,) = fake.compiled.calls
     # grid, stream, function, metadata, launch metadata, hooks, then every parameter in order.
     assert call[:9] == (4, 2, 1, "stream", "function", "packed", ("meta", (4, 2)), "enter", "exit")
-    assert call[9:] == (x, y, 48, 0.25, 16, False, None)
+    # Tensors as their device pointers: Triton's launcher would ask the driver for each.
+    assert call[9:] == (x.data_ptr(), y.data_ptr(), 48, 0.25, 16, False, None)
 
 
 @pytest.mark.parametrize(
@@ -134,7 +135,9 @@ def test_direct_launches_match_tritons_own_bitwise(layout, monkeypatch):
 
     x = make((4, 5, 6, 7), torch.float16, "cuda", layout, seed=0)
     dy = make((4, 5, 6, 7), torch.float16, "cuda", layout, seed=1)
+    before = _launcher.DIRECT_LAUNCHES[0]
     direct = step(x, dy)
+    assert _launcher.DIRECT_LAUNCHES[0] > before, "no launch took the direct path"
     monkeypatch.setattr(_launcher, "ENABLED", False)
     triton_path = step(x, dy)
     for a, b in zip(direct, triton_path, strict=True):
