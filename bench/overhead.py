@@ -2,6 +2,8 @@
 
     python bench/overhead.py           # CUDA if there is one, else CPU under the Triton interpreter
     python bench/overhead.py --stub    # bn_triton's kernels replaced by no-op launches: Python cost alone
+    python bench/overhead.py --launcher  # the direct launcher's Python per launch (no GPU needed; the
+                                         # Triton it supports, 3.6: pip install triton==3.6.0 in a venv)
 
 Rows: the functional training forward (x, weight, bias require grad), eval forward (no_grad),
 forward + backward, and a BatchNorm2d training step (forward + backward). Columns: bn_triton,
@@ -20,7 +22,9 @@ import time
 import torch
 import torch.nn.functional as F
 
-if not torch.cuda.is_available():
+if "--launcher" in sys.argv:  # compiled kernels (JITFunctions), never interpreted ones
+    os.environ["TRITON_INTERPRET"] = "0"
+elif not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before bn_triton imports the kernels
 if not __package__:  # run as a file: make `bench` and `bn_triton` importable from the repo root
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
@@ -84,9 +88,51 @@ def cases(device, shape) -> list:
     return rows
 
 
+def launcher_us(calls: int) -> None:
+    """Python time per launch of bn_triton/_launcher.py's direct path, for the launches of a training
+    forward and backward at 32x64x14x14: a no-op compiled kernel and device queries, so the CUDA
+    launch itself (C, driver) is not in it."""
+    import types
+
+    from bn_triton import _launcher, launch
+
+    if not _launcher.ENABLED:
+        print(f"the direct launcher is off for triton {_launcher.triton.__version__} (it supports 3.6)")
+        return
+    record = []
+    real_launch, real_driver = _launcher.launch, _launcher.driver
+    _launcher.launch = lambda fn, grid, args, kwargs: record.append((fn, grid, args, kwargs))
+    x = torch.randn(32, 64, 14, 14)
+    x_, geom = launch.canonical(x)
+    w, mean, rstd = torch.randn(64), torch.zeros(64), torch.ones(64)
+    launch.batch_stats(x_, geom, 1e-5)
+    launch.normalize(x_, geom, mean, rstd, w, w, 1e-5, scale_is_var=False)
+    sums = launch.grad_sums(x_, x_, geom, mean, rstd, w, 1e-5, scale_is_var=False)
+    launch.grad_input(x_, x_, geom, mean, rstd, w, sums, 1e-5, training=True)
+    _launcher.launch = real_launch
+    noop = types.SimpleNamespace(function=0, packed_metadata=0, launch_metadata=lambda *a: None, run=lambda *a: None)
+    device = types.SimpleNamespace(get_current_device=lambda: 0, get_current_stream=lambda index: 0)
+    _launcher.driver = types.SimpleNamespace(active=device)
+    try:
+        print(f"direct launcher, Python per launch (triton {_launcher.triton.__version__}, no-op kernel):")
+        for fn, grid, args, kwargs in record:
+            sig, values, key, _ = _launcher.bind(fn, args, kwargs)
+            sig.compiled[key] = _launcher.plan_for(noop, values)
+            best = float("inf")
+            for _ in range(5):
+                t0 = time.perf_counter()
+                for _ in range(calls):
+                    _launcher.launch(fn, grid, args, kwargs)
+                best = min(best, (time.perf_counter() - t0) / calls * 1e6)
+            print(f"  {fn.__name__:20s} {best:6.2f} us")
+    finally:
+        _launcher.driver = real_driver
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--stub", action="store_true", help="no-op kernel launches: bn_triton's host cost alone")
+    p.add_argument("--launcher", action="store_true", help="the direct launcher's Python per launch, no GPU needed")
     p.add_argument("--shape", default="2,3,4,4", help="input shape (default 2,3,4,4: tiny on purpose)")
     p.add_argument("--calls", type=int, help="calls per loop (default 200 on GPU or with --stub, else 3)")
     p.add_argument("--repeats", type=int, default=7)
@@ -98,6 +144,9 @@ def main(argv=None) -> None:
         "where the host time goes, launcher and allocations included",
     )
     args = p.parse_args(argv)
+    if args.launcher:
+        launcher_us(args.calls or 20000)
+        return
     cuda = torch.cuda.is_available()
     device = "cuda" if cuda else "cpu"
     shape = tuple(int(s) for s in args.shape.split(","))

@@ -71,11 +71,13 @@ class _Signature:
 _SIGNATURES: dict = {}
 
 
-def launch(fn, grid: tuple, args: tuple, kwargs: dict) -> None:
-    """``fn[grid](*args, **kwargs)``, directly through the compiled kernel once its key is known."""
-    if not ENABLED or type(fn) is not JITFunction:
-        fn[grid](*args, **kwargs)
-        return
+def plan_for(kernel, values: list) -> tuple:
+    """What a key's later launches need: the compiled kernel, and which arguments are tensors."""
+    return kernel, [i for i, v in enumerate(values) if isinstance(v, torch.Tensor)]
+
+
+def bind(fn, args: tuple, kwargs: dict) -> tuple:
+    """(signature, every parameter's value in order, specialization key, device) of a launch."""
     sig = _SIGNATURES.get(fn)
     if sig is None:
         sig = _SIGNATURES[fn] = _Signature(fn)
@@ -89,12 +91,21 @@ def launch(fn, grid: tuple, args: tuple, kwargs: dict) -> None:
         *[values[i] for i in sig.constexprs],
         *[_spec(values[i]) for i in sig.specialized],
     )
+    return sig, values, key, device
+
+
+def launch(fn, grid: tuple, args: tuple, kwargs: dict) -> None:
+    """``fn[grid](*args, **kwargs)``, directly through the compiled kernel once its key is known."""
+    if not ENABLED or type(fn) is not JITFunction:
+        fn[grid](*args, **kwargs)
+        return
+    sig, values, key, device = bind(fn, args, kwargs)
     plan = sig.compiled.get(key)
     if plan is None:
         kernel = fn[grid](*args, **kwargs)  # compiles if needed, launches, returns the compiled kernel
         if hasattr(kernel, "packed_metadata"):  # not a future of an asynchronous compile
             # The key fixes which arguments are tensors: they go to the kernel as device pointers.
-            sig.compiled[key] = (kernel, [i for i, v in enumerate(values) if isinstance(v, torch.Tensor)])
+            sig.compiled[key] = plan_for(kernel, values)
         return
     kernel, tensors = plan
     stream = driver.active.get_current_stream(device)

@@ -637,6 +637,20 @@ def test_overhead_script_with_stubbed_kernels(request):
     ]
 
 
+def test_overhead_script_times_the_direct_launcher(request):
+    """With the Triton the direct launcher supports (3.6, the GPU machines'), a time per kernel of a
+    training forward and backward; with another, a line that says it is off. No GPU needed."""
+    from bn_triton import _launcher
+
+    proc = _run(request, "bench/overhead.py", "--launcher", "--calls", "3", timeout=120)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    if _launcher._SUPPORTED:
+        names = [line.split()[0] for line in proc.stdout.splitlines() if line.endswith(" us")]
+        assert names == ["stats_kernel", "normalize_kernel", "grad_sums_kernel", "grad_input_kernel"], proc.stdout
+    else:
+        assert "the direct launcher is off for triton" in proc.stdout
+
+
 GPU_CHECK = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench", "gpu_check.sh")
 
 
