@@ -75,6 +75,30 @@ def dx_train(g, x, mean, rstd, a, sum_g, sum_g_xhat, count):
 
 
 @triton.jit
+def block_grad_sums(
+    DY, X, Y, DZ, pid_c, first, last, mean, rstd, a, b, R, C, S, stride_r, stride_c,
+    ACC: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
+    CHANNELS_CONTIG: tl.constexpr, S_DIV: tl.constexpr, HAS_B: tl.constexpr, RELU: tl.constexpr,
+    MASK_FROM_Y: tl.constexpr, STORE_DZ: tl.constexpr,
+):  # fmt: skip
+    """sum(g) and sum(g * xhat) per channel of block ``pid_c`` over tiles [first, last), g the masked
+    dy (``masked_dy``; stored to DZ when STORE_DZ). Per-lane sums, reduced once after the loop: no
+    cross-lane work holds up the next load."""
+    acc_g = tl.zeros([BLOCK_R, BLOCK_C, BLOCK_S], ACC)
+    acc_g_xhat = tl.zeros([BLOCK_R, BLOCK_C, BLOCK_S], ACC)
+    for tile in range(first, last):
+        offs, mask, _, _, _ = tile_offsets(
+            tile, pid_c, R, C, S, stride_r, stride_c, BLOCK_R, BLOCK_C, BLOCK_S, CHANNELS_CONTIG, S_DIV
+        )
+        g, x = masked_dy(DY, X, Y, offs, mask, mean, a, b, ACC, HAS_B, RELU, MASK_FROM_Y)
+        if STORE_DZ:
+            tl.store(DZ + offs, g.to(DZ.dtype.element_ty), mask=mask)
+        acc_g += g
+        acc_g_xhat += tl.where(mask, g * ((x - mean[None, :, None]) * rstd[None, :, None]), 0.0)
+    return sum_rs(acc_g), sum_rs(acc_g_xhat)
+
+
+@triton.jit
 def grad_sums_kernel(
     DY,  # grad of the output, same strides as X
     X,  # input, viewed as (R, C, S)
@@ -122,23 +146,15 @@ def grad_sums_kernel(
     mean = channel_values(MEAN, c, cm, ACC)
     rstd = channel_scale(SCALE, SCALE, c, cm, eps, ACC, SCALE_IS_VAR, False)
     b = channel_values(B, c, cm, ACC) if HAS_B else a
-    # Per-lane sums, reduced once after the loop: no cross-lane work holds up the next load.
-    acc_dy = tl.zeros([BLOCK_R, BLOCK_C, BLOCK_S], ACC)
-    acc_dy_xhat = tl.zeros([BLOCK_R, BLOCK_C, BLOCK_S], ACC)
     first, last = split_range(split, num_tiles, num_splits)
-    for tile in range(first, last):
-        offs, mask, _, _, _ = tile_offsets(
-            tile, pid_c, R, C, S, stride_r, stride_c, BLOCK_R, BLOCK_C, BLOCK_S, CHANNELS_CONTIG, S_DIV
-        )
-        dy, x = masked_dy(DY, X, Y, offs, mask, mean, a, b, ACC, HAS_B, RELU, MASK_FROM_Y)
-        if STORE_DZ:
-            tl.store(DZ + offs, dy.to(DZ.dtype.element_ty), mask=mask)
-        acc_dy += dy
-        acc_dy_xhat += tl.where(mask, dy * ((x - mean[None, :, None]) * rstd[None, :, None]), 0.0)
+    sum_g, sum_g_xhat = block_grad_sums(
+        DY, X, Y, DZ, pid_c, first, last, mean, rstd, a, b, R, C, S, stride_r, stride_c,
+        ACC, BLOCK_R, BLOCK_C, BLOCK_S, CHANNELS_CONTIG, S_DIV, HAS_B, RELU, MASK_FROM_Y, STORE_DZ,
+    )  # fmt: skip
     plane = num_splits * C
     out = split * C + c
-    tl.store(PART + out, sum_rs(acc_dy), mask=cm)
-    tl.store(PART + plane + out, sum_rs(acc_dy_xhat), mask=cm)
+    tl.store(PART + out, sum_g, mask=cm)
+    tl.store(PART + plane + out, sum_g_xhat, mask=cm)
 
     if last_to_arrive(COUNTER + pid_c, num_splits):
         # Sum the partials, BLOCK_P splits at a time (a tree within a step, steps in order).

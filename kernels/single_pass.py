@@ -26,10 +26,10 @@ backward (bench/inspect_sass.py, 2048@7 fp32).
 import triton
 import triton.language as tl
 
-from .grad import dx_train, masked_dy
+from .grad import block_grad_sums, dx_train, masked_dy
 from .normalize import channel_values, normalize_tile
 from .stats import block_stats, count_batch, update_running
-from .tile import acc_scalar, inv_sqrt, sum_rs, tile_offsets
+from .tile import acc_scalar, inv_sqrt, tile_offsets
 
 
 @triton.jit
@@ -72,23 +72,9 @@ def forward_kernel(
 ):
     pid_c = tl.program_id(0)
     n, mean, m2 = block_stats(
-        X,
-        pid_c,
-        0,
-        num_tiles,
-        R,
-        C,
-        S,
-        stride_r,
-        stride_c,
-        ACC,
-        BLOCK_R,
-        BLOCK_C,
-        BLOCK_S,
-        CHANNELS_CONTIG,
-        S_DIV,
-        UNIFORM_S,
-    )
+        X, pid_c, 0, num_tiles, R, C, S, stride_r, stride_c,
+        ACC, BLOCK_R, BLOCK_C, BLOCK_S, CHANNELS_CONTIG, S_DIV, UNIFORM_S,
+    )  # fmt: skip
     c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     cm = c < C
     var = m2 / tl.where(n > 0, n, 1.0)
@@ -164,19 +150,10 @@ def backward_kernel(
     rstd = channel_values(RSTD, c, cm, ACC)
     a = rstd * channel_values(W, c, cm, ACC) if HAS_W else rstd
     b = channel_values(B, c, cm, ACC) if HAS_B else a
-    acc_g = tl.zeros([BLOCK_R, BLOCK_C, BLOCK_S], ACC)
-    acc_g_xhat = tl.zeros([BLOCK_R, BLOCK_C, BLOCK_S], ACC)
-    for tile in range(0, num_tiles):
-        offs, mask, _, _, _ = tile_offsets(
-            tile, pid_c, R, C, S, stride_r, stride_c, BLOCK_R, BLOCK_C, BLOCK_S, CHANNELS_CONTIG, S_DIV
-        )
-        g, x = masked_dy(DY, X, Y, offs, mask, mean, a, b, ACC, HAS_B, RELU, MASK_FROM_Y)
-        if STORE_DZ:
-            tl.store(DZ + offs, g.to(DZ.dtype.element_ty), mask=mask)
-        acc_g += g
-        acc_g_xhat += tl.where(mask, g * ((x - mean[None, :, None]) * rstd[None, :, None]), 0.0)
-    sum_g = sum_rs(acc_g)
-    sum_g_xhat = sum_rs(acc_g_xhat)
+    sum_g, sum_g_xhat = block_grad_sums(
+        DY, X, Y, DZ, pid_c, 0, num_tiles, mean, rstd, a, b, R, C, S, stride_r, stride_c,
+        ACC, BLOCK_R, BLOCK_C, BLOCK_S, CHANNELS_CONTIG, S_DIV, HAS_B, RELU, MASK_FROM_Y, STORE_DZ,
+    )  # fmt: skip
     if HAS_DW:
         tl.store(DW + c, sum_g_xhat.to(DW.dtype.element_ty), mask=cm)
     if HAS_DB:

@@ -70,23 +70,10 @@ def update_running(
 
 @triton.jit
 def block_stats(
-    X,
-    pid_c,
-    first,
-    last,
-    R,
-    C,
-    S,
-    stride_r,
-    stride_c,
-    ACC: tl.constexpr,
-    BLOCK_R: tl.constexpr,
-    BLOCK_C: tl.constexpr,
-    BLOCK_S: tl.constexpr,
-    CHANNELS_CONTIG: tl.constexpr,
-    S_DIV: tl.constexpr,
-    UNIFORM_S: tl.constexpr,
-):
+    X, pid_c, first, last, R, C, S, stride_r, stride_c,
+    ACC: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
+    CHANNELS_CONTIG: tl.constexpr, S_DIV: tl.constexpr, UNIFORM_S: tl.constexpr,
+):  # fmt: skip
     """(count, mean, M2) of channel block ``pid_c`` over tiles [first, last): per-lane Welford in the
     loop (no cross-lane work holds up the next load), the lanes merged once after it."""
     # Per-lane counts: per row when every tile has the same valid spatial columns (UNIFORM_S: the
@@ -166,23 +153,9 @@ def stats_kernel(
     split = tl.program_id(1)
     first, last = split_range(split, num_tiles, num_splits)
     n_s, mean_s, m2_s = block_stats(
-        X,
-        pid_c,
-        first,
-        last,
-        R,
-        C,
-        S,
-        stride_r,
-        stride_c,
-        ACC,
-        BLOCK_R,
-        BLOCK_C,
-        BLOCK_S,
-        CHANNELS_CONTIG,
-        S_DIV,
-        UNIFORM_S,
-    )
+        X, pid_c, first, last, R, C, S, stride_r, stride_c,
+        ACC, BLOCK_R, BLOCK_C, BLOCK_S, CHANNELS_CONTIG, S_DIV, UNIFORM_S,
+    )  # fmt: skip
     c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     cm = c < C
     plane = num_splits * C
