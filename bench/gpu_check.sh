@@ -259,8 +259,8 @@ print('bn_triton from', bn_triton.__file__, '| kernels from', bn_triton.kernels.
     if [ "$GPU" = 1 ]; then
       # Where the host time per call goes (the bench's host_ms says how much): ~20 s of the stage.
       echo
-      echo "== 5. host cost per call and its cProfile (bench/overhead.py --profile 200; limit 25 s)"
-      (cd "$run_dir" && timeout -k 5 20 "$PY" bench/overhead.py --shape 32,64,14,14 --calls 100 --repeats 3 \
+      echo "== 5. host cost per call, its cProfile and torch.profiler table (bench/overhead.py --profile 200; limit 30 s)"
+      (cd "$run_dir" && timeout -k 5 30 "$PY" bench/overhead.py --shape 32,64,14,14 --calls 100 --repeats 3 \
         --profile 200) || echo "host profile: exit status $?"
       echo
       echo "== 5b. single-pass kernels against the split path (BN_TRITON_SINGLE_PASS off: bn_triton_split; limit 35 s)"
