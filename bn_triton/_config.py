@@ -58,8 +58,12 @@ RUNNING_BLOCK_C = 128
 # registers, 2 per SM (with 2048: 48 registers, 5 per SM, whose blocks of x and dy, 66 MB in fp32,
 # would not stay in L2). So PROGRAMS_PER_SM bounds the resident programs of both.
 SINGLE_PASS_TILE_ELEMS_GPU = 2048
-# BN_TRITON_SINGLE_PASS=0 turns them off (the bench compares both paths that way).
-SINGLE_PASS = os.environ.get("BN_TRITON_SINGLE_PASS", "1") != "0"
+# SINGLE_PASS: None (the default) applies the rule above on a GPU and keeps the interpreter on the
+# split path (which most inputs take on a GPU, so the test suite exercises it; tests/test_single_pass.py
+# and the tests' ``path`` fixture turn the single pass on); False turns it off (the bench's
+# bn_triton_split); True takes it wherever one split per block is all, L2 or not. The environment
+# variable BN_TRITON_SINGLE_PASS=0 or 1 sets False or True.
+SINGLE_PASS = {"0": False, "1": True}.get(os.environ.get("BN_TRITON_SINGLE_PASS", ""))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -123,20 +127,29 @@ def _cuda_target(index: int) -> Target:
     return Target(TILE_ELEMS_GPU, SINGLE_PASS_TILE_ELEMS_GPU, PROGRAMS_PER_SM * sm_count(index), l2_bytes(index))
 
 
-def single_pass(geom: Geometry, device: torch.device, itemsize: int) -> LaunchConfig | None:
-    """The single-pass forward's launch settings for ``geom`` (its backward takes ``launch_config``'s),
-    or None where the split kernels serve it (see SINGLE_PASS_TILE_ELEMS_GPU)."""
-    return _single_pass(geom, target(device), itemsize) if SINGLE_PASS else None
+def single_pass(geom: Geometry, device: torch.device, itemsize: int) -> bool:
+    """Whether the single-pass kernels serve ``geom`` (see SINGLE_PASS_TILE_ELEMS_GPU and SINGLE_PASS)."""
+    return SINGLE_PASS is not False and _single_pass(geom, target(device), itemsize, SINGLE_PASS is True)
 
 
 @functools.lru_cache(maxsize=4096)  # on the eager hot path
-def _single_pass(geom: Geometry, t: Target, itemsize: int) -> LaunchConfig | None:
+def _single_pass(geom: Geometry, t: Target, itemsize: int, forced: bool) -> bool:
     split = _launch_config(geom, t.tile, t.programs, MAX_BLOCK_C, MAX_BLOCK_S)
     if split.num_splits != 1:
-        return None
+        return False
+    if forced:
+        return True
+    if t.l2_bytes is None:  # the interpreter: the split path unless asked
+        return False
     resident = min(split.num_c_blocks, t.programs)
-    if t.l2_bytes is not None and resident * split.block_c * geom.per_channel * 2 * itemsize > t.l2_bytes:
-        return None
+    return resident * split.block_c * geom.per_channel * 2 * itemsize <= t.l2_bytes
+
+
+def single_pass_config(geom: Geometry, device: torch.device) -> LaunchConfig:
+    """The single-pass forward's tiles (its backward takes ``launch_config``'s). Its kernel is
+    correct for any geometry (a program walks every tile of its block); ``single_pass`` says where
+    it is fast."""
+    t = target(device)
     return _launch_config(geom, t.single_pass_tile, t.programs, MAX_BLOCK_C, MAX_BLOCK_S)
 
 

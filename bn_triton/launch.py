@@ -132,7 +132,7 @@ def _tickets(device: torch.device, n: int) -> torch.Tensor:
 
 def single_pass(x: torch.Tensor, geom: Geometry) -> bool:
     """Whether ``train_forward`` and ``train_backward`` serve x (``_config.single_pass``)."""
-    return _config.single_pass(geom, x.device, x.element_size()) is not None
+    return _config.single_pass(geom, x.device, x.element_size())
 
 
 def _tile_args(geom: Geometry, cfg: LaunchConfig) -> dict:
@@ -272,12 +272,12 @@ def normalize(x, geom, mean, scale, weight, bias, eps, *, scale_is_var, residual
 
 
 def train_forward(x, geom, weight, bias, eps, running: Running = NO_RUNNING, *, residual=None, relu=False):
-    """``batch_stats`` then ``normalize`` (training) in one launch, where ``single_pass`` holds.
+    """``batch_stats`` then ``normalize`` (training) in one launch (fast where ``single_pass`` holds).
 
     Returns (y, mean, rstd); running statistics and num_batches_tracked as in ``batch_stats``, the
     epilogue (``residual``, ``relu``) as in ``normalize``. Bitwise the same results as those two.
     """
-    cfg = _config.single_pass(geom, x.device, x.element_size())
+    cfg = _config.single_pass_config(geom, x.device)
     acc = acc_dtype(x.dtype)
     mean, rstd = _buffers(geom.C, acc, x.device, 2)
     y = torch.empty_like(x)
@@ -303,7 +303,7 @@ def train_forward(x, geom, weight, bias, eps, running: Running = NO_RUNNING, *, 
 
 
 def train_backward(dy, x, geom, mean, rstd, weight, *, dweight=None, dbias=None, relu=None):
-    """``grad_sums`` then the training ``grad_input`` in one launch, where ``single_pass`` holds.
+    """``grad_sums`` then the training ``grad_input`` in one launch (fast where ``single_pass`` holds).
 
     Returns dx; writes dweight/dbias if given, and with ``relu`` (a ``ReluGrad``) the masked dy to
     its ``dz`` if given. Bitwise the same results as those two.

@@ -58,8 +58,9 @@ def torch_bn_forbidden(monkeypatch):
 
 @pytest.fixture(params=["split", "single_pass"])
 def path(request, monkeypatch):
-    """Both training paths: the split kernels (two launches per pass), and the single-pass kernels
-    (one; taken where ops.single_pass(x) holds: a test's tiny inputs mostly qualify)."""
+    """Both training paths: the split kernels (two launches per pass; the interpreter's default), and
+    the single-pass kernels (one; taken where one split per channel block is all: a test's tiny
+    inputs mostly are)."""
     from bn_triton import _config
 
     monkeypatch.setattr(_config, "SINGLE_PASS", request.param == "single_pass")

@@ -89,6 +89,7 @@ def test_bitwise_equal_with_residual_relu_in_half(dtype, device, monkeypatch):
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).removeprefix("torch."))
 def test_matches_float64_reference(dtype, device, monkeypatch):
     """Against the reference on a shape with several tiles per channel (the second loop revisits them)."""
+    monkeypatch.setattr(_config, "SINGLE_PASS", True)
     monkeypatch.setattr(_config, "TILE_ELEMS_INTERPRETER", 64)
     monkeypatch.setattr(_config, "INTERPRETER_PROGRAMS", 1)
     x = make((9, 5, 31), dtype, device, offset=3.0, seed=50).requires_grad_()
@@ -114,6 +115,7 @@ def test_matches_float64_reference(dtype, device, monkeypatch):
 
 
 def test_repeated_calls_are_bitwise_identical(device, monkeypatch):
+    monkeypatch.setattr(_config, "SINGLE_PASS", True)
     monkeypatch.setattr(_config, "INTERPRETER_PROGRAMS", 1)
     x = make((4, 8, 6, 6), torch.float32, device, seed=60)
     runs = [_step(x, None, "relu", 0.1, 61) for _ in range(2)]
@@ -139,16 +141,28 @@ def test_gpu_rule(shape, dtype, channels_last, expected, h100, monkeypatch):
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     _, geom = launch.canonical(x)
-    cfg = _config.single_pass(geom, h100, x.element_size())
-    assert (cfg is not None) == expected
-    if expected:
-        assert cfg.block_r * cfg.block_c * cfg.block_s <= _config.SINGLE_PASS_TILE_ELEMS_GPU
+    assert _config.single_pass(geom, h100, x.element_size()) == expected
+    cfg = _config.single_pass_config(geom, h100)
+    assert cfg.block_r * cfg.block_c * cfg.block_s <= _config.SINGLE_PASS_TILE_ELEMS_GPU
     monkeypatch.setattr(_config, "SINGLE_PASS", False)
-    assert _config.single_pass(geom, h100, x.element_size()) is None
+    assert not _config.single_pass(geom, h100, x.element_size())
+    monkeypatch.setattr(_config, "SINGLE_PASS", True)  # forced: wherever one split per block is all
+    one_split = _config.launch_config(geom, h100).num_splits == 1
+    assert _config.single_pass(geom, h100, x.element_size()) == one_split
 
 
-def test_traced_graphs_keep_the_split_path(device):
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the interpreter's default")
+def test_interpreter_takes_the_split_path_unless_asked(device, monkeypatch):
+    """The suite's default: the split path, which most inputs take on a GPU."""
+    x = make((4, 8, 6), torch.float32, device, seed=71)
+    assert not ops.single_pass(x)
+    monkeypatch.setattr(_config, "SINGLE_PASS", True)
+    assert ops.single_pass(x)
+
+
+def test_traced_graphs_keep_the_split_path(device, monkeypatch):
     """Under a dispatch mode (tracing), the ops are the split path's four, even where eager takes one pass."""
+    monkeypatch.setattr(_config, "SINGLE_PASS", True)
     from torch.utils._python_dispatch import TorchDispatchMode
 
     class Record(TorchDispatchMode):
