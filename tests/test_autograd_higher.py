@@ -210,6 +210,19 @@ def test_cumulative_running_stats_under_jvp(device):
     _close(rv, rv_ref, "running_var")
 
 
+def test_module_counts_its_batch_under_jvp(device):
+    """A captured module in training: num_batches_tracked counted (torch's modules raise there), and
+    the cumulative running statistics as torch's functional batch_norm gives them."""
+    x, _, _, _ = _inputs(device)
+    ours = bn_triton.BatchNorm1d(x.shape[1], momentum=None, affine=False).to(device, x.dtype)
+    rm, rv = ours.running_mean.clone(), ours.running_var.clone()
+    jvp(lambda x: ours(x), (x,), (torch.randn_like(x),))
+    assert ours.num_batches_tracked.item() == 1
+    F.batch_norm(x, rm, rv, None, None, True, 1.0, EPS)
+    _close(ours.running_mean, rm, "running_mean")
+    _close(ours.running_var, rv, "running_var")
+
+
 def test_empty_batch_under_jvp_matches_torch(device):
     """No values to normalize: torch's result (an empty tensor), also for a module's momentum=None."""
     x = make((0, 3, 4), F64, device)
