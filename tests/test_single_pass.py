@@ -53,12 +53,20 @@ def _both_paths(x, r, activation, momentum, monkeypatch, seed=30):
 
 
 def _bitwise(split, single):
+    """Bitwise equal under the interpreter (the same operations in the same order). Compiled for a
+    GPU, the two kernels may contract the same arithmetic differently (FMA): within 2 ulps there."""
     names = ["y", "dx", "dresidual", "dweight", "dbias", "running_mean", "running_var", "num_batches"]
     if len(split) == 7:  # no residual
         names.remove("dresidual")
     for name, a, b in zip(names, split, single, strict=True):
         assert a.dtype == b.dtype and a.stride() == b.stride(), name
-        assert torch.equal(a.reshape(-1).view(torch.uint8), b.reshape(-1).view(torch.uint8)), f"{name} differs in bits"
+        if a.device.type == "cpu":
+            assert torch.equal(a.reshape(-1).view(torch.uint8), b.reshape(-1).view(torch.uint8)), f"{name} differs"
+        elif a.is_floating_point():
+            ulp = torch.finfo(a.dtype).eps * a.abs().max().clamp(min=1)
+            torch.testing.assert_close(a, b, atol=2 * ulp.item(), rtol=0, msg=name)
+        else:
+            assert torch.equal(a, b), name
 
 
 @pytest.mark.parametrize("rank,layout", RANK_LAYOUTS)
@@ -88,16 +96,20 @@ def test_bitwise_equal_with_residual_relu_in_half(dtype, device, monkeypatch):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).removeprefix("torch."))
 def test_matches_float64_reference(dtype, device, monkeypatch):
-    """Against the reference on a shape with several tiles per channel (the second loop revisits them)."""
+    """Against the reference on a shape with several tiles per channel in both kernels, under the
+    interpreter (small tiles) and on a GPU (6400 values per channel: 2 tiles of 4096, 4 of 2048)."""
     monkeypatch.setattr(_config, "SINGLE_PASS", True)
-    monkeypatch.setattr(_config, "TILE_ELEMS_INTERPRETER", 64)
+    monkeypatch.setattr(_config, "TILE_ELEMS_INTERPRETER", 512)
     monkeypatch.setattr(_config, "INTERPRETER_PROGRAMS", 1)
-    x = make((9, 5, 31), dtype, device, offset=3.0, seed=50).requires_grad_()
+    x = make((64, 5, 100), dtype, device, offset=3.0, seed=50).requires_grad_()
     w = make((5,), dtype, device, offset=1.0, seed=51).requires_grad_()
     b = make((5,), dtype, device, seed=52).requires_grad_()
     rm, rv = torch.zeros(5, dtype=dtype, device=device), torch.ones(5, dtype=dtype, device=device)
     _, geom = launch.canonical(x)
-    assert ops.single_pass(x) and launch.launch_config(geom, x.device).num_tiles > 1
+    assert ops.single_pass(x) or device == "cuda"  # on a GPU 5 channels get split reductions
+    monkeypatch.setattr(ops, "single_pass", lambda x: True)  # the single-pass kernels, every device
+    assert launch.launch_config(geom, x.device).num_tiles > 1
+    assert _config.single_pass_config(geom, x.device).num_tiles > 1
     launch.LAUNCHES.clear()
     y = bn_triton.batch_norm(x, rm, rv, w, b, training=True, momentum=0.1, eps=1e-5)
     dy = make(x.shape, dtype, device, seed=53)
