@@ -275,7 +275,8 @@ def train_forward(x, geom, weight, bias, eps, running: Running = NO_RUNNING, *, 
     """``batch_stats`` then ``normalize`` (training) in one launch (fast where ``single_pass`` holds).
 
     Returns (y, mean, rstd); running statistics and num_batches_tracked as in ``batch_stats``, the
-    epilogue (``residual``, ``relu``) as in ``normalize``. Bitwise the same results as those two.
+    epilogue (``residual``, ``relu``) as in ``normalize``. The same code as those two (see
+    kernels/single_pass.py).
     """
     cfg = _config.single_pass_config(geom, x.device)
     acc = acc_dtype(x.dtype)
@@ -306,7 +307,7 @@ def train_backward(dy, x, geom, mean, rstd, weight, *, dweight=None, dbias=None,
     """``grad_sums`` then the training ``grad_input`` in one launch (fast where ``single_pass`` holds).
 
     Returns dx; writes dweight/dbias if given, and with ``relu`` (a ``ReluGrad``) the masked dy to
-    its ``dz`` if given. Bitwise the same results as those two.
+    its ``dz`` if given. The same code as those two (see kernels/single_pass.py).
     """
     cfg = launch_config(geom, x.device)  # the split kernels' tiles (see _config.SINGLE_PASS_TILE_ELEMS_GPU)
     dx = torch.empty_like(x)

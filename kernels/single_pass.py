@@ -13,9 +13,10 @@ launch. In DRAM bytes (B: one full tensor):
 
 Where the second read misses L2 the bytes are those of the split path, with one launch fewer.
 Each phase runs the same code as the split kernels (kernels/stats.py block_stats,
-normalize.normalize_tile, grad.masked_dy and dx_train) on one split: with the same tiles (always
-under the interpreter; on a GPU the forward's are smaller, see bn_triton/_config.py) the results
-are bitwise those of the two-launch path.
+normalize.normalize_tile, grad.masked_dy and dx_train) on one split: with the same tiles the
+results are those of the two-launch path, bitwise under the interpreter (compiled, two kernels may
+contract the same arithmetic differently; on a GPU the forward's tiles are also smaller, see
+bn_triton/_config.py).
 
 One program per channel block, not a persistent grid walking several: compiled for sm_90, a loop
 over blocks around the two phases keeps their loop-invariant addresses (row offsets, the reduction's
