@@ -6,7 +6,8 @@ Reading the numbers:
   device_ms    device time: the same call captured in a CUDA graph and replayed (GPU work alone);
                blank, with the reason in note, where capture failed
   gbps         model bytes (traffic.py) / median time; pct_copy_bw: that as a fraction of the
-               device-to-device copy bandwidth measured in the same run
+               device-to-device copy bandwidth measured in the same run. Wall time includes the
+               host's: device_pct_copy_bw is the same from device_ms, the kernels' own efficiency
   speedup      on a baseline's row: its median time / bn_triton's, so > 1 means bn_triton is faster
   backend      what actually ran, from the profiler (torch sends some inputs past cuDNN)
   status       ok (timed), checked (smoke: correct, not timed), wrong (failed the check: never
@@ -26,12 +27,12 @@ from collections import Counter, OrderedDict
 
 CSV_COLUMNS = [
     "impl", "pass", "dtype", "layout", "shape", "dims", "ms", "ms_p20", "ms_p80", "host_ms", "device_ms",
-    "gbps", "pct_copy_bw", "speedup", "model_bytes", "peak_mem_mb", "backend", "status", "err_ratio",
-    "mask_flips", "note",
+    "gbps", "pct_copy_bw", "device_pct_copy_bw", "speedup", "model_bytes", "peak_mem_mb", "backend",
+    "status", "err_ratio", "mask_flips", "note",
 ]  # fmt: skip
 NUMERIC = {
-    "ms", "ms_p20", "ms_p80", "host_ms", "device_ms", "gbps", "pct_copy_bw", "speedup", "model_bytes",
-    "peak_mem_mb", "err_ratio", "mask_flips",
+    "ms", "ms_p20", "ms_p80", "host_ms", "device_ms", "gbps", "pct_copy_bw", "device_pct_copy_bw", "speedup",
+    "model_bytes", "peak_mem_mb", "err_ratio", "mask_flips",
 }  # fmt: skip
 BASELINES = ("cudnn", "native", "compile", "bn_triton_split")
 OURS = "bn_triton"
@@ -115,8 +116,9 @@ def summarize(rows: list) -> list:
         for b in BASELINES:
             sp = [r["speedup"] for r in group if r["impl"] == b and r.get("speedup") is not None]
             rec[f"vs_{b}"] = geomean(sp) if sp else None
-        fractions = sorted(float(r["pct_copy_bw"]) for r in ours if r.get("pct_copy_bw") is not None)
-        rec["pct_copy_bw"] = fractions[len(fractions) // 2] if fractions else None
+        for col in ("pct_copy_bw", "device_pct_copy_bw"):
+            fractions = sorted(v for v in (_num(r, col) for r in ours) if v is not None)
+            rec[col] = fractions[len(fractions) // 2] if fractions else None
         worst = None
         for shape in OrderedDict.fromkeys(r["shape"] for r in ours):
             base = [r for r in group if r["shape"] == shape and r["impl"] != OURS and r.get("speedup") is not None]
@@ -135,13 +137,14 @@ def summary_table(rows: list) -> str:
     headers = ["dtype", "layout", "pass", "shapes"] + [f"vs {b}" for b in baselines]
     body = []
     for s in summarize(rows):
-        pct = s["pct_copy_bw"]
+        pcts = [s[c] for c in ("pct_copy_bw", "device_pct_copy_bw")]
         body.append(
             [s["dtype"], s["layout"], s["pass_"], s["shapes"]]
             + [None if s[f"vs_{b}"] is None else f"{s[f'vs_{b}']:.2f}x" for b in baselines]
-            + [None if pct is None else f"{100 * pct:.0f}%", s["worst"]]
+            + [None if p is None else f"{100 * p:.0f}%" for p in pcts]
+            + [s["worst"]]
         )
-    return markdown_table(headers + ["bn_triton % copy BW", "worst shape"], body)
+    return markdown_table(headers + ["bn_triton % copy BW", "(device time)", "worst shape"], body)
 
 
 def _torch_row(d: dict):
@@ -186,7 +189,7 @@ def detail_table(rows: list) -> str:
     by = _by_input(rows)
     impls = [i for i in (OURS,) + BASELINES if any(i in d for d in by.values())]
     headers = ["dtype", "layout", "shape", "pass"] + [f"{i} ms" for i in impls]
-    headers += ["bn_triton host ms", "bn_triton device ms", "bn_triton GB/s", "% copy BW"]
+    headers += ["bn_triton host ms", "bn_triton device ms", "bn_triton GB/s", "% copy BW", "(device time)"]
     body = []
     for key, d in by.items():
         line = list(key)
@@ -196,9 +199,11 @@ def detail_table(rows: list) -> str:
             ran = r and _timed(r) and r.get("backend")
             line.append(cell + (f" ({ran})" if ran and ran != {"compile": "inductor"}.get(i, i) else ""))
         ours = d.get(OURS) if _timed(d.get(OURS) or {}) else None
-        host, dev, gb, pct = (_num(ours, c) for c in ("host_ms", "device_ms", "gbps", "pct_copy_bw"))
+        cols = ("host_ms", "device_ms", "gbps", "pct_copy_bw", "device_pct_copy_bw")
+        host, dev, gb, pct, dev_pct = (_num(ours, c) for c in cols)
         line += [None if host is None else f"{host:.4f}", None if dev is None else f"{dev:.4f}"]
-        line += [None if gb is None else f"{gb:.0f}", None if pct is None else f"{100 * pct:.0f}%"]
+        line += [None if gb is None else f"{gb:.0f}"]
+        line += [None if p is None else f"{100 * p:.0f}%" for p in (pct, dev_pct)]
         body.append(line)
     return markdown_table(headers, body)
 

@@ -316,6 +316,8 @@ def _time(f: Callable, build: Callable, settings: Settings, nbytes: int) -> dict
         fields["pct_copy_bw"] = fields["gbps"] / settings.copy_gbps
     try:
         fields["device_ms"] = device_timer(build)
+        if settings.copy_gbps and fields["device_ms"] > 0:  # NaN where no CUDA graph: not > 0
+            fields["device_pct_copy_bw"] = traffic.gbps(nbytes, fields["device_ms"]) / settings.copy_gbps
     except Exception as exc:  # never fatal: the row keeps its other times
         fields.update(device_ms=math.nan, note=f"device time not measured: {_short(exc)}")
         if cuda:

@@ -181,8 +181,9 @@ def test_timing_path_with_injected_timers(device):
         assert r["host_ms"] > 0
         if r["impl"] == "bn_triton":
             assert r["device_ms"] == 0.5 and r["note"] == ""
+            assert r["device_pct_copy_bw"] == pytest.approx(nbytes / 0.5e-3 / 1e9 / 4.0e-3)
         else:
-            assert math.isnan(r["device_ms"])
+            assert math.isnan(r["device_ms"]) and r.get("device_pct_copy_bw") is None
             assert r["note"].startswith("device time not measured: RuntimeError: operation not permitted")
     assert {r["backend"] for r in rows if r["impl"] == "bn_triton"} == {"bn_triton"}
     report.add_speedups(rows)
