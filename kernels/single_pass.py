@@ -29,8 +29,8 @@ import triton.language as tl
 
 from .grad import block_grad_sums, dx_train, masked_dy
 from .normalize import channel_values, normalize_tile
-from .stats import block_stats, count_batch, update_running
-from .tile import acc_scalar, inv_sqrt, tile_offsets
+from .stats import block_stats, finish_stats
+from .tile import tile_offsets
 
 
 @triton.jit
@@ -78,28 +78,10 @@ def forward_kernel(
     )  # fmt: skip
     c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     cm = c < C
-    var = m2 / tl.where(n > 0, n, 1.0)
-    rstd = inv_sqrt(var + acc_scalar(eps, ACC))
-    tl.store(MEAN + c, mean, mask=cm)
-    tl.store(RSTD + c, rstd, mask=cm)
-    if HAS_RUNNING:
-        update_running(
-            RUNNING_MEAN,
-            RUNNING_VAR,
-            NUM_BATCHES,
-            c,
-            cm,
-            mean,
-            var,
-            n,
-            acc_scalar(momentum, ACC),
-            stride_rm,
-            stride_rv,
-            CUMULATIVE,
-            COUNT_BATCH,
-        )
-    if COUNT_BATCH:
-        count_batch(NUM_BATCHES, TICKET)
+    rstd = finish_stats(
+        n, mean, m2, c, cm, MEAN, RSTD, None, RUNNING_MEAN, RUNNING_VAR, NUM_BATCHES, TICKET, eps, momentum,
+        stride_rm, stride_rv, ACC, False, HAS_RUNNING, CUMULATIVE, COUNT_BATCH,
+    )  # fmt: skip
     a = rstd * channel_values(W, c, cm, ACC) if HAS_W else rstd
     b = channel_values(B, c, cm, ACC) if HAS_B else a
     for tile in range(0, num_tiles):  # the same tiles again: from L2
@@ -113,7 +95,7 @@ def forward_kernel(
 def backward_kernel(
     DY,  # grad of the output, same strides as X
     X,  # input, viewed as (R, C, S)
-    DX,  # out, same strides as X (when STORE_DX)
+    DX,  # out, same strides as X
     MEAN,  # [C] batch mean
     RSTD,  # [C] batch rstd
     W,  # [C] weight (unused unless HAS_W)
@@ -142,7 +124,6 @@ def backward_kernel(
     MASK_FROM_Y: tl.constexpr = False,
     HAS_B: tl.constexpr = False,
     STORE_DZ: tl.constexpr = False,
-    STORE_DX: tl.constexpr = True,
 ):
     pid_c = tl.program_id(0)
     c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -159,11 +140,10 @@ def backward_kernel(
         tl.store(DW + c, sum_g_xhat.to(DW.dtype.element_ty), mask=cm)
     if HAS_DB:
         tl.store(DB + c, sum_g.to(DB.dtype.element_ty), mask=cm)
-    if STORE_DX:
-        for tile in range(0, num_tiles):  # the same tiles again: from L2; g recomputed, same bits
-            offs, mask, _, _, _ = tile_offsets(
-                tile, pid_c, R, C, S, stride_r, stride_c, BLOCK_R, BLOCK_C, BLOCK_S, CHANNELS_CONTIG, S_DIV
-            )
-            g, x = masked_dy(DY, X, Y, offs, mask, mean, a, b, ACC, HAS_B, RELU, MASK_FROM_Y)
-            dx = dx_train(g, x, mean, rstd, a, sum_g, sum_g_xhat, count)
-            tl.store(DX + offs, dx.to(DX.dtype.element_ty), mask=mask)
+    for tile in range(0, num_tiles):  # the same tiles again: from L2; g recomputed, same bits
+        offs, mask, _, _, _ = tile_offsets(
+            tile, pid_c, R, C, S, stride_r, stride_c, BLOCK_R, BLOCK_C, BLOCK_S, CHANNELS_CONTIG, S_DIV
+        )
+        g, x = masked_dy(DY, X, Y, offs, mask, mean, a, b, ACC, HAS_B, RELU, MASK_FROM_Y)
+        dx = dx_train(g, x, mean, rstd, a, sum_g, sum_g_xhat, count)
+        tl.store(DX + offs, dx.to(DX.dtype.element_ty), mask=mask)

@@ -115,6 +115,31 @@ def count_batch(NUM_BATCHES, TICKET):
 
 
 @triton.jit
+def finish_stats(
+    n, mean, m2, c, cm, MEAN, RSTD, VAR, RUNNING_MEAN, RUNNING_VAR, NUM_BATCHES, TICKET, eps, momentum,
+    stride_rm, stride_rv, ACC: tl.constexpr, HAS_VAR: tl.constexpr, HAS_RUNNING: tl.constexpr,
+    CUMULATIVE: tl.constexpr, COUNT_BATCH: tl.constexpr,
+):  # fmt: skip
+    """A channel block's (count, mean, M2), finished: mean, rstd (and the biased variance when
+    HAS_VAR) stored, the running statistics updated, and with COUNT_BATCH the batch counted by the
+    last of the programs that take TICKET. Returns rstd."""
+    var = m2 / tl.where(n > 0, n, 1.0)
+    rstd = inv_sqrt(var + acc_scalar(eps, ACC))
+    tl.store(MEAN + c, mean, mask=cm)
+    tl.store(RSTD + c, rstd, mask=cm)
+    if HAS_VAR:
+        tl.store(VAR + c, var, mask=cm)
+    if HAS_RUNNING:
+        update_running(
+            RUNNING_MEAN, RUNNING_VAR, NUM_BATCHES, c, cm, mean, var, n, acc_scalar(momentum, ACC),
+            stride_rm, stride_rv, CUMULATIVE, COUNT_BATCH,
+        )  # fmt: skip
+    if COUNT_BATCH:
+        count_batch(NUM_BATCHES, TICKET)
+    return rstd
+
+
+@triton.jit
 def stats_kernel(
     X,  # input, viewed as (R, C, S)
     PART,  # [3, SPLIT, C] acc dtype workspace: count, mean, M2 of each split
@@ -175,29 +200,11 @@ def stats_kernel(
             m2_b = load_partials(PART, 2, p0, num_splits, C, c, cm, BLOCK_P)
             n_b, mean_b, m2_b = tl.reduce((n_b, mean_b, m2_b), 0, chan_combine)
             n_t, mean_t, m2_t = chan_combine(n_t, mean_t, m2_t, n_b, mean_b, m2_b)
-        var = m2_t / tl.where(n_t > 0, n_t, 1.0)
-        tl.store(MEAN + c, mean_t, mask=cm)
-        tl.store(RSTD + c, inv_sqrt(var + acc_scalar(eps, ACC)), mask=cm)
-        if HAS_VAR:
-            tl.store(VAR + c, var, mask=cm)
-        if HAS_RUNNING:
-            update_running(
-                RUNNING_MEAN,
-                RUNNING_VAR,
-                NUM_BATCHES,
-                c,
-                cm,
-                mean_t,
-                var,
-                n_t,
-                acc_scalar(momentum, ACC),
-                stride_rm,
-                stride_rv,
-                CUMULATIVE,
-                COUNT_BATCH,
-            )
-        if COUNT_BATCH:  # the second ticket: one per channel block's last program
-            count_batch(NUM_BATCHES, COUNTER + tl.num_programs(0))
+        finish_stats(
+            n_t, mean_t, m2_t, c, cm, MEAN, RSTD, VAR, RUNNING_MEAN, RUNNING_VAR, NUM_BATCHES,
+            COUNTER + tl.num_programs(0), eps, momentum, stride_rm, stride_rv,
+            ACC, HAS_VAR, HAS_RUNNING, CUMULATIVE, COUNT_BATCH,
+        )  # fmt: skip
 
 
 @triton.jit
