@@ -219,7 +219,8 @@ def batch_stats(x, geom, eps, running: Running = NO_RUNNING, *, want_var=False):
     acc = acc_dtype(x.dtype)
     C = geom.C
     (parts,) = _buffers(3 * cfg.num_splits * C, acc, x.device)
-    mean, rstd, var = _buffers(C, acc, x.device, 3 if want_var else 2) + ([] if want_var else [None])
+    mean, rstd = _buffers(C, acc, x.device, 2)
+    var = _buffers(C, acc, x.device)[0] if want_var else None
     _run(
         kernels.stats_kernel,
         (cfg.num_c_blocks, cfg.num_splits),
@@ -405,15 +406,15 @@ def grad_sums(dy, x, geom, mean, scale, weight, eps, *, scale_is_var, dweight=No
     return sum_dy, sum_dy_xhat
 
 
-def grad_input(dy, x, geom, mean, scale, weight, sums, eps, *, training, count=None, relu=None, want_dx=True):
+def grad_input(dy, x, geom, mean, scale, weight, sums, eps, *, training, count=0, relu=None, want_dx=True):
     """dx, one launch (closed form in kernels/grad.py).
 
     ``training``: from the two per-channel sums, with mean/scale the batch mean and rstd. ``count``
-    is the m of the closed form: values per channel behind the sums and statistics; this tensor's
-    own (geom.per_channel) unless given (SyncBatchNorm passes the global batch's).
+    is the m of the closed form: values per channel behind the sums and statistics; 0 means this
+    tensor's own (geom.per_channel; SyncBatchNorm passes the global batch's).
     Not ``training``: the eval dx, dy * weight * rsqrt(scale + eps) with ``scale`` holding
-    running_var; no sums. ``relu``: dy is masked first, as in ``grad_sums``; the masked dy goes to
-    ``dz`` if given. Returns dx, or None when ``want_dx`` is False (only dz wanted).
+    running_var; no sums. ``relu`` (a ``ReluGrad``): dy is masked first, as in ``grad_sums``, and the
+    masked dy goes to its ``dz`` if given. Returns dx, or None when ``want_dx`` is False.
     """
     cfg = launch_config(geom, x.device)
     dx = torch.empty_like(x) if want_dx else None
@@ -431,7 +432,7 @@ def grad_input(dy, x, geom, mean, scale, weight, sums, eps, *, training, count=N
         sum_dy_xhat,
         *_shape_args(geom),
         cfg.num_c_blocks,
-        geom.per_channel if count is None else count,
+        count or geom.per_channel,
         scalar(eps, x.dtype),
         ACC=_tl_acc(acc_dtype(x.dtype)),
         HAS_W=weight is not None,

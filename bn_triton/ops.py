@@ -202,10 +202,10 @@ def grad_input(
         return torch.empty_like(x_) if want_dx else _none(x), torch.empty_like(x_) if want_dz else _none(x)
     dz = torch.empty_like(x_) if want_dz else None
     sums = None if sum_dy is None else (sum_dy, sum_dy_xhat)
-    relu_ = _relu_grad(relu, y, bias, dz, x_)
-    dy_ = launch.like(dy, x_)
-    kw = dict(training=training, count=count or None, relu=relu_, want_dx=want_dx)
-    dx = launch.grad_input(dy_, x_, geom, mean, scale, weight, sums, eps, **kw)
+    dy_, relu_ = launch.like(dy, x_), _relu_grad(relu, y, bias, dz, x_)
+    dx = launch.grad_input(
+        dy_, x_, geom, mean, scale, weight, sums, eps, training=training, count=count, relu=relu_, want_dx=want_dx
+    )
     return _none(x) if dx is None else dx, _none(x) if dz is None else dz
 
 
