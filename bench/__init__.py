@@ -17,6 +17,9 @@ Run ``python -m bench`` (see __main__.py). Modules, one job each:
 Nothing here imports bn_triton at import time: on CPU, TRITON_INTERPRET must be set first.
 """
 
+import contextlib
+import signal
+
 
 def start_smoke(cuda: bool, smoke: bool, no_gpu_lines: tuple, smoke_line: str) -> None:
     """Say why no times follow. Without a GPU also switch Triton's interpreter on: before bn_triton's
@@ -35,3 +38,23 @@ def start_smoke(cuda: bool, smoke: bool, no_gpu_lines: tuple, smoke_line: str) -
         os.environ["TRITON_INTERPRET"] = "1"
     elif smoke:
         print(smoke_line)
+
+
+@contextlib.contextmanager
+def sigterm_as_interrupt():
+    """Within this block SIGTERM (what `timeout` and schedulers send) raises KeyboardInterrupt, like
+    Ctrl-C, so a run stops where Ctrl-C would stop it and writes the rows measured so far. Outside
+    the main thread (a caller's worker) no handler can be set: the block runs without one."""
+
+    def on_term(signum, frame):
+        raise KeyboardInterrupt
+
+    try:
+        previous = signal.signal(signal.SIGTERM, on_term)
+    except ValueError:
+        previous = None
+    try:
+        yield
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
