@@ -98,3 +98,25 @@ def test_table_speedups_and_loss_verdicts(tmp_path):
     assert rows[0] == ["model", "config", "variant", "batch", "step_ms"]
     assert rows[1] == ["resnet50", "fp32_nchw", "torch", "64", "40.000"]
     assert len(rows) == 1 + 5  # the errored run has no row
+
+
+def test_sigterm_keeps_the_rows_so_far_and_exits_130(monkeypatch, tmp_path, capsys):
+    """`timeout` sends SIGTERM: the run stops like Ctrl-C, the CSV keeps the variants that ran, the
+    table lists the rest, and no handler is left behind. The variants are faked (no model runs)."""
+    import signal
+
+    calls = []
+
+    def fake_run_variant(res, *args):
+        calls.append(res.variant)
+        if len(calls) == 3:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return res
+
+    handler = signal.getsignal(signal.SIGTERM)
+    monkeypatch.setattr(e2e, "run_variant", fake_run_variant)
+    assert e2e.main(["--smoke", "--configs", "fp32_nchw", "--out", str(tmp_path)]) == 130
+    assert signal.getsignal(signal.SIGTERM) is handler
+    out = capsys.readouterr().out
+    assert "Not run (interrupted): fp32_nchw torch_compile, fp32_nchw bn_triton_compile" in out
+    assert [r[2] for r in _read(tmp_path / "e2e.csv")[1:]] == ["torch", "bn_triton"]
