@@ -13,8 +13,8 @@
 #   gpu_check.log  everything printed          summary.md   stages, test failures, e2e and bench tables
 #   results.csv    suite v1 (host_ms, device_ms) compile.csv  the torch.compile comparison
 #   e2e.csv        model,config,variant,batch,step_ms          env.json     versions (suite v1's run)
-#   overview.png   suite v1 on one page        plots.tar.gz the per-pass PNGs and the rest: pytest.xml
-#                  (JUnit), e2e.md, the comparison's summary.md/env.json/PNGs, precompile.log
+#   overview.png   suite v1 on one page        plots.tar.gz the rest: the comparison's overview.png,
+#                  summary.md and env.json, pytest.xml (JUnit), e2e.md, precompile.log
 # Time: every stage runs under `timeout`, and the limits add up to GPU_CHECK_TOTAL_S (465 s) even if
 # one hangs. Planned limits (seconds): tests 160, e2e 90, suite v1 90, compile comparison 90 (of it ~20 s for
 # the host-cost profile and ~30 s for the single-pass comparison);
@@ -309,8 +309,6 @@ report.write_env(report.collect_env(dev, argv=['bash', 'bench/gpu_check.sh']), s
 
 pack_and_summarize() {
   # Everything that is not one of the 8 files goes into plots.tar.gz.
-  [ -d "$WORK/bench/plots" ] && mv "$WORK/bench/plots" "$WORK/extras/plots"
-  [ -d "$WORK/compare/plots" ] && mv "$WORK/compare/plots" "$WORK/extras/compile_plots"
   for f in summary.md env.json overview.png; do
     [ -f "$WORK/compare/$f" ] && mv "$WORK/compare/$f" "$WORK/extras/compile_$f"
   done
