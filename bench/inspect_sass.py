@@ -139,7 +139,6 @@ def compile_launch(ln, workdir: Path) -> dict:
             num_warps=k.metadata.num_warps,
             loads=widths["LDG"],
             stores=widths["STG"],
-            files=str(stem),
         )
     return _COMPILED[key]
 
@@ -184,20 +183,17 @@ def analyse(case, pass_name: str, ln, info: dict, sms: int) -> dict:
         resident_per_sm=slots // sms, waves=round(programs / slots, 2) if slots else math.inf,
         big_tensors=len(big), wide_covers_big=wide >= per_thread if big else None,
         loads=info["loads"], stores=info["stores"], bytes=moved,
-        pred_us=round(moved / (COPY_BW_TBS * 1e12) * 1e6, 1), files=info["files"],
+        pred_us=round(moved / (COPY_BW_TBS * 1e12) * 1e6, 1),
     )  # fmt: skip
 
 
-def run(cases: list, sms: int, workdir: Path, verbose: bool = False) -> list:
-    rows = []
-    for case in cases:
-        for pass_name, launches in record_launches(case, sms).items():
-            for ln in launches:
-                row = analyse(case, pass_name, ln, compile_launch(ln, workdir), sms)
-                rows.append(row)
-                if verbose:
-                    print(f"  {case.label} {pass_name} {ln.name}: regs {row['regs']}", file=sys.stderr)
-    return rows
+def run(cases: list, sms: int, workdir: Path) -> list:
+    return [
+        analyse(case, pass_name, ln, compile_launch(ln, workdir), sms)
+        for case in cases
+        for pass_name, launches in record_launches(case, sms).items()
+        for ln in launches
+    ]
 
 
 def _where(r: dict) -> str:
@@ -254,7 +250,6 @@ def main(argv=None) -> int:
     p.add_argument("--keep", help="folder for the PTX, cubin and SASS of each binary (default: a temporary one)")
     p.add_argument("--json", help="write the per-launch rows here")
     p.add_argument("--markdown", action="store_true", help="print one table line per launch")
-    p.add_argument("-v", "--verbose", action="store_true")
     a = p.parse_args(argv)
 
     from bn_triton._config import interpreting
@@ -270,7 +265,7 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(a.keep or tmp)
         workdir.mkdir(parents=True, exist_ok=True)
-        rows = run(cases, a.sms, workdir, a.verbose)
+        rows = run(cases, a.sms, workdir)
     if a.json:
         Path(a.json).write_text(json.dumps(rows, indent=1))
     if a.markdown:

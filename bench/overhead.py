@@ -15,12 +15,12 @@ drowns microseconds: use --stub there, and read unstubbed CPU numbers as a sanit
 
 import argparse
 import contextlib
+import functools
 import os
 import sys
 import time
 
 import torch
-import torch.nn.functional as F
 
 if "--launcher" in sys.argv:  # compiled kernels (JITFunctions), never interpreted ones
     os.environ["TRITON_INTERPRET"] = "0"
@@ -52,40 +52,30 @@ def per_call_us(routes: dict, calls: int, repeats: int, sync) -> dict:
 
 
 def cases(device, shape) -> list:
-    """(name, {route: callable}) per row."""
-    C = shape[1]
-    x = torch.randn(shape, device=device)
-    xg = x.clone().requires_grad_()
-    w, b = (torch.randn(C, device=device, requires_grad=True) for _ in range(2))
-    rm, rv = torch.zeros(C, device=device), torch.ones(C, device=device)
-    dy = torch.randn(shape, device=device)
+    """(name, {route: callable}) per row: the bench's own passes (bench/runner.py) on one fp32 input."""
+    from bench import impls, runner, suite
 
-    def train(bn):
-        return lambda: bn(xg, rm, rv, w, b, True, 0.1, 1e-5)
-
-    def eval_(bn):
-        def f():
-            with torch.no_grad():
-                return bn(x, rm, rv, w, b, False, 0.1, 1e-5)
-
-        return f
-
-    def fwd_bwd(bn):
-        return lambda: torch.autograd.grad(bn(xg, rm, rv, w, b, True, 0.1, 1e-5), (xg, w, b), dy)
-
-    def step(module):
-        m = module(C).to(device)
-        return lambda: m(xg).backward(dy)
-
-    pair = dict(bn_triton=bn_triton.batch_norm, torch=F.batch_norm)
-    rows = [(n, {k: make(bn) for k, bn in pair.items()}) for n, make in (
-        ("batch_norm train forward (grad)", train), ("batch_norm eval forward (no_grad)", eval_),
-        ("batch_norm forward + backward", fwd_bwd),
-    )]  # fmt: skip
-    if len(shape) == 4:
+    dims = suite.Shape("x".join(map(str, shape)), shape)
+    inp = runner.make_inputs(suite.Case(dims, torch.float32, suite.layout_of(dims, False)), device)
+    pair = dict(bn_triton=impls.triton_bn, torch=impls.torch_bn)
+    rows = [
+        (name, {k: wrap(runner.pass_callable(fn, p, inp)) for k, fn in pair.items()})
+        for name, p, wrap in (
+            ("batch_norm train forward (grad)", "train_fwd", lambda f: f),
+            ("batch_norm eval forward (no_grad)", "eval_fwd", torch.no_grad()),
+            ("batch_norm forward + backward", "fwd_bwd", lambda f: f),
+        )
+    ]
+    if len(shape) == 4:  # a module's training step: forward, then backward
+        x = inp.x.detach().requires_grad_()
         modules = dict(bn_triton=bn_triton.BatchNorm2d, torch=torch.nn.BatchNorm2d)
-        rows.append(("BatchNorm2d train step", {k: step(m) for k, m in modules.items()}))
+        steps = {k: functools.partial(step, m(shape[1]).to(device), x, inp.dy) for k, m in modules.items()}
+        rows.append(("BatchNorm2d train step", steps))
     return rows
+
+
+def step(module, x, dy) -> None:
+    module(x).backward(dy)
 
 
 def launcher_us(calls: int) -> None:

@@ -125,12 +125,6 @@ def cuda_graph_ms(build: Callable, reps: int = 30, cuda=torch.cuda) -> float:
     return start.elapsed_time(end) / reps
 
 
-def memory_format(case: Case):
-    if case.layout != "channels_last":
-        return torch.contiguous_format
-    return torch.channels_last if len(case.shape.dims) == 4 else torch.channels_last_3d
-
-
 def make_inputs(case: Case, device, residual: bool = False, seed: int = 0) -> Inputs:
     """Deterministic inputs; per-channel mean in [-2, 2] and scale in [0.5, 2] so that statistics
     errors show; weight near 1 and bias near 0, in float32 (as BatchNorm keeps them under AMP)."""
@@ -140,7 +134,9 @@ def make_inputs(case: Case, device, residual: bool = False, seed: int = 0) -> In
     per_channel = (1, C) + (1,) * (len(dims) - 2)
     shift = torch.linspace(-2.0, 2.0, C, device=device).view(per_channel)
     scale = torch.linspace(0.5, 2.0, C, device=device).flip(0).view(per_channel)
-    fmt = memory_format(case)
+    fmt = torch.contiguous_format
+    if case.layout == "channels_last":
+        fmt = torch.channels_last if len(dims) == 4 else torch.channels_last_3d
 
     def randn(*size):
         return torch.randn(*size, generator=g, device=device, dtype=torch.float32)
