@@ -32,15 +32,17 @@ TILE_ELEMS_INTERPRETER = 16384
 MAX_BLOCK_C = 128
 MAX_BLOCK_S = 1024
 # Reduction programs per SM: the grid aims at one wave of resident programs (a second, nearly empty
-# wave would cost a whole program's time). Compiled for sm_90 (triton 3.8, bench/inspect_sass.py),
-# the statistics kernel takes 80 registers for channels_last and 2-D inputs in fp16/bf16 and for
-# large NCHW maps in fp32: 3 programs of 8 warps fit per SM. Where per-row counts meet small maps
-# or long split rows (fp32 NCHW 64@56, 7x7; fp32 2-D) it takes 96-104: 2 fit, and a grid of 3 per
-# SM runs in ~1.5 waves there (inspect_sass lists them as warnings). 3 is kept for the others' loads
-# in flight; measured on an H200 the training forward still beats torch's on 64@56 fp32 (device time,
-# bench/results). The partials stay tiny ([SPLIT, C] floats). The interpreter gets few programs,
-# but more than one split for small C so that the partial merge runs on CPU too.
+# wave would cost a whole program's time). 3 programs of 8 warps fit an SM at up to 80 registers
+# (3 x 256 threads x 80 = 61440 of 65536; registers are allocated in steps of 8 per thread, so 88
+# would fit only 2). The statistics kernel is held to that (STATS_MAX_REGISTERS): left to itself
+# ptxas took 94 for fp32 NCHW 64@56 (1.45 waves of 2 per SM) and, with triton 3.8, 96 for the
+# pipelined 16-bit channels-contiguous loop (kernels/stats.py); capped at 80, no suite-v1 launch
+# spills, with triton 3.6 or 3.8 (sm_90, bench/inspect_sass.py). fp64 keeps ptxas's choice: it runs
+# for exactness, not speed. The gradient-sums kernel takes 64-80 without a cap. The partials stay
+# tiny ([SPLIT, C] floats). The interpreter gets few programs, but more than one split for small C
+# so that the partial merge runs on CPU too.
 PROGRAMS_PER_SM = 3
+STATS_MAX_REGISTERS = 80
 INTERPRETER_PROGRAMS = 8
 # The last program of a reduction merges its channel block's [SPLIT, BLOCK_C] partials in steps of
 # about this many values: enough loads in flight per step that a merge of ~400 splits takes a few

@@ -88,6 +88,7 @@ def bind(fn, args: tuple, kwargs: dict) -> tuple:
         device,
         kwargs.get("num_warps"),
         kwargs.get("num_stages"),
+        kwargs.get("maxnreg"),
         *[values[i] for i in sig.constexprs],
         *[_spec(values[i]) for i in sig.specialized],
     )

@@ -238,6 +238,7 @@ def batch_stats(x, geom, eps, running: Running = NO_RUNNING, *, want_var=False):
         BLOCK_P=cfg.block_p,
         UNIFORM_S=cfg.uniform_s,
         HAS_VAR=want_var,
+        maxnreg=_config.STATS_MAX_REGISTERS if x.element_size() <= 4 else None,
         **_running_args(running, acc),
         **_tile_args(geom, cfg),
     )
