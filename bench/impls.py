@@ -1,22 +1,21 @@
 """The implementations under comparison, defined once, and how to tell which backend really ran.
 
-Every implementation is a forward ``fn(x, running_mean, running_var, weight, bias, training,
-residual=None) -> y`` with momentum and eps fixed; with a residual it computes relu(BN(x) + residual)
-(the fused workload, suite.FUSED). runner.py builds every pass from it, the same way for all:
+Each is a forward ``fn(x, running_mean, running_var, weight, bias, training, residual=None) -> y``
+with momentum and eps fixed; with a residual, relu(BN(x) + residual) (the fused workload,
+suite.FUSED). runner.py builds every pass from it, the same way for all:
 
-  bn_triton  bn_triton.batch_norm (with a residual: its fused add + ReLU epilogue)
-  bn_triton_split  the same with its single-pass kernels off (bn_triton/_config.py SINGLE_PASS):
-             the split path everywhere; on request only (--impls), to measure what the single pass
-             does on the inputs it serves (on the others the two rows are the same kernels)
-  cudnn      torch.nn.functional.batch_norm (then + residual, relu), eager, cuDNN enabled. torch
-             still routes some inputs to its native kernels (2-D inputs; bf16, and fp16 with fp16
-             weights, in the torch versions we know): detect_backend() records what actually ran
-  native     the same with torch.backends.cudnn.enabled = False: torch's own CUDA kernels
-  compile    torch.compile (inductor, default mode) of the same torch function, compiled and warmed
-             before timing; a fresh compile per case (dynamo's cache is reset), so no case runs a
-             graph guarded for another shape or falls back after the recompile limit. Donated
-             buffers are off (torch >= 2.6 turns them on): the backward-only pass runs backward
-             repeatedly on one graph (retain_graph=True), which donation forbids.
+  bn_triton        bn_triton.batch_norm (with a residual: its fused add + ReLU epilogue)
+  bn_triton_split  the same with its single-pass kernels off (bn_triton/_config.py SINGLE_PASS), on
+                   request only (--impls): what the single pass does on the inputs it serves (on
+                   the others the two rows are the same kernels)
+  cudnn            F.batch_norm (then + residual, relu), eager, cuDNN enabled; torch still routes
+                   some inputs to its native kernels (2-D; bf16, and fp16 with fp16 weights, in the
+                   torch versions we know): detect_backend() records what actually ran
+  native           the same with cuDNN disabled: torch's own CUDA kernels
+  compile          torch.compile (inductor, default mode) of the same function, fresh per case
+                   (dynamo's cache reset: no graph guarded for another shape, no fallback past the
+                   recompile limit); donated buffers off (on since torch 2.6): the bwd pass runs
+                   backward repeatedly on one graph (retain_graph=True), which donation forbids
 """
 
 import contextlib
@@ -51,47 +50,42 @@ def triton_bn(x, running_mean, running_var, weight, bias, training: bool, residu
 class Impl:
     name: str
     fn: Callable
-    cudnn: bool | None = None  # torch.backends.cudnn.enabled while this runs; None: leave as is
-    compiled: bool = False
-    single_pass: bool | None = None  # bn_triton's single-pass kernels on or off; None: leave as is
+    # Global switches it runs under, (object, attribute, value): set around a whole timing loop, not
+    # inside the timed callable (toggling them costs host time the kernels would be charged).
+    switches: tuple = ()
 
     @contextlib.contextmanager
     def active(self):
-        """Set the global switches this implementation runs under (around a whole timing loop, not
-        inside the timed callable: toggling them costs host time the kernels would be charged)."""
-        with contextlib.ExitStack() as stack:
-            import torch._functorch.config
-
-            if self.compiled and hasattr(torch._functorch.config, "donated_buffer"):
-                # Read when the graph compiles, i.e. at the first call, which happens in here.
-                stack.enter_context(torch._functorch.config.patch(donated_buffer=False))
-            if self.cudnn is not None:
-                saved = torch.backends.cudnn.enabled
-                torch.backends.cudnn.enabled = self.cudnn
-                stack.callback(setattr, torch.backends.cudnn, "enabled", saved)
-            if self.single_pass is not None:
-                from bn_triton import _config
-
-                stack.callback(setattr, _config, "SINGLE_PASS", _config.SINGLE_PASS)
-                _config.SINGLE_PASS = self.single_pass
+        saved = [(obj, attr, getattr(obj, attr)) for obj, attr, _ in self.switches]
+        for obj, attr, value in self.switches:
+            setattr(obj, attr, value)
+        try:
             yield
+        finally:
+            for obj, attr, value in saved:
+                setattr(obj, attr, value)
 
 
-def make_impl(name: str, compile_backend: str = "inductor") -> Impl:
+def make_impl(name: str) -> Impl:
     """A fresh implementation for one case (for ``compile``: a fresh compiled function)."""
+    cudnn = (torch.backends.cudnn, "enabled", name != "native")
     if name == "bn_triton":
         return Impl(name, triton_bn)
     if name == "bn_triton_split":
-        return Impl(name, triton_bn, single_pass=False)
-    if name == "cudnn":
-        return Impl(name, torch_bn, cudnn=True)
-    if name == "native":
-        return Impl(name, torch_bn, cudnn=False)
+        from bn_triton import _config
+
+        return Impl(name, triton_bn, ((_config, "SINGLE_PASS", False),))
+    if name in ("cudnn", "native"):
+        return Impl(name, torch_bn, (cudnn,))
     if name == "compile":
+        import torch._functorch.config as functorch_config
+
         torch._dynamo.reset()
         # cuDNN stays enabled, as in a default training run: inductor lowers batch_norm to its own
         # kernels, and if it fell back to eager, detect_backend() would show which kernels ran.
-        return Impl(name, torch.compile(torch_bn, backend=compile_backend), cudnn=True, compiled=True)
+        # donated_buffer is read when the graph compiles, i.e. at its first call, under active().
+        donate = [(functorch_config, "donated_buffer", False)] if hasattr(functorch_config, "donated_buffer") else []
+        return Impl(name, torch.compile(torch_bn), (cudnn, *donate))
     raise ValueError(f"unknown implementation {name!r}; choose from {', '.join(IMPLS + EXTRA_IMPLS)}")
 
 
@@ -107,35 +101,26 @@ def classify(event_names, triton_launches: int = 0) -> str:
     e.g. 'cudnn', 'native', 'bn_triton', 'inductor', or several joined by '+' (a fallback shows up
     that way)."""
     found = {"bn_triton"} if triton_launches else set()
-    compiled = False
     for name in event_names:
         if name.startswith("bn_triton::"):
             found.add("bn_triton")
         elif name.startswith("Torch-Compiled Region") or name in ("CompiledFunction", "CompiledFunctionBackward"):
-            compiled = True
+            found.add("inductor")
         elif name.startswith("aten::") and "batch_norm" in name and name not in _DISPATCHERS:
-            if "cudnn" in name:
-                found.add("cudnn")
-            elif "miopen" in name:
-                found.add("miopen")
-            else:
-                found.add("native")  # native_batch_norm, _native_batch_norm_legit, batch_norm_stats, ...
-    if compiled:
-        found.add("inductor")
+            # cudnn_batch_norm, miopen_batch_norm; else native_batch_norm, batch_norm_stats, ...
+            found.add(next((k for k in ("cudnn", "miopen") if k in name), "native"))
     return "+".join(sorted(found)) if found else "unknown"
 
 
-@contextlib.contextmanager
-def _quiet_stderr_fd():
-    """Silence file descriptor 2: some torch builds print a 'USDT: profiler_start/stop' line from
-    C++ every time the profiler starts or stops, which would bury the progress output."""
+def _quietly(fn: Callable):
+    """fn() with file descriptor 2 silenced: some torch builds print a 'USDT: profiler_start/stop'
+    line from C++ every time the profiler starts or stops, which would bury the progress output."""
     sys.stderr.flush()
-    saved = os.dup(2)
-    devnull = os.open(os.devnull, os.O_WRONLY)
+    saved, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
     os.dup2(devnull, 2)
     os.close(devnull)
     try:
-        yield
+        return fn()
     finally:
         sys.stderr.flush()
         os.dup2(saved, 2)
@@ -156,11 +141,9 @@ def detect_backend(run: Callable[[], object]) -> str:
 
     launches = sum(launch.LAUNCHES.values())
     prof = profile(activities=[ProfilerActivity.CPU])
-    with _quiet_stderr_fd():
-        prof.start()
+    _quietly(prof.start)
     try:
         run()
     finally:
-        with _quiet_stderr_fd():
-            prof.stop()
+        _quietly(prof.stop)
     return classify((e.name for e in prof.events()), sum(launch.LAUNCHES.values()) - launches)

@@ -1,18 +1,13 @@
 """Run the suite: inputs, a correctness check of every implementation, then timing.
 
-Per case (a shape in one dtype and layout) and workload (suite.PLAIN, suite.FUSED):
- 1. inputs: x with a different mean and scale per channel, dy, weight, bias, running stats (and the
-    residual); none is zeros, all deterministic (seeded);
- 2. a float64 reference (torch on float64 copies) of the training outputs (y, updated running stats,
-    dx, dweight, dbias, and d(residual)) and of the eval output;
- 3. every implementation computes the same outputs once (this also compiles and warms it up); an
-    output whose error against the reference is more than twice torch eager's own error plus a small
-    per-dtype floor marks that implementation wrong for the passes it feeds, and a wrong
-    implementation is reported as such and never timed;
- 4. each pass of each implementation: the backend that actually ran (profiler), the peak extra
-    memory of one call, the wall time (``triton.testing.do_bench``: median, 20% and 80% quantiles),
-    the host time (enqueue_ms) and the device time (cuda_graph_ms).
-In smoke mode (CPU, Triton interpreter) steps 1-3 and the backend detection run, nothing is timed.
+Per case (a shape in one dtype and layout) and workload (suite.PLAIN, suite.FUSED): seeded inputs
+(make_inputs); a float64 reference of the training and eval outputs (reference); every
+implementation computes the same outputs once, which also compiles and warms it up, and one whose
+error is past the allowance (twice torch eager's own error plus a per-dtype floor) is reported
+wrong for the passes it feeds and never timed (check); then for each pass of each implementation:
+the backend that actually ran (profiler), the peak extra memory of one call, the wall time
+(``triton.testing.do_bench``: median, 20% and 80% quantiles), the host time (enqueue_ms) and the
+device time (cuda_graph_ms). In smoke mode (CPU, Triton interpreter) nothing is timed.
 """
 
 import dataclasses
@@ -20,9 +15,9 @@ import functools
 import math
 import time
 from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
-import torch.nn.functional as F
 
 from . import impls as impls_mod
 from . import traffic
@@ -41,10 +36,10 @@ ERROR_RATIO = 2.0
 # subtracts carry their own rounding; 4 covers both.
 RELU_BAND = 4
 PASS_MODE = {"train_fwd": "train", "bwd": "train", "fwd_bwd": "train", "eval_fwd": "eval"}
+GRADS = ("dx", "dweight", "dbias", "dresidual")  # of x, weight, bias (and residual)
 
 
-@dataclasses.dataclass
-class Inputs:
+class Inputs(NamedTuple):
     x: torch.Tensor
     dy: torch.Tensor
     weight: torch.Tensor
@@ -54,11 +49,7 @@ class Inputs:
     residual: torch.Tensor | None = None
 
     def double(self) -> "Inputs":
-        return Inputs(**{f.name: _map(getattr(self, f.name), torch.Tensor.double) for f in dataclasses.fields(self)})
-
-
-def _map(t, fn):
-    return None if t is None else fn(t)
+        return Inputs(*(None if t is None else t.double() for t in self))
 
 
 @dataclasses.dataclass
@@ -69,7 +60,6 @@ class Settings:
     rep_ms: int = 100
     copy_gbps: float | None = None
     deadline: float | None = None  # time.monotonic() after which no new case starts
-    compile_backend: str = "inductor"
     # Injectable timers (tests run the timing path on CPU with them). timer: f -> (median, 20%, 80%)
     # wall ms, default do_bench. host_timer: f -> ms, default enqueue_ms. device_timer:
     # build -> ms, where build() makes f; default cuda_graph_ms on CUDA, none elsewhere.
@@ -79,13 +69,10 @@ class Settings:
     calls: int = 30  # back-to-back calls of the host and device times
 
 
-def do_bench_timer(warmup_ms: int, rep_ms: int) -> Callable:
+def do_bench(f: Callable, warmup_ms: int, rep_ms: int) -> tuple:
     import triton.testing
 
-    def timer(f):
-        return tuple(triton.testing.do_bench(f, warmup=warmup_ms, rep=rep_ms, quantiles=[0.5, 0.2, 0.8]))
-
-    return timer
+    return tuple(triton.testing.do_bench(f, warmup=warmup_ms, rep=rep_ms, quantiles=[0.5, 0.2, 0.8]))
 
 
 def enqueue_ms(f: Callable, calls: int = 30, sync: Callable = lambda: None) -> float:
@@ -125,25 +112,19 @@ def cuda_graph_ms(build: Callable, reps: int = 30, cuda=torch.cuda) -> float:
     return start.elapsed_time(end) / reps
 
 
-def make_inputs(case: Case, device, residual: bool = False, seed: int = 0) -> Inputs:
+def make_inputs(case: Case, device, residual: bool = False) -> Inputs:
     """Deterministic inputs; per-channel mean in [-2, 2] and scale in [0.5, 2] so that statistics
     errors show; weight near 1 and bias near 0, in float32 (as BatchNorm keeps them under AMP)."""
-    g = torch.Generator(device=device).manual_seed(seed)
-    dims = case.shape.dims
-    C = dims[1]
+    g = torch.Generator(device=device).manual_seed(0)
+    dims, C = case.shape.dims, case.shape.dims[1]
     per_channel = (1, C) + (1,) * (len(dims) - 2)
     shift = torch.linspace(-2.0, 2.0, C, device=device).view(per_channel)
     scale = torch.linspace(0.5, 2.0, C, device=device).flip(0).view(per_channel)
     fmt = torch.contiguous_format
     if case.layout == "channels_last":
         fmt = torch.channels_last if len(dims) == 4 else torch.channels_last_3d
-
-    def randn(*size):
-        return torch.randn(*size, generator=g, device=device, dtype=torch.float32)
-
-    def big(t):
-        return t.to(case.dtype).contiguous(memory_format=fmt)
-
+    randn = functools.partial(torch.randn, generator=g, device=device, dtype=torch.float32)
+    big = lambda t: t.to(case.dtype).contiguous(memory_format=fmt)
     x, dy = big(randn(dims) * scale + shift), big(randn(dims))
     weight, bias, running_mean = 1.0 + 0.1 * randn(C), 0.1 * randn(C), 0.1 * randn(C)
     running_var = 0.5 + torch.rand(C, generator=g, device=device)
@@ -151,42 +132,30 @@ def make_inputs(case: Case, device, residual: bool = False, seed: int = 0) -> In
     return Inputs(x, dy, weight, bias, running_mean, running_var, r)
 
 
-def _leaves(inp: Inputs, requires_grad: bool) -> tuple:
-    """Fresh leaves (x, running_mean, running_var, weight, bias, residual) of one run."""
+def _args(inp: Inputs, training: bool) -> tuple:
+    """Fresh arguments of one call, (x, running_mean, running_var, weight, bias, training, residual),
+    and what the backward differentiates: (x, weight, bias) and the residual, leaves in training."""
 
     def leaf(t):
-        return _map(t, lambda t: t.detach().clone().requires_grad_(requires_grad))
+        return None if t is None else t.detach().clone().requires_grad_(training)
 
-    x = inp.x.detach().requires_grad_(requires_grad)
-    return x, inp.running_mean.clone(), inp.running_var.clone(), leaf(inp.weight), leaf(inp.bias), leaf(inp.residual)
+    x, w, b, r = inp.x.detach().requires_grad_(training), leaf(inp.weight), leaf(inp.bias), leaf(inp.residual)
+    args = (x, inp.running_mean.clone(), inp.running_var.clone(), w, b, training, r)
+    return args, (x, w, b) + (() if r is None else (r,))
 
 
 def run_train(fn: Callable, inp: Inputs) -> dict:
     """Training forward (running stats updated) and backward for x, weight, bias (and residual)."""
-    x, rm, rv, w, b, r = _leaves(inp, True)
+    args, wrt = _args(inp, True)
     with torch.enable_grad():
-        y = fn(x, rm, rv, w, b, True, r)
-        grads = torch.autograd.grad(y, (x, w, b) + ((r,) if r is not None else ()), inp.dy)
-    out = dict(y=y.detach(), running_mean=rm, running_var=rv, dx=grads[0], dweight=grads[1], dbias=grads[2])
-    if r is not None:
-        out["dresidual"] = grads[3]
-    return out
+        y = fn(*args)
+        grads = torch.autograd.grad(y, wrt, inp.dy)
+    return dict(y=y.detach(), running_mean=args[1], running_var=args[2], **dict(zip(GRADS, grads, strict=False)))
 
 
 def run_eval(fn: Callable, inp: Inputs) -> dict:
-    x, rm, rv, w, b, r = _leaves(inp, False)
     with torch.no_grad():
-        return dict(y=fn(x, rm, rv, w, b, False, r))
-
-
-def masked_backward(d: Inputs, mask: torch.Tensor) -> dict:
-    """Float64 gradients of relu(BN(x) + residual) with the ReLU's mask given."""
-    x, _, _, w, b, _ = _leaves(d, True)
-    g = d.dy * mask
-    with torch.enable_grad():
-        z = F.batch_norm(x, None, None, w, b, True, 0.0, impls_mod.EPS)
-        dx, dw, db = torch.autograd.grad(z, (x, w, b), g)
-    return dict(dx=dx, dweight=dw, dbias=db, dresidual=g)
+        return dict(y=fn(*_args(inp, False)[0]))
 
 
 def reference(inp: Inputs) -> dict:
@@ -195,13 +164,11 @@ def reference(inp: Inputs) -> dict:
     d = inp.double()
     ref = {"train": run_train(impls_mod.torch_bn, d), "eval": run_eval(impls_mod.torch_bn, d)}
     if d.residual is not None:
-        dims = [0] + list(range(2, d.x.dim()))
+        dims = [0, *range(2, d.x.dim())]
         mean, var = d.x.mean(dims, keepdim=True), d.x.var(dims, unbiased=False, keepdim=True)
-        shape = mean.shape
-        scale = d.weight.view(shape) * (var + impls_mod.EPS).rsqrt()
-        z = (d.x - mean) * scale + d.bias.view(shape)
-        p = z + d.residual
-        info = torch.finfo(inp.x.dtype)
+        scale = d.weight.view(mean.shape) * (var + impls_mod.EPS).rsqrt()
+        z = (d.x - mean) * scale + d.bias.view(mean.shape)
+        p, info = z + d.residual, torch.finfo(inp.x.dtype)
         band = RELU_BAND * info.eps * (z.abs() + d.residual.abs() + (mean * scale).abs()) + info.tiny
         ref["relu"] = dict(inputs=d, mask=p > 0, near_zero=p.abs() <= band)
     return ref
@@ -209,58 +176,51 @@ def reference(inp: Inputs) -> dict:
 
 def rel_error(out: torch.Tensor, ref: torch.Tensor) -> float:
     """max |out - ref| / max |ref|."""
-    scale = ref.abs().max().item()
-    return (out.double() - ref).abs().max().item() / max(scale, 1e-30)
+    return (out.double() - ref).abs().max().item() / max(ref.abs().max().item(), 1e-30)
 
 
 def errors(outputs: dict, ref: dict, mode: str) -> tuple:
-    """({output: relative error}, ReLU mask flips). A flip is an element where the implementation's
-    ReLU mask (read from its d(residual) = dy * mask) differs from the float64 one while the ReLU's
-    input lies within rounding of 0: there its gradients are compared with the float64 gradients
-    under the implementation's mask. Every other element, flipped or not, is compared as is."""
-    expected, flips = ref[mode], 0
-    relu = ref.get("relu")
+    """({output: relative error}, ReLU mask flips: None but for the fused training outputs). A flip
+    is an element where the implementation's ReLU mask (read from its d(residual) = dy * mask)
+    differs from the float64 one while the ReLU's input lies within rounding of 0: there the outputs
+    are compared with float64 computed under the implementation's mask. Every other element, flipped
+    or not, is compared as is."""
+    expected, flips, relu = ref[mode], None, ref.get("relu")
     if mode == "train" and relu is not None:
         d = relu["inputs"]
         ours = torch.where(d.dy != 0, outputs["dresidual"] != 0, relu["mask"])
         flipped = (ours != relu["mask"]) & relu["near_zero"]
         flips = int(flipped.sum().item())
-        if flips:
-            expected = dict(expected, **masked_backward(d, relu["mask"] ^ flipped))
+        if flips:  # float64 under the implementation's mask
+            mask = relu["mask"] ^ flipped
+            fn = lambda x, rm, rv, w, b, training, r: (impls_mod.torch_bn(x, rm, rv, w, b, training) + r) * mask
+            expected = run_train(fn, d)
     return {k: rel_error(outputs[k], expected[k]) for k in expected}, flips
 
 
 def verdict(errs: dict, torch_errs: dict, dtype: torch.dtype) -> tuple:
     """(ok, worst ratio-to-allowance, name of the worst output)."""
-    worst, worst_name = 0.0, ""
-    for k, e in errs.items():
-        allowed = ERROR_RATIO * torch_errs[k] + ERROR_FLOOR[dtype]
-        if e / allowed >= worst:
-            worst, worst_name = e / allowed, k
-    return worst <= 1.0, worst, worst_name
+    ratios = {k: e / (ERROR_RATIO * torch_errs[k] + ERROR_FLOOR[dtype]) for k, e in errs.items()}
+    worst = max(ratios, key=ratios.get)
+    return ratios[worst] <= 1.0, ratios[worst], worst
 
 
 def pass_callable(fn: Callable, pass_name: str, inp: Inputs) -> Callable:
     """The callable timed for one pass; built the same way for every implementation."""
-    x, rm, rv, w, b, r = _leaves(inp, pass_name != "eval_fwd")
-    wrt = (x, w, b) + ((r,) if r is not None else ())
-    if pass_name == "train_fwd":
-        return lambda: fn(x, rm, rv, w, b, True, r)
-    if pass_name == "eval_fwd":
-        return lambda: fn(x, rm, rv, w, b, False, r)
+    args, wrt = _args(inp, pass_name != "eval_fwd")
     if pass_name == "bwd":
-        y = fn(x, rm, rv, w, b, True, r)
+        y = fn(*args)
         return lambda: torch.autograd.grad(y, wrt, inp.dy, retain_graph=True)
     if pass_name == "fwd_bwd":
-        return lambda: torch.autograd.grad(fn(x, rm, rv, w, b, True, r), wrt, inp.dy)
+        return lambda: torch.autograd.grad(fn(*args), wrt, inp.dy)
+    if pass_name in ("train_fwd", "eval_fwd"):
+        return lambda: fn(*args)
     raise ValueError(f"unknown pass {pass_name!r}")
 
 
-def peak_extra_mb(f: Callable, device: torch.device) -> float | None:
+def peak_extra_mb(f: Callable, device: torch.device) -> float:
     """Memory one call allocates beyond what was allocated before it (outputs, saved tensors,
-    workspaces), in MiB; None off CUDA."""
-    if device.type != "cuda":
-        return None
+    workspaces), in MiB; CUDA only."""
     torch.cuda.synchronize(device)
     torch.cuda.reset_peak_memory_stats(device)
     base = torch.cuda.memory_allocated(device)
@@ -273,22 +233,16 @@ def measure_copy_gbps(device: torch.device, nbytes: int = 1 << 30, warmup_ms: in
     """Device-to-device copy bandwidth (read + write) of a ``nbytes`` copy: the reference line."""
     src = torch.randn(nbytes // 4, device=device)
     dst = torch.empty_like(src)
-    return traffic.copy_gbps(nbytes, do_bench_timer(warmup_ms, rep_ms)(lambda: dst.copy_(src))[0])
+    return traffic.copy_gbps(nbytes, do_bench(lambda: dst.copy_(src), warmup_ms, rep_ms)[0])
 
 
 def make_row(case: Case, impl: str, pass_name: str, workload: Workload = PLAIN, **fields) -> dict:
+    """A CSV row: every column (None where nothing was measured), the case's, then ``fields``."""
+    dims = case.shape.dims
+    nbytes = traffic.model_bytes(pass_name, dims, case.dtype, workload.traffic)
     row = dict.fromkeys(CSV_COLUMNS)
-    row.update(
-        impl=impl,
-        dtype=case.dtype_name,
-        layout=case.layout,
-        shape=case.shape.name,
-        dims="x".join(str(d) for d in case.shape.dims),
-        model_bytes=traffic.model_bytes(pass_name, case.shape.dims, case.dtype, workload.traffic),
-        backend="",
-        status="",
-        note="",
-    )
+    row.update(impl=impl, dtype=case.dtype_name, layout=case.layout, shape=case.shape.name, backend="", note="")
+    row.update(dims="x".join(map(str, dims)), model_bytes=nbytes, status="")
     row.update(fields, **{"pass": workload.prefix + pass_name})
     return row
 
@@ -300,25 +254,67 @@ def _short(exc: BaseException) -> str:
 def _time(f: Callable, build: Callable, settings: Settings, nbytes: int) -> dict:
     """Peak memory, wall, host and device time of one pass; the device time is NaN (with the reason
     in the note) when it cannot be measured, say when a CUDA graph cannot capture the call."""
-    cuda = settings.device.type == "cuda"
+    cuda, bw = settings.device.type == "cuda", settings.copy_gbps
     sync = torch.cuda.synchronize if cuda else (lambda: None)
-    timer = settings.timer or do_bench_timer(settings.warmup_ms, settings.rep_ms)
+    timer = settings.timer or (lambda f: do_bench(f, settings.warmup_ms, settings.rep_ms))
     host_timer = settings.host_timer or (lambda f: enqueue_ms(f, settings.calls, sync))
     device_timer = settings.device_timer or (lambda b: cuda_graph_ms(b, settings.calls) if cuda else math.nan)
-    fields = dict(peak_mem_mb=peak_extra_mb(f, settings.device), status="ok")
+    fields = dict(peak_mem_mb=peak_extra_mb(f, settings.device) if cuda else None, status="ok")
     med, p20, p80 = timer(f)
     fields.update(ms=med, ms_p20=p20, ms_p80=p80, gbps=traffic.gbps(nbytes, med), host_ms=host_timer(f))
-    if settings.copy_gbps:
-        fields["pct_copy_bw"] = fields["gbps"] / settings.copy_gbps
+    if bw:
+        fields["pct_copy_bw"] = fields["gbps"] / bw
     try:
         fields["device_ms"] = device_timer(build)
-        if settings.copy_gbps and fields["device_ms"] > 0:  # NaN where no CUDA graph: not > 0
-            fields["device_pct_copy_bw"] = traffic.gbps(nbytes, fields["device_ms"]) / settings.copy_gbps
+        if bw and fields["device_ms"] > 0:  # NaN where no CUDA graph: not > 0
+            fields["device_pct_copy_bw"] = traffic.gbps(nbytes, fields["device_ms"]) / bw
     except Exception as exc:  # never fatal: the row keeps its other times
         fields.update(device_ms=math.nan, note=f"device time not measured: {_short(exc)}")
-        if cuda:
-            torch.cuda.synchronize()
+        sync()
     return fields
+
+
+def check(case: Case, impl_names, inp: Inputs, modes, say: Callable) -> dict:
+    """{name: (Impl, {mode: (ok, worst ratio, worst output, flips)}), or the error it raised}: each
+    implementation's outputs against float64, judged by torch eager's own error (default flags)."""
+    ref = reference(inp)
+
+    def errs_of(impl) -> dict:  # {mode: (errors, flips)}
+        with impl.active():
+            return {m: errors((run_train if m == "train" else run_eval)(impl.fn, inp), ref, m) for m in modes}
+
+    torch_errs, checks = errs_of(impls_mod.make_impl("cudnn")), {}
+    for name in impl_names:
+        say(f"check {name}")
+        try:
+            impl = impls_mod.make_impl(name)
+            errs = errs_of(impl)
+            checks[name] = impl, {m: verdict(e, torch_errs[m][0], case.dtype) + (f,) for m, (e, f) in errs.items()}
+        except Exception as exc:  # a crash is reported, and the other implementations still run
+            checks[name] = _short(exc)
+    return checks
+
+
+def _measure(checked, pass_name: str, inp: Inputs, settings: Settings, nbytes: int) -> dict:
+    """The fields of one row: what the check found, then (if correct) the backend and times."""
+    if isinstance(checked, str):
+        return dict(status="error", note=checked)
+    impl, verdicts = checked
+    ok, worst, worst_name, flips = verdicts[PASS_MODE[pass_name]]
+    fields = dict(err_ratio=worst, mask_flips=flips)
+    if not ok:
+        note = f"{worst_name} error is {worst:.3g}x the allowance ({ERROR_RATIO:g}x torch's + floor)"
+        return dict(fields, status="wrong", note=note)
+    try:
+        with impl.active(), torch.set_grad_enabled(pass_name != "eval_fwd"):
+            build = functools.partial(pass_callable, impl.fn, pass_name, inp)
+            f = build()
+            fields.update(backend=impls_mod.detect_backend(f), status="checked")
+            if settings.timing:
+                fields.update(_time(f, build, settings, nbytes))
+        return fields
+    except Exception as exc:
+        return dict(status="error", note=_short(exc))
 
 
 def run_case(
@@ -326,65 +322,15 @@ def run_case(
 ) -> None:
     """Check every implementation against float64 and (unless smoke) time those that pass; append
     one row per pass and implementation to ``rows``."""
-    dev = settings.device
-    inp = make_inputs(case, dev, residual=workload.residual)
-    ref = reference(inp)
-    label = f"{workload.prefix}{case.label}"
-    modes = sorted({PASS_MODE[p] for p in passes})
-    runners = {"train": run_train, "eval": run_eval}
-
-    def row(name, pass_name, **fields):
-        return make_row(case, name, pass_name, workload, **fields)
-
-    # torch eager (default flags) against float64: the yardstick for everyone's error.
-    yard = impls_mod.make_impl("cudnn")
-    with yard.active():
-        torch_errs = {m: errors(runners[m](yard.fn, inp), ref, m)[0] for m in modes}
-
-    impls, checks = {}, {}
-    for name in impl_names:
-        if progress:
-            progress(f"{label} check {name}")
-        try:
-            impl = impls_mod.make_impl(name, settings.compile_backend)
-            with impl.active():
-                for m in modes:
-                    errs, flips = errors(runners[m](impl.fn, inp), ref, m)
-                    checks[name, m] = verdict(errs, torch_errs[m], case.dtype) + (flips,)
-            impls[name] = impl
-        except Exception as exc:  # a crash is reported, and the other implementations still run
-            checks[name, "error"] = _short(exc)
-    del ref
-
+    inp = make_inputs(case, settings.device, residual=workload.residual)
+    say = lambda text: progress and progress(f"{workload.prefix}{case.label} {text}")
+    checks = check(case, impl_names, inp, sorted({PASS_MODE[p] for p in passes}), say)
     for pass_name in passes:
-        mode = PASS_MODE[pass_name]
         for name in impl_names:
-            if (name, "error") in checks:
-                rows.append(row(name, pass_name, status="error", note=checks[name, "error"]))
-                continue
-            ok, worst, worst_name, flips = checks[name, mode]
-            flips = flips if mode == "train" and workload.residual else None
-            if not ok:
-                note = f"{worst_name} error is {worst:.3g}x the allowance ({ERROR_RATIO:g}x torch's + floor)"
-                rows.append(row(name, pass_name, status="wrong", err_ratio=worst, mask_flips=flips, note=note))
-                continue
-            if progress:
-                progress(f"{label} {pass_name} {name}")
-            impl = impls[name]
-            try:
-                with impl.active(), torch.set_grad_enabled(pass_name != "eval_fwd"):
-                    build = functools.partial(pass_callable, impl.fn, pass_name, inp)
-                    f = build()
-                    fields = dict(backend=impls_mod.detect_backend(f), err_ratio=worst, mask_flips=flips)
-                    fields["status"] = "checked"
-                    if settings.timing:
-                        nbytes = traffic.model_bytes(pass_name, case.shape.dims, case.dtype, workload.traffic)
-                        fields.update(_time(f, build, settings, nbytes))
-                    del f
-                rows.append(row(name, pass_name, **fields))
-            except Exception as exc:
-                rows.append(row(name, pass_name, status="error", note=_short(exc)))
-            if dev.type == "cuda":
+            say(f"{pass_name} {name}")
+            row = make_row(case, name, pass_name, workload)
+            rows.append(dict(row, **_measure(checks[name], pass_name, inp, settings, row["model_bytes"])))
+            if settings.device.type == "cuda":  # what the pass held (its callable, graph) is freed
                 torch.cuda.empty_cache()
 
 
