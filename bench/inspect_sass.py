@@ -2,12 +2,12 @@
 
 For each case (suite v1 by default) this runs bn_triton's public API on meta tensors (a training
 forward + backward, and an eval forward) with every kernel stubbed to record its launches
-(bench/stub.py), as if on an H100: a CUDA device with 132 SMs. Each recorded launch is compiled the
-way ``JITFunction.run`` would compile it there (same binder, so the same divisibility hints), with
-``target=GPUTarget("cuda", 90, 32)``; then, per kernel launch:
+(bench/stub.py), as if on an H100 (a CUDA device with 132 SMs), and compiles each launch the way
+``JITFunction.run`` would there (same binder, so the same divisibility hints) for
+``GPUTarget("cuda", 90, 32)``. Per launch:
 
-* the widths of its global loads and stores (``cuobjdump -sass``), and whether 16-byte accesses
-  (``LDG.E.128`` / ``STG.E.128``) carry all the bytes of its big tensors (arguments shaped like x);
+* the widths of its global loads (LDG, and LDGSTS: cp.async) and stores (STG) in ``cuobjdump -sass``,
+  and whether 16-byte accesses carry all the bytes of its big tensors (arguments shaped like x);
 * registers and spills (``ptxas -v`` on the PTX);
 * the grid against the SM count and the programs per SM its registers and shared memory allow;
 * the time its big-tensor traffic takes at 3.0 TB/s (the H100's measured copy bandwidth): a
@@ -24,15 +24,15 @@ Exit status: 0 when every check passes, 1 when one fails (listed last), 2 when i
 """
 
 import argparse
-import contextlib
+import collections
 import json
 import math
 import re
 import subprocess
 import sys
 import tempfile
-import types
 from pathlib import Path
+from unittest import mock
 
 import torch
 
@@ -46,64 +46,48 @@ TILE = ("BLOCK_R", "BLOCK_C", "BLOCK_S")
 BIN = Path(__import__("triton").__file__).parent / "backends" / "nvidia" / "bin"
 
 
-@contextlib.contextmanager
-def pretend_cuda(sms: int):
-    """Meta tensors take bn_triton's CUDA path, with the launch settings of a GPU with ``sms`` SMs.
-    These are the only bn_triton internals used here: where the route and the launch settings are
-    decided."""
-    from bn_triton import _config, functional
-
-    cuda = torch.device("cuda", 0)
-    real_target = _config.target
-    props = types.SimpleNamespace(multi_processor_count=sms, L2_cache_size=H100_L2_BYTES)
-    patches = [(torch.cuda, "get_device_properties", lambda *a, **k: props)]
-    patches.append((functional, "uses_triton", lambda x: True))
-    patches.append((_config, "target", lambda device: real_target(cuda)))
-    saved = [(m, a, getattr(m, a)) for m, a, _ in patches]
-    for m, a, v in patches:
-        setattr(m, a, v)
-    caches = (_config.sm_count, _config.l2_bytes, _config._cuda_target)
-    for fn in caches:
-        fn.cache_clear()
-    try:
-        yield
-    finally:
-        for m, a, v in saved:
-            setattr(m, a, v)
-        for fn in caches:
-            fn.cache_clear()
-
-
 def record_launches(case, sms: int = H100_SMS) -> dict:
-    """{pass: [stub.Launch]} for a training forward, its backward and an eval forward of ``case``."""
+    """{pass: [stub.Launch]} for a training forward, its backward and an eval forward of ``case``: meta
+    tensors that take bn_triton's CUDA path, with the launch settings of a GPU with ``sms`` SMs. The
+    bn_triton internals patched for that are the only ones used here: where the route and the launch
+    settings are decided (``_cuda_target`` runs uncached: the pretend GPU stays out of its cache)."""
     import bn_triton
     from bench import stub
+    from bn_triton import _config, functional
 
-    log, by_pass = [], {}
     x = torch.empty(case.shape.dims, dtype=case.dtype, device="meta")
     if case.layout == "channels_last":
         x = x.contiguous(memory_format=torch.channels_last)
-    C = x.shape[1]
-    w, b, rm, rv = (torch.empty(C, dtype=x.dtype, device="meta", requires_grad=i < 2) for i in range(4))
-    with pretend_cuda(sms), stub.stubbed_kernels(log.append):
+    w, b, rm, rv = (torch.empty(x.shape[1], dtype=x.dtype, device="meta", requires_grad=i < 2) for i in range(4))
+    cuda_target, log, ends = _config._cuda_target.__wrapped__, [], []
+    with (
+        stub.stubbed_kernels(log.append),
+        mock.patch.object(functional, "uses_triton", lambda x: True),
+        mock.patch.object(_config, "sm_count", lambda index: sms),
+        mock.patch.object(_config, "l2_bytes", lambda index: H100_L2_BYTES),
+        mock.patch.object(_config, "target", lambda device: cuda_target(0)),
+    ):
         y = bn_triton.batch_norm(x.requires_grad_(), rm, rv, w, b, True)
-        by_pass["train_fwd"], log[:] = list(log), []
+        ends.append(len(log))
         torch.autograd.grad(y, (x, w, b), torch.empty_like(y))
-        by_pass["bwd"], log[:] = list(log), []
+        ends.append(len(log))
         with torch.no_grad():
             bn_triton.batch_norm(x, rm, rv, w, b, False)
-        by_pass["eval_fwd"] = list(log)
-    return by_pass
-
-
-def _jit(kernel):
-    while not hasattr(kernel, "signature") and hasattr(kernel, "fn"):  # heuristics/autotune wrap it
-        kernel = kernel.fn
-    return kernel
+    return {"train_fwd": log[: ends[0]], "bwd": log[ends[0] : ends[1]], "eval_fwd": log[ends[1] :]}
 
 
 _COMPILED: dict = {}
-_ACCESS = re.compile(r"\b(LDG|STG)((?:\.[A-Z0-9_]+)*)\s")
+_ACCESS = re.compile(r"\b(LDG(?:STS)?|STG)((?:\.[A-Z0-9_]+)*)\s")
+_BITS = {"128": 128, "64": 64, "U16": 16, "S16": 16, "U8": 8, "S8": 8}  # width modifiers; none: 32 bits
+
+
+def access_widths(sass: str) -> dict:
+    """{bits: count} of the global loads and of the stores in ``sass``. LDGSTS (cp.async: global
+    to shared memory, in Triton's pipelined loops, e.g. ``LDGSTS.E.BYPASS.128``) counts as a load."""
+    widths = {"LDG": collections.Counter(), "STG": collections.Counter()}
+    for op, mods in _ACCESS.findall(sass):
+        widths[op[:3]][next((_BITS[m] for m in mods.split(".") if m in _BITS), 32)] += 1
+    return dict(loads=dict(widths["LDG"]), stores=dict(widths["STG"]))
 
 
 def compile_launch(ln, workdir: Path) -> dict:
@@ -113,49 +97,43 @@ def compile_launch(ln, workdir: Path) -> dict:
     from triton.compiler import ASTSource, make_backend
     from triton.runtime.jit import create_function_from_signature
 
-    fn, target = _jit(ln.kernel), GPUTarget("cuda", 90, 32)
+    fn, target = ln.kernel, GPUTarget("cuda", 90, 32)
+    while not hasattr(fn, "signature") and hasattr(fn, "fn"):  # heuristics/autotune wrap the JITFunction
+        fn = fn.fn
     backend = make_backend(target)
     bound, spec, opts = create_function_from_signature(fn.signature, fn.params, backend)(*ln.args, **ln.kwargs)
     options, signature, constexprs, attrs = fn._pack_args(backend, ln.kwargs, bound, spec, opts)
     key = repr((ln.name, signature, sorted(constexprs.items()), sorted(attrs.items()), options))
-    if key not in _COMPILED:
-        k = triton.compile(ASTSource(fn, signature, constexprs, attrs), target=target, options=options.__dict__)
-        stem = workdir / f"{ln.name}_{len(_COMPILED)}"
-        stem.with_suffix(".ptx").write_text(k.asm["ptx"])
-        stem.with_suffix(".cubin").write_bytes(k.asm["cubin"])
-        sass = _run("cuobjdump", "-res-usage", "-sass", str(stem.with_suffix(".cubin")))
-        stem.with_suffix(".sass").write_text(sass)
-        widths = {"LDG": {}, "STG": {}}
-        for op, mods in _ACCESS.findall(sass):
-            bits = next((b for b in (128, 64) if f".{b}" in mods), 16 if "16" in mods else 8 if "8" in mods else 32)
-            widths[op][bits] = widths[op].get(bits, 0) + 1
-        log = _ptxas_v(stem.with_suffix(".ptx"))
-        spills = sum(int(n) for n in re.findall(r"(\d+) bytes spill (?:stores|loads)", log))
-        shared = re.search(r"SHARED:(\d+)", sass)
-        _COMPILED[key] = dict(
-            regs=int(re.search(r"Used (\d+) registers", log).group(1)),
-            spills=spills,
-            shared=max(int(shared.group(1)) if shared else 0, k.metadata.shared),
-            num_warps=k.metadata.num_warps,
-            loads=widths["LDG"],
-            stores=widths["STG"],
-        )
-    return _COMPILED[key]
+    if key in _COMPILED:
+        return _COMPILED[key]
+    k = triton.compile(ASTSource(fn, signature, constexprs, attrs), target=target, options=options.__dict__)
+    stem = workdir / f"{ln.name}_{len(_COMPILED)}"
+    stem.with_suffix(".ptx").write_text(k.asm["ptx"])
+    stem.with_suffix(".cubin").write_bytes(k.asm["cubin"])
+    sass = _tool("cuobjdump", "-res-usage", "-sass", stem.with_suffix(".cubin"))
+    stem.with_suffix(".sass").write_text(sass)
+    ptxas_v = ["-lineinfo", "-v", "--gpu-name=sm_90a", stem.with_suffix(".ptx"), "-o", "/dev/null"]
+    try:  # with the flags Triton passes for sm_90 (Hopper compiles as sm_90a)
+        log = _tool("ptxas", "--regAllocOptLevel=2", *ptxas_v)
+    except RuntimeError:  # older ptxas builds lack --regAllocOptLevel
+        log = _tool("ptxas", *ptxas_v)
+    shared = re.search(r"SHARED:(\d+)", sass)
+    _COMPILED[key] = info = dict(
+        regs=int(re.search(r"Used (\d+) registers", log).group(1)),
+        spills=sum(int(n) for n in re.findall(r"(\d+) bytes spill (?:stores|loads)", log)),
+        shared=max(int(shared.group(1)) if shared else 0, k.metadata.shared),
+        num_warps=k.metadata.num_warps,
+        **access_widths(sass),
+    )
+    return info
 
 
-def _run(tool: str, *args: str) -> str:
-    return subprocess.run([str(BIN / tool), *args], capture_output=True, text=True, check=True).stdout
-
-
-def _ptxas_v(ptx: Path) -> str:
-    """ptxas -v with the flags Triton passes for sm_90 (Hopper compiles as sm_90a); older ptxas
-    builds lack --regAllocOptLevel."""
-    for extra in (["--regAllocOptLevel=2"], []):
-        cmd = [str(BIN / "ptxas"), "-lineinfo", "-v", *extra, "--gpu-name=sm_90a", str(ptx), "-o", "/dev/null"]
-        pv = subprocess.run(cmd, capture_output=True, text=True)
-        if pv.returncode == 0:
-            return pv.stdout + pv.stderr
-    raise RuntimeError(f"ptxas failed on {ptx}:\n{pv.stdout}{pv.stderr}")
+def _tool(name: str, *args) -> str:
+    """The output of one of the CUDA tools in Triton's wheel (stdout, then stderr)."""
+    p = subprocess.run([str(BIN / name), *map(str, args)], capture_output=True, text=True)
+    if p.returncode:
+        raise RuntimeError(f"{name} {' '.join(map(str, args))} failed:\n{p.stdout}{p.stderr}")
+    return p.stdout + p.stderr
 
 
 def resident_programs(regs: int, num_warps: int, shared: int) -> int:
@@ -187,44 +165,27 @@ def analyse(case, pass_name: str, ln, info: dict, sms: int) -> dict:
     )  # fmt: skip
 
 
-def run(cases: list, sms: int, workdir: Path) -> list:
-    return [
-        analyse(case, pass_name, ln, compile_launch(ln, workdir), sms)
-        for case in cases
-        for pass_name, launches in record_launches(case, sms).items()
-        for ln in launches
-    ]
-
-
-def _where(r: dict) -> str:
-    return f"{r['kernel']} ({r['pass_']}) {r['case']} {r['dtype']}/{r['layout']}"
-
-
 def _widths(h: dict) -> str:
     return " ".join(f"{n}x{b}b" for b, n in sorted(h.items(), key=lambda kv: -int(kv[0]))) or "-"
 
 
-def problems(rows: list, sms: int = H100_SMS) -> list:
-    """Failed checks, one line each: spills; a kernel streaming big tensors whose 16-byte accesses
-    do not carry all their bytes, or whose grid leaves SMs idle."""
-    out = []
+def checks(rows: list, sms: int = H100_SMS) -> tuple:
+    """(problems, warnings), one line each. Problems: spills; a kernel streaming big tensors whose
+    16-byte accesses do not carry all their bytes, or whose grid leaves SMs idle. Warnings: such
+    grids a little over one wave, whose last wave runs mostly empty."""
+    bad, warn = [], []
     for r in rows:
+        where = f"{r['kernel']} ({r['pass_']}) {r['case']} {r['dtype']}/{r['layout']}"
         if r["spills"]:
-            out.append(f"{_where(r)}: {r['spills']} bytes of spill stores + loads")
+            bad.append(f"{where}: {r['spills']} bytes of spill stores + loads")
         if r["wide_covers_big"] is False:
-            out.append(f"{_where(r)}: big tensors not all moved in 16-byte accesses (loads {_widths(r['loads'])})")
+            bad.append(f"{where}: big tensors not all moved in 16-byte accesses (loads {_widths(r['loads'])})")
         if r["big_tensors"] and r["programs"] < sms:
-            out.append(f"{_where(r)}: grid of {r['programs']} programs leaves SMs idle")
-    return out
-
-
-def warnings(rows: list) -> list:
-    """Grids a little over one wave: the last wave runs mostly empty."""
-    return [
-        f"{_where(r)}: {r['programs']} programs = {r['waves']} waves of {r['resident_per_sm']}/SM ({r['regs']} regs)"
-        for r in rows
-        if r["big_tensors"] and 1.0 < r["waves"] < 2.0
-    ]
+            bad.append(f"{where}: grid of {r['programs']} programs leaves SMs idle")
+        if r["big_tensors"] and 1.0 < r["waves"] < 2.0:
+            waves = f"{r['waves']} waves of {r['resident_per_sm']}/SM ({r['regs']} regs)"
+            warn.append(f"{where}: {r['programs']} programs = {waves}")
+    return bad, warn
 
 
 def table(rows: list) -> str:
@@ -242,6 +203,7 @@ def table(rows: list) -> str:
 
 def main(argv=None) -> int:
     from bench import suite
+    from bn_triton._config import interpreting
 
     p = argparse.ArgumentParser(prog="python -m bench.inspect_sass", description=__doc__.splitlines()[0])
     p.add_argument("--shapes", help="comma-separated suite names (64@56, 8192x1024) or C@HW / NxC[xHxW]")
@@ -251,9 +213,6 @@ def main(argv=None) -> int:
     p.add_argument("--json", help="write the per-launch rows here")
     p.add_argument("--markdown", action="store_true", help="print one table line per launch")
     a = p.parse_args(argv)
-
-    from bn_triton._config import interpreting
-
     if interpreting():
         print("inspect_sass: the Triton interpreter is on: run with TRITON_INTERPRET unset or 0", file=sys.stderr)
         return 2
@@ -265,12 +224,17 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(a.keep or tmp)
         workdir.mkdir(parents=True, exist_ok=True)
-        rows = run(cases, a.sms, workdir)
+        rows = [
+            analyse(case, pass_name, ln, compile_launch(ln, workdir), a.sms)
+            for case in cases
+            for pass_name, launches in record_launches(case, a.sms).items()
+            for ln in launches
+        ]
     if a.json:
         Path(a.json).write_text(json.dumps(rows, indent=1))
     if a.markdown:
         print(table(rows))
-    bad, warn = problems(rows, a.sms), warnings(rows)
+    bad, warn = checks(rows, a.sms)
     print(f"\n{len(rows)} launches of {len(cases)} cases ({len(_COMPILED)} binaries, sm_90, {a.sms} SMs): ", end="")
     print(f"{len(bad)} problems, {len(warn)} warnings")
     print("".join(f"  problem: {line}\n" for line in bad) + "".join(f"  warning: {line}\n" for line in warn), end="")

@@ -19,6 +19,8 @@ import functools
 import os
 import sys
 import time
+import types
+from unittest import mock
 
 import torch
 
@@ -30,10 +32,10 @@ if not __package__:  # run as a file: make `bench` and `bn_triton` importable fr
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 import bn_triton  # noqa: E402
-from bench import stub  # noqa: E402
+from bench import impls, runner, stub, suite  # noqa: E402
 
 
-def per_call_us(routes: dict, calls: int, repeats: int, sync) -> dict:
+def per_call_us(routes: dict, calls: int, repeats: int, sync=lambda: None) -> dict:
     """Microseconds per call of each route: the best of ``repeats`` loops of ``calls`` calls, the
     routes taking turns loop by loop (other processes only ever add time)."""
     for fn in routes.values():
@@ -51,12 +53,9 @@ def per_call_us(routes: dict, calls: int, repeats: int, sync) -> dict:
     return best
 
 
-def cases(device, shape) -> list:
+def cases(device, shape: suite.Shape) -> list:
     """(name, {route: callable}) per row: the bench's own passes (bench/runner.py) on one fp32 input."""
-    from bench import impls, runner, suite
-
-    dims = suite.Shape("x".join(map(str, shape)), shape)
-    inp = runner.make_inputs(suite.Case(dims, torch.float32, suite.layout_of(dims, False)), device)
+    inp = runner.make_inputs(suite.Case(shape, torch.float32, suite.layout_of(shape, False)), device)
     pair = dict(bn_triton=impls.triton_bn, torch=impls.torch_bn)
     rows = [
         (name, {k: wrap(runner.pass_callable(fn, p, inp)) for k, fn in pair.items()})
@@ -66,57 +65,43 @@ def cases(device, shape) -> list:
             ("batch_norm forward + backward", "fwd_bwd", lambda f: f),
         )
     ]
-    if len(shape) == 4:  # a module's training step: forward, then backward
-        x = inp.x.detach().requires_grad_()
-        modules = dict(bn_triton=bn_triton.BatchNorm2d, torch=torch.nn.BatchNorm2d)
-        steps = {k: functools.partial(step, m(shape[1]).to(device), x, inp.dy) for k, m in modules.items()}
-        rows.append(("BatchNorm2d train step", steps))
+    if len(shape.dims) == 4:  # a module's training step: forward, then backward
+        x, C = inp.x.detach().requires_grad_(), shape.dims[1]
+        modules = dict(bn_triton=bn_triton.BatchNorm2d(C), torch=torch.nn.BatchNorm2d(C))
+        train_step = lambda m: lambda: m(x).backward(inp.dy)
+        rows.append(("BatchNorm2d train step", {k: train_step(m.to(device)) for k, m in modules.items()}))
     return rows
-
-
-def step(module, x, dy) -> None:
-    module(x).backward(dy)
 
 
 def launcher_us(calls: int) -> None:
     """Python time per launch of bn_triton/_launcher.py's direct path, for the launches of a training
     forward and backward at 32x64x14x14: a no-op compiled kernel and device queries, so the CUDA
     launch itself (C, driver) is not in it."""
-    import types
-
     from bn_triton import _launcher, launch
 
+    version = _launcher.triton.__version__
     if not _launcher.ENABLED:
-        print(f"the direct launcher is off for triton {_launcher.triton.__version__} (it supports 3.6)")
+        print(f"the direct launcher is off for triton {version} (it supports 3.6)")
         return
     record = []
-    real_launch, real_driver = _launcher.launch, _launcher.driver
-    _launcher.launch = lambda fn, grid, args, kwargs: record.append((fn, grid, args, kwargs))
-    x = torch.randn(32, 64, 14, 14)
-    x_, geom = launch.canonical(x)
+    x, geom = launch.canonical(torch.randn(32, 64, 14, 14))
     w, mean, rstd = torch.randn(64), torch.zeros(64), torch.ones(64)
-    launch.batch_stats(x_, geom, 1e-5)
-    launch.normalize(x_, geom, mean, rstd, w, w, 1e-5, scale_is_var=False)
-    sums = launch.grad_sums(x_, x_, geom, mean, rstd, w, 1e-5, scale_is_var=False)
-    launch.grad_input(x_, x_, geom, mean, rstd, w, sums, 1e-5, training=True)
-    _launcher.launch = real_launch
+    with mock.patch.object(_launcher, "launch", lambda *launch_args: record.append(launch_args)):
+        launch.batch_stats(x, geom, 1e-5)
+        launch.normalize(x, geom, mean, rstd, w, w, 1e-5, scale_is_var=False)
+        sums = launch.grad_sums(x, x, geom, mean, rstd, w, 1e-5, scale_is_var=False)
+        launch.grad_input(x, x, geom, mean, rstd, w, sums, 1e-5, training=True)
     noop = types.SimpleNamespace(function=0, packed_metadata=0, launch_metadata=lambda *a: None, run=lambda *a: None)
     device = types.SimpleNamespace(get_current_device=lambda: 0, get_current_stream=lambda index: 0)
-    _launcher.driver = types.SimpleNamespace(active=device)
-    try:
-        print(f"direct launcher, Python per launch (triton {_launcher.triton.__version__}, no-op kernel):")
-        for fn, grid, args, kwargs in record:
+    print(f"direct launcher, Python per launch (triton {version}, no-op kernel):")
+    with mock.patch.object(_launcher, "driver", types.SimpleNamespace(active=device)):
+        routes = {}
+        for fn, grid, args, kwargs in record:  # each launch's key already compiled, to the no-op kernel
             sig, values, key, _ = _launcher.bind(fn, args, kwargs)
             sig.compiled[key] = _launcher.plan_for(noop, values)
-            best = float("inf")
-            for _ in range(5):
-                t0 = time.perf_counter()
-                for _ in range(calls):
-                    _launcher.launch(fn, grid, args, kwargs)
-                best = min(best, (time.perf_counter() - t0) / calls * 1e6)
-            print(f"  {fn.__name__:20s} {best:6.2f} us")
-    finally:
-        _launcher.driver = real_driver
+            routes[fn.__name__] = functools.partial(_launcher.launch, fn, grid, args, kwargs)
+        for name, us in per_call_us(routes, calls, repeats=5).items():
+            print(f"  {name:20s} {us:6.2f} us")
 
 
 def main(argv=None) -> None:
@@ -126,29 +111,23 @@ def main(argv=None) -> None:
     p.add_argument("--shape", default="2,3,4,4", help="input shape (default 2,3,4,4: tiny on purpose)")
     p.add_argument("--calls", type=int, help="calls per loop (default 200 on GPU or with --stub, else 3)")
     p.add_argument("--repeats", type=int, default=7)
-    p.add_argument(
-        "--profile",
-        type=int,
-        metavar="N",
-        help="then profile N calls of bn_triton's forward + backward (cProfile, top functions by own time): "
-        "where the host time goes, launcher and allocations included",
-    )
+    what = "cProfile and torch.profiler tables of N calls of bn_triton's forward + backward"
+    p.add_argument("--profile", type=int, metavar="N", help=f"then {what}: where the host time goes")
     args = p.parse_args(argv)
     if args.launcher:
         launcher_us(args.calls or 20000)
         return
     cuda = torch.cuda.is_available()
-    device = "cuda" if cuda else "cpu"
-    shape = tuple(int(s) for s in args.shape.split(","))
+    shape = suite.parse_shape(args.shape.replace(",", "x"))
     calls = args.calls or (200 if cuda or args.stub else 3)
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     where = torch.cuda.get_device_name() if cuda else "CPU, Triton interpreter"
     where += ", bn_triton's kernels stubbed (no-op launches)" if args.stub else ""
-    print(f"host cost per call, {where}; shape {shape}; torch {torch.__version__}")
+    print(f"host cost per call, {where}; shape {shape.dims}; torch {torch.__version__}")
     print(f"best of {args.repeats} loops of {calls} calls, taking turns; microseconds per call")
     print(f"{'':36s} {'bn_triton':>10s} {'torch':>10s} {'ratio':>7s}")
     with stub.stubbed_kernels() if args.stub else contextlib.nullcontext():
-        rows = cases(device, shape)
+        rows = cases("cuda" if cuda else "cpu", shape)
         for name, routes in rows:
             t = per_call_us(routes, calls, args.repeats, sync)
             print(f"{name:36s} {t['bn_triton']:10.1f} {t['torch']:10.1f} {t['bn_triton'] / t['torch']:6.2f}x")
@@ -163,24 +142,19 @@ def profile(fn, calls: int, sync) -> None:
     import cProfile
     import pstats
 
-    from torch.profiler import ProfilerActivity
-    from torch.profiler import profile as torch_profile
+    def loop():
+        for _ in range(calls):
+            fn()
+        sync()
 
     fn()
     sync()
     prof = cProfile.Profile()
-    prof.enable()
-    for _ in range(calls):
-        fn()
-    sync()
-    prof.disable()
-    print(f"\ncProfile of {calls} bn_triton forward + backward calls (own time, then cumulative):")
+    prof.runcall(loop)
+    print(f"\ncProfile of {calls} bn_triton forward + backward calls (own time):")
     pstats.Stats(prof).sort_stats("tottime").print_stats(25)
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
-    with torch_profile(activities=activities) as tprof:
-        for _ in range(calls):
-            fn()
-        sync()
+    with torch.profiler.profile() as tprof:  # CPU, and CUDA where there is one
+        loop()
     print(f"torch.profiler of {calls} bn_triton forward + backward calls (self CPU time):")
     print(tprof.key_averages().table(sort_by="self_cpu_time_total", row_limit=20))
 

@@ -12,6 +12,7 @@ import contextlib
 import dataclasses
 import sys
 from collections.abc import Callable
+from unittest import mock
 
 
 @dataclasses.dataclass
@@ -28,11 +29,7 @@ class _Stub:
         self.name, self.kernel, self.on_launch = name, kernel, on_launch
 
     def __getitem__(self, grid):
-        def launch(*args, **kwargs):
-            if self.on_launch is not None:
-                self.on_launch(Launch(self.name, self.kernel, grid, args, kwargs))
-
-        return launch
+        return lambda *args, **kwargs: self.on_launch(Launch(self.name, self.kernel, grid, args, kwargs))
 
 
 @contextlib.contextmanager
@@ -44,17 +41,12 @@ def stubbed_kernels(on_launch: Callable | None = None):
 
     originals = {n: getattr(kernels, n) for n in kernels.__all__}
     originals = {n: k for n, k in originals.items() if isinstance(k, KernelInterface)}
-    by_id = {id(k): _Stub(n, k, on_launch) for n, k in originals.items()}
-    patched = []  # (module, attribute, original)
-    for mod_name, mod in list(sys.modules.items()):
-        if mod is None or not (mod_name == "bn_triton" or mod_name.startswith("bn_triton.")):
-            continue
-        for attr, value in list(vars(mod).items()):
-            if id(value) in by_id and value is by_id[id(value)].kernel:
-                patched.append((mod, attr, value))
-                setattr(mod, attr, by_id[id(value)])
-    try:
+    # By id: the originals are alive meanwhile, so an object with one of their ids is that kernel.
+    stubs = {id(k): _Stub(n, k, on_launch or (lambda launch: None)) for n, k in originals.items()}
+    with contextlib.ExitStack() as restore:
+        for mod_name, mod in list(sys.modules.items()):
+            if mod is not None and mod_name.partition(".")[0] == "bn_triton":
+                for attr, value in list(vars(mod).items()):
+                    if id(value) in stubs:
+                        restore.enter_context(mock.patch.object(mod, attr, stubs[id(value)]))
         yield originals
-    finally:
-        for mod, attr, value in reversed(patched):
-            setattr(mod, attr, value)

@@ -40,25 +40,19 @@ class Shape:
 class Config:
     """A dtype and a memory layout; the layout applies to inputs with spatial dimensions only."""
 
-    key: str
     dtype: torch.dtype
     channels_last: bool
 
 
+_DTYPE_KEYS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+# Keys: dtype-layout, the layout "nchw" (contiguous) or "cl" (channels_last).
 CONFIGS = {
-    c.key: c
-    for c in (
-        Config("fp32-nchw", torch.float32, False),
-        Config("bf16-cl", torch.bfloat16, True),
-        Config("fp16-cl", torch.float16, True),
-        Config("fp32-cl", torch.float32, True),
-        Config("bf16-nchw", torch.bfloat16, False),
-        Config("fp16-nchw", torch.float16, False),
-    )
+    k: Config(_DTYPE_KEYS[k.split("-")[0]], k.endswith("-cl"))
+    for k in ("fp32-nchw", "bf16-cl", "fp16-cl", "fp32-cl", "bf16-nchw", "fp16-nchw")
 }
 DEFAULT_CONFIGS = ("fp32-nchw", "bf16-cl", "fp16-cl")
 
-DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
+DTYPE_NAMES = {d: str(d).removeprefix("torch.") for d in _DTYPE_KEYS.values()}  # in the rows: "bfloat16"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,11 +88,7 @@ SMOKE_SHAPE_2D = Shape("24x10", (24, 10))
 
 
 def smoke_cases() -> list:
-    return [
-        Case(SMOKE_SHAPE_4D, torch.float32, "NCHW"),
-        Case(SMOKE_SHAPE_4D, torch.bfloat16, "channels_last"),
-        Case(SMOKE_SHAPE_2D, torch.float16, "NC"),
-    ]
+    return make_cases([SMOKE_SHAPE_4D], ["fp32-nchw", "bf16-cl"]) + make_cases([SMOKE_SHAPE_2D], ["fp16-nchw"])
 
 
 def parse_shape(token: str) -> Shape:
@@ -109,13 +99,10 @@ def parse_shape(token: str) -> Shape:
     if "@" in token:
         c, hw = token.split("@")
         return _resnet_shape(int(c), int(hw))
-    try:
-        dims = tuple(int(d) for d in token.lower().split("x"))
-    except ValueError:
-        raise ValueError(f"bad shape {token!r}: use C@HW (batch {RESNET50_BATCH}) or NxC[xHxW]") from None
-    if len(dims) < 2 or min(dims) < 1:
-        raise ValueError(f"bad shape {token!r}: need at least (N, C), all positive")
-    return Shape(token.lower(), dims)
+    dims = token.lower().split("x")
+    if len(dims) < 2 or not all(d.isdigit() and int(d) > 0 for d in dims):
+        raise ValueError(f"bad shape {token!r}: use C@HW (batch {RESNET50_BATCH}) or NxC[xHxW], all positive")
+    return Shape(token.lower(), tuple(map(int, dims)))
 
 
 def parse_list(value: str, allowed, what: str) -> list:
@@ -139,15 +126,8 @@ def make_cases(shapes, config_keys) -> list:
     """Cross shapes with configurations. 2-D shapes have no layout to choose: each runs once per
     dtype, with layout 'NC', however many layouts of that dtype were asked for (likewise 3-D
     shapes, which have no channels_last format)."""
-    cases, seen = [], set()
-    for key in config_keys:
-        cfg = CONFIGS[key]
-        for shape in shapes:
-            case = Case(shape, cfg.dtype, layout_of(shape, cfg.channels_last))
-            if case not in seen:
-                seen.add(case)
-                cases.append(case)
-    return cases
+    cases = [Case(s, CONFIGS[k].dtype, layout_of(s, CONFIGS[k].channels_last)) for k in config_keys for s in shapes]
+    return list(dict.fromkeys(cases))  # in order, each once
 
 
 @dataclasses.dataclass(frozen=True)

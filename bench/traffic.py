@@ -27,7 +27,7 @@ FUSED_TRAFFIC_FACTOR = {"train_fwd": 4, "eval_fwd": 3, "bwd": 7, "fwd_bwd": 11}
 
 
 def tensor_bytes(dims, dtype: torch.dtype) -> int:
-    return math.prod(int(d) for d in dims) * torch.empty((), dtype=dtype).element_size()
+    return math.prod(dims) * dtype.itemsize
 
 
 def model_bytes(pass_name: str, dims, dtype: torch.dtype, factors: dict = TRAFFIC_FACTOR) -> int:

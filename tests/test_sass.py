@@ -39,6 +39,21 @@ def test_grids_fill_h100(config):
                     assert math.prod(grid) >= H100_SMS, where
 
 
+def test_access_widths_count_cp_async_loads():
+    """LDGSTS (cp.async, in Triton's pipelined loops) counts as a load of its width; LTC128B is a
+    cache hint, not a width; LDGDEPBAR is no access. Lines as cuobjdump prints them (sm_90, sm_80)."""
+    sass = """
+        /*03e0*/                   LDGSTS.E.BYPASS.128 [R23], desc[UR14][R2.64], P0 ;
+        /*0210*/                   LDGSTS.E.BYPASS.LTC128B.128 [R78+0x800], [R10.64+-0x800], P5 ;
+        /*0230*/                   LDGDEPBAR ;
+        /*0400*/                   LDG.E.U16 R19, desc[UR30][R20.64] ;
+        /*0410*/               @P0 LDG.E.64 R4, desc[UR6][R2.64] ;
+        /*0500*/                   STG.E.128 desc[UR6][R2.64], R4 ;
+        /*0510*/                   STG.E desc[UR6][R2.64], R9 ;
+    """
+    assert inspect_sass.access_widths(sass) == {"loads": {128: 2, 16: 1, 64: 1}, "stores": {128: 1, 32: 1}}
+
+
 def _tools_present() -> bool:
     return (inspect_sass.BIN / "ptxas").exists() and (inspect_sass.BIN / "cuobjdump").exists()
 
