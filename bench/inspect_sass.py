@@ -123,6 +123,7 @@ def compile_launch(ln, workdir: Path) -> dict:
         spills=sum(int(n) for n in re.findall(r"(\d+) bytes spill (?:stores|loads)", log)),
         shared=max(int(shared.group(1)) if shared else 0, k.metadata.shared),
         num_warps=k.metadata.num_warps,
+        cp_async=sass.count("LDGSTS"),  # > 0: a loop pipelined through shared memory
         **access_widths(sass),
     )
     return info
@@ -160,7 +161,7 @@ def analyse(case, pass_name: str, ln, info: dict, sms: int) -> dict:
         grid=list(grid), programs=programs, num_warps=info["num_warps"], regs=info["regs"], spills=info["spills"],
         resident_per_sm=slots // sms, waves=round(programs / slots, 2) if slots else math.inf,
         big_tensors=len(big), wide_covers_big=wide >= per_thread if big else None,
-        loads=info["loads"], stores=info["stores"], bytes=moved,
+        loads=info["loads"], stores=info["stores"], cp_async=info["cp_async"], bytes=moved,
         pred_us=round(moved / (COPY_BW_TBS * 1e12) * 1e6, 1),
     )  # fmt: skip
 

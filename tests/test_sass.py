@@ -61,7 +61,7 @@ def _tools_present() -> bool:
 @pytest.mark.skipif(not _tools_present(), reason="ptxas/cuobjdump not in triton/backends/nvidia/bin")
 def test_sm90_sass_16_byte_accesses_no_spills(tmp_path, request):
     """64@56 in fp32 NCHW and bf16 channels_last: the big tensors move in 16-byte loads and stores,
-    nothing spills, the grids fill the SMs."""
+    nothing spills, the grids fill the SMs, the statistics loop is pipelined."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     out = tmp_path / "rows.json"
     cmd = [sys.executable, "-m", "bench.inspect_sass", "--shapes", "64@56", "--dtypes", "fp32-nchw,bf16-cl"]
@@ -78,3 +78,9 @@ def test_sm90_sass_16_byte_accesses_no_spills(tmp_path, request):
         assert r["programs"] >= H100_SMS, r
     for r in rows:
         assert r["spills"] == 0, r
+    # The statistics kernel: its tile loop pipelined (cp.async) in both layouts, and held to the
+    # registers of 3 programs per SM (bn_triton/_config.py STATS_MAX_REGISTERS).
+    stats = [r for r in rows if r["kernel"] == "stats_kernel"]
+    assert len(stats) == 2
+    for r in stats:
+        assert r["cp_async"] > 0 and r["regs"] <= 80 and r["resident_per_sm"] == 3, r
