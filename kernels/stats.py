@@ -91,8 +91,7 @@ def block_stats(
     # (16-byte cp.async through shared memory; 80 registers, the cap launch.batch_stats sets, no
     # spills): where channels are contiguous, and in NCHW where rows are multiples of 16 values
     # (S_DIV 16: 28x28 maps and larger). Pipelined at that cap, 14x14 maps spill with triton 3.6.
-    STAGES: tl.constexpr = 3 if CHANNELS_CONTIG or S_DIV == 16 else 1
-    for tile in tl.range(first, last, num_stages=STAGES):
+    for tile in tl.range(first, last, num_stages=3 if CHANNELS_CONTIG or S_DIV == 16 else 1):
         offs, mask, _, rows, cols = tile_offsets(
             tile, pid_c, R, C, S, stride_r, stride_c, BLOCK_R, BLOCK_C, BLOCK_S, CHANNELS_CONTIG, S_DIV
         )
