@@ -39,6 +39,20 @@ def test_grids_fill_h100(config):
                     assert math.prod(grid) >= H100_SMS, where
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_statistics_register_cap(dtype):
+    """The statistics kernel is launched with the register cap of 3 programs per SM (80,
+    bn_triton/_config.py STATS_MAX_REGISTERS) for 16- and 32-bit inputs, and without one for fp64."""
+    from bn_triton import _config
+
+    shape = suite.parse_shape("64@56")
+    for layout in ("NCHW", "channels_last"):
+        launches = inspect_sass.record_launches(suite.Case(shape, dtype, layout), H100_SMS)["train_fwd"]
+        (stats,) = [ln for ln in launches if ln.name == "stats_kernel"]
+        expected = None if dtype == torch.float64 else _config.STATS_MAX_REGISTERS
+        assert _config.STATS_MAX_REGISTERS == 80 and stats.kwargs.get("maxnreg") == expected, layout
+
+
 def test_access_widths_count_cp_async_loads():
     """LDGSTS (cp.async, in Triton's pipelined loops) counts as a load of its width; LTC128B is a
     cache hint, not a width; LDGDEPBAR is no access. Lines as cuobjdump prints them (sm_90, sm_80)."""
