@@ -2,8 +2,8 @@
 # One call on a GPU machine, within 8 minutes on an H100: (1) the GPU and versions, (2) the whole
 # test suite on the GPU, GPU-only tests included (not the Triton interpreter), (3) the ResNet-50
 # training step (python -m bench.e2e), (4) suite v1 (python -m bench: wall, host and device time),
-# (5) the host cost per call and its cProfile (bench/overhead.py --profile) and the single-pass kernels
-# against the split path on the shapes they serve (--impls bn_triton,bn_triton_split,native), (6) the
+# (5) the host cost per call, its cProfile, the same with kernels stubbed (bench/overhead.py), the
+# single-pass kernels against the split path where they serve (--impls bn_triton,bn_triton_split), (6) the
 # comparison against torch.compile (python -m bench --quick --impls bn_triton,compile), then a
 # summary, printed last.
 #
@@ -16,8 +16,8 @@
 #   overview.png   suite v1 on one page        plots.tar.gz the rest: the comparison's overview.png,
 #                  summary.md and env.json, pytest.xml (JUnit), e2e.md, precompile.log
 # Time: every stage runs under `timeout`, and the limits add up to GPU_CHECK_TOTAL_S (465 s) even if
-# one hangs. Planned limits (seconds): tests 160, e2e 90, suite v1 90, compile comparison 90 (of it ~20 s for
-# the host-cost profile and ~30 s for the single-pass comparison);
+# one hangs. Planned limits (seconds): tests 150, e2e 90, suite v1 90, compile comparison 100 (of it ~20 s
+# for the host-cost profile, ~10 s for it with kernels stubbed and ~30 s for the single-pass comparison);
 # the time a stage leaves unused goes to the next one. The benches get --budget-s below their limit
 # (start no new case after it), so they end on their own with partial results recorded. While the
 # tests run (CPU-bound: Triton compiles), a background run of the e2e steps, untimed, fills the
@@ -39,10 +39,10 @@ PY=${PYTHON:-python3}
 TOTAL_S=${GPU_CHECK_TOTAL_S:-465}
 STAGES=${GPU_CHECK_STAGES:-tests,e2e,bench,compare}
 # Planned limits in seconds, in the order the stages run.
-PLAN_TESTS=160
+PLAN_TESTS=150
 PLAN_E2E=90
 PLAN_BENCH=90
-PLAN_COMPARE=90
+PLAN_COMPARE=100
 
 OUT=""
 while [ $# -gt 0 ]; do
@@ -259,9 +259,13 @@ print('bn_triton from', bn_triton.__file__, '| kernels from', bn_triton.kernels.
     if [ "$GPU" = 1 ]; then
       # Where the host time per call goes (the bench's host_ms says how much): ~20 s of the stage.
       echo
-      echo "== 5. host cost per call, its cProfile and torch.profiler table (bench/overhead.py --profile 200; limit 30 s)"
+      echo "== 5. host cost per call, its cProfile and torch.profiler table (bench/overhead.py --profile 200; limit 30 s), then with kernels stubbed (limit 15 s)"
       (cd "$run_dir" && timeout -k 5 30 "$PY" bench/overhead.py --shape 32,64,14,14 --calls 100 --repeats 3 \
         --profile 200) || echo "host profile: exit status $?"
+      # The same calls with no-op kernel launches on CUDA tensors: the host time of Python, autograd
+      # and the allocations alone; the difference to the above is what the launches cost the host.
+      (cd "$run_dir" && timeout -k 5 15 "$PY" bench/overhead.py --stub --shape 32,64,14,14 --calls 100 \
+        --repeats 3) || echo "host cost, kernels stubbed: exit status $?"
       echo
       echo "== 5b. single-pass kernels against the split path (BN_TRITON_SINGLE_PASS off: bn_triton_split; limit 35 s)"
       (cd "$run_dir" && timeout -k 5 35 "$PY" -m bench --shapes 2048@7,512@7 --dtypes fp32-nchw,bf16-nchw \
