@@ -6,7 +6,8 @@ Layers of the stack, one module each:
   bn_triton.launch      launchers: layouts, allocation, grids
   bn_triton.ops         torch.library custom ops + autograd
   bn_triton.functional  batch_norm (drop-in for torch.nn.functional.batch_norm)
-  bn_triton.modules     BatchNorm1d/2d/3d (drop-ins for torch.nn's) and convert_batchnorm
+  bn_triton.modules     BatchNorm1d/2d/3d (drop-ins for torch.nn's)
+  bn_triton.convert     convert_batchnorm: a model's torch BatchNorm layers replaced by ours
   bn_triton.reference   NumPy float64 reference (the three-path derivation of docs/math.md)
   bn_triton.sync_batchnorm  SyncBatchNorm: global-batch statistics over torch.distributed
 
@@ -22,8 +23,9 @@ from bn_triton import _loader
 _loader.load_kernels(sys.modules[__name__])
 
 from bn_triton import reference  # noqa: E402
+from bn_triton.convert import convert_batchnorm  # noqa: E402
 from bn_triton.functional import batch_norm  # noqa: E402
-from bn_triton.modules import BatchNorm1d, BatchNorm2d, BatchNorm3d, convert_batchnorm  # noqa: E402
+from bn_triton.modules import BatchNorm1d, BatchNorm2d, BatchNorm3d  # noqa: E402
 from bn_triton.sync_batchnorm import SyncBatchNorm  # noqa: E402
 
 __version__ = "0.1.0"

@@ -17,6 +17,12 @@ from bn_triton import _loader, composite, ops
 from bn_triton._config import interpreting
 from bn_triton.running import NO_RUNNING, Running
 
+NO_TORCHSCRIPT = (
+    "bn_triton.{name} does not support TorchScript ({how}): its kernels are Triton kernels, which "
+    "TorchScript cannot hold. Use torch.compile or torch.export instead, or convert the model's layers "
+    "back to torch.nn's BatchNorm before scripting."
+)
+
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
@@ -134,6 +140,8 @@ def batch_norm(
     pass, where ``activation`` is None or ``"relu"`` and ``residual`` (optional) has input's shape,
     dtype and device, in any layout. Differentiable in residual too.
     """
+    if torch._C._get_tracing_state() is not None:  # torch.jit.trace
+        raise RuntimeError(NO_TORCHSCRIPT.format(how="torch.jit.trace", name="batch_norm"))
     if momentum is None:  # torch's argument parser refuses it (momentum=None is the modules' option)
         raise TypeError(f"batch_norm(): argument 'momentum' (position 7) must be float, not {type(momentum).__name__}")
     if isinstance(eps, Tensor):  # torch accepts a 0-d tensor (its parser reads the number)

@@ -8,6 +8,9 @@ validation comes before ``num_batches_tracked`` moves, and momentum=None reads t
 Fused epilogue: ``activation="relu"`` in the constructor and ``forward(input, residual=None)`` give
 ``act(BN(input) + residual)`` in one normalize pass. ``activation`` is a plain attribute, not a
 parameter or buffer, so state_dicts stay torch's; with the defaults the modules are exact drop-ins.
+
+torch.fx records each layer as one ``call_module`` node (a leaf, as torch's own layers are), whatever
+the tracer's leaf rule. TorchScript is refused with an error that names what to use instead.
 """
 
 import torch
@@ -32,7 +35,14 @@ class TritonBatchNormMixin:
         base = super().extra_repr()
         return base if self.activation is None else f"{base}, activation={self.activation!r}"
 
+    def __prepare_scriptable__(self):
+        raise RuntimeError(functional.NO_TORCHSCRIPT.format(how="torch.jit.script", name=type(self).__name__))
+
     def forward(self, input: Tensor, residual=None) -> Tensor:
+        if isinstance(input, torch.fx.Proxy):
+            return fx_leaf(self, input, residual)
+        if torch._C._get_tracing_state() is not None:  # torch.jit.trace
+            raise RuntimeError(functional.NO_TORCHSCRIPT.format(how="torch.jit.trace", name=type(self).__name__))
         self._check_input_dim(input)
         # Before anything runs or num_batches_tracked moves, on every path.
         functional.check_fused(input, self.activation, residual)
@@ -54,6 +64,13 @@ class TritonBatchNormMixin:
         return functional._batch_norm(input, self.weight, self.bias, bn_training, self.eps, running, **fused)
 
 
+def fx_leaf(module, input, residual):
+    """The ``call_module`` node that torch.fx records for ``module(input, residual=residual)``."""
+    tracer = input.tracer
+    kwargs = {} if residual is None else {"residual": residual}
+    return tracer.create_proxy("call_module", tracer.path_of_module(module), (input,), kwargs)
+
+
 class BatchNorm1d(TritonBatchNormMixin, torch.nn.BatchNorm1d):
     """torch.nn.BatchNorm1d on (N, C) or (N, C, L), computed by bn_triton's kernels."""
 
@@ -64,49 +81,3 @@ class BatchNorm2d(TritonBatchNormMixin, torch.nn.BatchNorm2d):
 
 class BatchNorm3d(TritonBatchNormMixin, torch.nn.BatchNorm3d):
     """torch.nn.BatchNorm3d on (N, C, D, H, W), contiguous or channels_last_3d, computed by bn_triton's kernels."""
-
-
-_REPLACEMENTS = {
-    torch.nn.BatchNorm1d: BatchNorm1d,
-    torch.nn.BatchNorm2d: BatchNorm2d,
-    torch.nn.BatchNorm3d: BatchNorm3d,
-}
-
-
-def convert_layer(bn: torch.nn.Module, new_cls: type, **kwargs) -> torch.nn.Module:
-    """A ``new_cls`` layer that holds ``bn``'s very Parameter and buffer objects (optimizers and hooks
-    that hold them stay valid), its train/eval mode, its fused activation and qconfig, if any.
-    ``kwargs`` go to ``new_cls``'s constructor (SyncBatchNorm's process_group)."""
-    new = new_cls(
-        bn.num_features,
-        eps=bn.eps,
-        momentum=bn.momentum,
-        affine=bn.affine,
-        track_running_stats=bn.track_running_stats,
-        device="meta",  # placeholders only: replaced just below by the layer's own tensors
-        **kwargs,
-    )
-    for name in ("weight", "bias"):
-        setattr(new, name, getattr(bn, name))
-    for name, buf in bn.named_buffers(recurse=False):
-        new.register_buffer(name, buf, persistent=name not in bn._non_persistent_buffers_set)
-    new.train(bn.training)
-    if getattr(bn, "activation", None) is not None:  # our layers' fused ReLU: keep it
-        new.activation = bn.activation
-    if hasattr(bn, "qconfig"):
-        new.qconfig = bn.qconfig
-    return new
-
-
-def convert_batchnorm(module: torch.nn.Module) -> torch.nn.Module:
-    """Replace every torch.nn.BatchNorm1d/2d/3d inside ``module`` by ours, in place; returns the module.
-
-    Parameters and buffers are kept as the same objects (device, dtype, requires_grad, values), and
-    so is each layer's train/eval mode. Subclasses of torch's classes (SyncBatchNorm, ours, users'
-    own) are left alone: their behaviour may differ.
-    """
-    if type(module) in _REPLACEMENTS:
-        return convert_layer(module, _REPLACEMENTS[type(module)])
-    for name, child in module.named_children():
-        setattr(module, name, convert_batchnorm(child))
-    return module

@@ -66,7 +66,8 @@ import torch.distributed as dist
 from torch import Tensor
 
 from bn_triton import functional, launch, ops
-from bn_triton.modules import TritonBatchNormMixin, convert_layer
+from bn_triton.convert import convert_layer
+from bn_triton.modules import TritonBatchNormMixin, fx_leaf
 
 # Payload head: [n_bad, n, h, h^2], then S1[C], S2[C].
 _HEAD = 4
@@ -107,6 +108,8 @@ class SyncBatchNorm(TritonBatchNormMixin, torch.nn.SyncBatchNorm):
         return group if dist.get_world_size(group) > 1 else None
 
     def forward(self, input: Tensor, residual: Tensor | None = None) -> Tensor:
+        if isinstance(input, torch.fx.Proxy):
+            return fx_leaf(self, input, residual)
         group = self._sync_group()
         if group is None:
             self._check_input_dim(input)
