@@ -12,7 +12,7 @@
 # DIR receives at most 8 files, no folders:
 #   gpu_check.log  everything printed          summary.md   stages, test failures, e2e and bench tables
 #   results.csv    suite v1 (host_ms, device_ms) compile.csv  the torch.compile comparison
-#   e2e.csv        model,config,variant,batch,step_ms          env.json     versions (suite v1's run)
+#   e2e.csv        model,config,variant,batch,step_ms,launches env.json     versions (suite v1's run)
 #   overview.png   suite v1 on one page        plots.tar.gz the rest: the comparison's overview.png,
 #                  summary.md and env.json, pytest.xml (JUnit), e2e.md, precompile.log
 # Time: every stage runs under `timeout`, and the limits add up to GPU_CHECK_TOTAL_S (465 s) even if
@@ -257,11 +257,13 @@ print('bn_triton from', bn_triton.__file__, '| kernels from', bn_triton.kernels.
   lim=$(limit_for compare)
   if want compare && has_time "vs torch.compile" "$lim"; then
     if [ "$GPU" = 1 ]; then
-      # Where the host time per call goes (the bench's host_ms says how much): ~20 s of the stage.
+      # Where the host time per call goes (the bench's host_ms says how much): ~20 s of the stage. The
+      # decomposition: an empty autograd.Function, 8 allocations, a no-op kernel through fn[grid] and
+      # through bn_triton's launch, bn_triton stubbed and not, torch; then cProfile and torch.profiler.
       echo
-      echo "== 5. host cost per call, its cProfile and torch.profiler table (bench/overhead.py --profile 200; limit 30 s), then with kernels stubbed (limit 15 s)"
-      (cd "$run_dir" && timeout -k 5 30 "$PY" bench/overhead.py --shape 32,64,14,14 --calls 100 --repeats 3 \
-        --profile 200) || echo "host profile: exit status $?"
+      echo "== 5. host time per call, decomposed (bench/overhead.py --decompose; limit 30 s), then with kernels stubbed (limit 15 s)"
+      (cd "$run_dir" && timeout -k 5 30 "$PY" bench/overhead.py --decompose --shape 32,64,14,14 --calls 100 \
+        --repeats 3) || echo "host decomposition: exit status $?"
       # The same calls with no-op kernel launches on CUDA tensors: the host time of Python, autograd
       # and the allocations alone; the difference to the above is what the launches cost the host.
       (cd "$run_dir" && timeout -k 5 15 "$PY" bench/overhead.py --stub --shape 32,64,14,14 --calls 100 \

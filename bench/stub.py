@@ -3,7 +3,8 @@
 ``with stubbed_kernels(): ...`` replaces every kernel in ``bn_triton.kernels.__all__`` (any triton
 ``KernelInterface``: ``@triton.jit``, heuristics, autotune) by a stub whose ``[grid](*args, **kwargs)``
 calls ``on_launch(Launch)`` (default: does nothing), in ``bn_triton.kernels`` and in every loaded
-``bn_triton`` module that imported the kernel by name; everything is restored on exit. Uses: the
+``bn_triton`` module that imported the kernel by name; everything is restored on exit, and the
+launch plans built meanwhile are forgotten. Uses: the
 host cost of a call without its kernels (bench/overhead.py), recording launches to compile them
 (bench/inspect_sass.py), and running the launch code on meta tensors (tests).
 """
@@ -37,13 +38,16 @@ def stubbed_kernels(on_launch: Callable | None = None):
     """Replace every kernel of bn_triton.kernels by a stub; yields {name: original kernel}."""
     from triton.runtime.jit import KernelInterface
 
-    from bn_triton import kernels
+    from bn_triton import kernels, launch
 
     originals = {n: getattr(kernels, n) for n in kernels.__all__}
     originals = {n: k for n, k in originals.items() if isinstance(k, KernelInterface)}
     # By id: the originals are alive meanwhile, so an object with one of their ids is that kernel.
     stubs = {id(k): _Stub(n, k, on_launch or (lambda launch: None)) for n, k in originals.items()}
     with contextlib.ExitStack() as restore:
+        # Launch plans hold the kernels they were built with: none built before or inside survives.
+        launch.clear_plans()
+        restore.callback(launch.clear_plans)
         for mod_name, mod in list(sys.modules.items()):
             if mod is not None and mod_name.partition(".")[0] == "bn_triton":
                 for attr, value in list(vars(mod).items()):

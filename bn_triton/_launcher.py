@@ -1,23 +1,21 @@
-"""Kernel launches with less host time: Triton's own path once per specialization, then the compiled
-kernel directly.
+"""One kernel launch of a launch plan, with everything fixed but its pointers.
 
-``kernel[grid](*args, **kwargs)`` binds every argument, computes the specialization key, looks the
-compiled kernel up and launches it. Measured on an H200 host (triton 3.6, bench results of
-2026-11-26), that costs a bn_triton launch more host time than the kernel of a small BatchNorm
-takes on the GPU. The specialization of our launches is a function of a few things we can read
-cheaply: each tensor argument's dtype and 16-byte alignment, each int's value class (equal to 1,
-divisible by 16, 32 or 64 bits), None-ness, and the constexpr values. ``launch`` keys the compiled
-kernel on exactly those; a key seen before launches the compiled kernel with the same arguments,
-hooks and launch metadata that ``JITFunction.run`` would pass, tensors as their device pointers
-(``data_ptr()``; what Triton's launcher computes from them with a driver call). Anything else (the interpreter,
-stubbed kernels, a Triton whose launch signature was not checked) takes Triton's own path.
+A ``Launch`` holds a kernel, its grid, its compile options and the values of every parameter after
+the leading pointers (bn_triton's kernels take their pointers first: kernels/tile.py ``launched``).
+A call passes the pointers only. The first call goes through Triton's own ``fn[grid](...)``, which
+compiles the kernel if needed and returns it; on the Triton versions whose launch path was read and
+checked (3.5, 3.6, 3.8) the later calls hand the same arguments straight to the compiled kernel's C
+launcher, as ``JITFunction.run`` would: no binding, no specialization key, no Python per argument.
+That is valid because everything Triton specializes on is fixed by the plan that owns the launch:
+the dtypes and alignment of the big tensors (the plans pass them 16-byte aligned), the per-channel
+pointers (never specialized on alignment), None-ness, the ints and the constexprs.
 
-The compiled-kernel call and the specialization rules were read from triton 3.6's ``JITFunction.run``
-and tested on a GPU with it (bitwise equal to Triton's own launches, tests/test_launcher.py); other
-versions take Triton's own path until they are checked the same way (3.8's ``run`` reads the same, but
-its binder is native code). ``BN_TRITON_DIRECT_LAUNCH=0`` turns it off.
+Triton's own path is taken instead wherever it must decide: the interpreter, stubbed kernels, other
+Triton versions, a launch hook (a profiler), kernels that need scratch memory, a current CUDA device
+other than the tensors'. ``BN_TRITON_DIRECT_LAUNCH=0`` turns the direct path off.
 """
 
+import collections
 import inspect
 import os
 
@@ -26,107 +24,101 @@ import triton
 
 try:
     from triton import knobs
-    from triton.runtime.driver import driver
     from triton.runtime.jit import JITFunction
 
     _VERSION = tuple(int(p) for p in triton.__version__.split(".")[:2])
-    _SUPPORTED = _VERSION == (3, 6)
 except ImportError:  # older Triton: its own path only
-    _SUPPORTED = False
+    knobs, JITFunction, _VERSION = None, None, ()
+_RUNTIME = getattr(knobs, "runtime", None)
 
-ENABLED = _SUPPORTED and os.environ.get("BN_TRITON_DIRECT_LAUNCH", "1") != "0"
-DIRECT_LAUNCHES = [0]  # launches that took the direct path (tests prove the path is taken)
-_I32 = 2**31
+# How the compiled kernel's C launcher takes its arguments, by Triton version (read from each
+# version's CudaLauncher.__call__, and checked in tests/test_launcher.py against it).
+_C_FORM = {(3, 5): "pre_3_8", (3, 6): "pre_3_8", (3, 8): "3_8"}.get(_VERSION)
+ENABLED = _C_FORM is not None and os.environ.get("BN_TRITON_DIRECT_LAUNCH", "1") != "0"
 
-
-def _spec(v):
-    """What Triton's binder specializes on for a (non-constexpr) argument value v (cheapest tests first:
-    this runs for every argument of every launch)."""
-    t = type(v)
-    if t is int:
-        return v == 1, v & 15 == 0, -_I32 <= v < _I32
-    if v is None:
-        return None
-    if t is float:
-        return float
-    if isinstance(v, torch.Tensor):
-        return v.dtype, v.data_ptr() & 15 == 0
-    return v  # bools, constexpr values (ints of BLOCK sizes, tl.dtype): hashable, exact
+# Kernel launches by name (tests prove with it that our kernels, not torch's, ran), and how many of
+# them took the direct path.
+LAUNCHES: collections.Counter = collections.Counter()
+DIRECT_LAUNCHES = [0]
 
 
-class _Signature:
-    """A kernel's parameter names and defaults, in order (what ``JITFunction.run`` passes on)."""
-
-    def __init__(self, fn):
-        params = list(inspect.signature(fn.fn).parameters.values())
-        self.names = [p.name for p in params]
-        self.defaults = {p.name: p.default for p in params if p.default is not inspect.Parameter.empty}
-        # Constexpr values are part of the key as they are; the others by their specialization.
-        constexpr = ["constexpr" in str(p.annotation) for p in params]
-        self.constexprs = [i for i, c in enumerate(constexpr) if c]
-        self.specialized = [i for i, c in enumerate(constexpr) if not c]
-        self.compiled: dict = {}
+def parameters(fn) -> list:
+    """The kernel's parameters (names and defaults), through the wrappers around its Python function
+    (JITFunction, heuristics, autotune, bench/stub.py's stubs, which keep the kernel they replace)."""
+    while not inspect.isfunction(fn):
+        fn = fn.fn if hasattr(fn, "fn") else fn.kernel
+    return list(inspect.signature(fn).parameters.values())
 
 
-_SIGNATURES: dict = {}
+class Launch:
+    """``fn[grid](*pointers, *tail, **options)``, where ``tail`` is every parameter after the
+    pointers, from ``fixed`` or the kernel's defaults."""
 
+    def __init__(self, name: str, fn, grid: tuple, pointers: tuple, fixed: dict, options: dict, device):
+        params = parameters(fn)
+        names = [p.name for p in params]
+        if tuple(names[: len(pointers)]) != tuple(pointers):
+            raise AssertionError(
+                f"{name}: the kernel's leading parameters are {names[: len(pointers)]}, not {pointers}"
+            )
+        unknown = set(fixed) - set(names)
+        if unknown:
+            raise AssertionError(f"{name}: no parameters {sorted(unknown)}")
+        self.tail = tuple(fixed[p.name] if p.name in fixed else p.default for p in params[len(pointers) :])
+        if inspect.Parameter.empty in self.tail:
+            raise AssertionError(f"{name}: no value for {[p.name for p in params if p.name not in fixed]}")
+        self.name, self.fn, self.grid, self.options = name, fn, tuple(grid), options
+        self.cuda = device.type == "cuda"
+        self.index = (device.index if device.index is not None else torch.cuda.current_device()) if self.cuda else -1
+        self.c_launch = None  # the compiled kernel's C launcher, once known
+        g = (*self.grid, 1, 1)
+        self.g0, self.g1, self.g2 = g[0], g[1], g[2]
 
-def plan_for(kernel, values: list) -> tuple:
-    """What a key's later launches need: the compiled kernel, and which arguments are tensors."""
-    return kernel, [i for i, v in enumerate(values) if isinstance(v, torch.Tensor)]
+    def __call__(self, *pointers) -> None:
+        LAUNCHES[self.name] += 1
+        c_launch = self.c_launch
+        hooks = _RUNTIME  # a launch hook (a profiler's) is called by Triton's own path only
+        if (
+            c_launch is not None
+            and not getattr(hooks.launch_enter_hook, "calls", True)
+            and not getattr(hooks.launch_exit_hook, "calls", True)
+            and torch._C._cuda_getDevice() == self.index
+        ):
+            DIRECT_LAUNCHES[0] += 1
+            stream = torch._C._cuda_getCurrentRawStream(self.index)
+            if self.form_3_8:
+                c_launch(self.g0, self.g1, self.g2, stream, self.function, self.cooperative, self.pdl,
+                         self.metadata, None, None, None, None, None, self.annotations, self.signature,
+                         (*pointers, *self.tail))  # fmt: skip
+            else:
+                c_launch(self.g0, self.g1, self.g2, stream, self.function, self.cooperative, self.pdl,
+                         None, None, self.metadata, None, None, None, *pointers, *self.tail)  # fmt: skip
+            return
+        if self.cuda:
+            self.triton_launch(pointers)
+        else:  # the interpreter, or stubs
+            self.fn[self.grid](*pointers, *self.tail, **self.options)
 
+    def triton_launch(self, pointers: tuple) -> None:
+        """Triton's own launch on a GPU (on the tensors' device); afterwards, where it can, the direct one."""
+        if torch.cuda.current_device() != self.index:
+            with torch.cuda.device(self.index):
+                kernel = self.fn[self.grid](*pointers, *self.tail, **self.options)
+        else:
+            kernel = self.fn[self.grid](*pointers, *self.tail, **self.options)
+        if self.c_launch is None and ENABLED and type(self.fn) is JITFunction:
+            self._go_direct(kernel)
 
-def bind(fn, args: tuple, kwargs: dict) -> tuple:
-    """(signature, every parameter's value in order, specialization key, device) of a launch."""
-    sig = _SIGNATURES.get(fn)
-    if sig is None:
-        sig = _SIGNATURES[fn] = _Signature(fn)
-    defaults = sig.defaults
-    values = [*args, *[kwargs[n] if n in kwargs else defaults[n] for n in sig.names[len(args) :]]]
-    device = driver.active.get_current_device()
-    key = (
-        device,
-        kwargs.get("num_warps"),
-        kwargs.get("num_stages"),
-        kwargs.get("maxnreg"),
-        *[values[i] for i in sig.constexprs],
-        *[_spec(values[i]) for i in sig.specialized],
-    )
-    return sig, values, key, device
-
-
-def launch(fn, grid: tuple, args: tuple, kwargs: dict) -> None:
-    """``fn[grid](*args, **kwargs)``, directly through the compiled kernel once its key is known."""
-    if not ENABLED or type(fn) is not JITFunction:
-        fn[grid](*args, **kwargs)
-        return
-    sig, values, key, device = bind(fn, args, kwargs)
-    plan = sig.compiled.get(key)
-    if plan is None:
-        kernel = fn[grid](*args, **kwargs)  # compiles if needed, launches, returns the compiled kernel
-        if hasattr(kernel, "packed_metadata"):  # not a future of an asynchronous compile
-            # The key fixes which arguments are tensors: they go to the kernel as device pointers.
-            sig.compiled[key] = plan_for(kernel, values)
-        return
-    kernel, tensors = plan
-    stream = driver.active.get_current_stream(device)
-    g1 = grid[1] if len(grid) > 1 else 1
-    g2 = grid[2] if len(grid) > 2 else 1
-    metadata = kernel.launch_metadata(grid, stream, *values)
-    # Triton's C launcher turns a tensor into a pointer by calling its data_ptr() and then
-    # cuPointerGetAttribute, a driver call, per tensor and launch; an int it takes as the pointer.
-    for i in tensors:
-        values[i] = values[i].data_ptr()
-    DIRECT_LAUNCHES[0] += 1
-    kernel.run(
-        grid[0],
-        g1,
-        g2,
-        stream,
-        kernel.function,
-        kernel.packed_metadata,
-        metadata,
-        knobs.runtime.launch_enter_hook,
-        knobs.runtime.launch_exit_hook,
-        *values,
-    )
+    def _go_direct(self, kernel) -> None:
+        """Keep the compiled kernel's C launcher, if nothing of what its Python wrapper does applies."""
+        launcher = getattr(kernel, "run", None)  # also loads the kernel on the device
+        if launcher is None or not hasattr(kernel, "packed_metadata"):  # an asynchronous compile's future
+            return
+        if launcher.global_scratch_size or launcher.profile_scratch_size or getattr(launcher, "gsan_enabled", False):
+            return
+        self.function, self.metadata = kernel.function, kernel.packed_metadata
+        self.cooperative, self.pdl = launcher.launch_cooperative_grid, launcher.launch_pdl
+        self.form_3_8 = _C_FORM == "3_8"
+        if self.form_3_8:
+            self.annotations, self.signature = launcher.arg_annotations, launcher.kernel_signature
+        self.c_launch = launcher.launch

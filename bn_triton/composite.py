@@ -8,8 +8,8 @@ jacrev, jacfwd, hessian) see through it, to any order:
 * ``needed(*args)``: whether a call must take this path (functorch-wrapped tensors, forward-AD
   tangents). Cheap: it runs on the eager hot path.
 * ``batch_norm(...)``: the forward, same semantics as ``functional._batch_norm``.
-* ``backward_graph(...)``: the fast path's first-order gradients as a differentiable graph, for
-  double backward (``create_graph=True``).
+* ``backward_graph(...)``, ``differentiable_backward(...)``: the fast path's first-order gradients as
+  a differentiable graph, for double backward (``create_graph=True``).
 
 Statistics are computed in float32 (float64 for float64 inputs), as the kernels do.
 """
@@ -246,3 +246,16 @@ def backward_graph(
     dweight = None if weight is None else sum_g_xhat.to(weight.dtype)
     dbias = None if bias is None else sum_g.to(bias.dtype)
     return dx.to(x.dtype), dweight, dbias, g
+
+
+def differentiable_backward(dy, x, weight, bias, mean, scale, y, training, eps, relu, wants) -> tuple:
+    """The fast path's four gradients (dx, dweight, dbias, d(residual)) as a differentiable graph, for
+    a backward under create_graph=True; None where ``wants`` says not wanted. ``y`` is the output
+    saved for the ReLU's mask (with a residual), else the mask is recomputed from x."""
+    mask = None
+    if relu:
+        mask = (y > 0) if y is not None else relu_keep(x, weight, bias, mean, scale, eps, training)
+    grads = backward_graph(
+        dy, x, weight, bias, training=training, eps=eps, mean_var=None if training else (mean, scale), relu_mask=mask
+    )
+    return tuple(g if w else None for w, g in zip(wants, grads, strict=True))

@@ -1,29 +1,39 @@
-"""The functional API: ``batch_norm``, a drop-in for ``torch.nn.functional.batch_norm``.
+"""The functional API, ``batch_norm`` (a drop-in for torch.nn.functional.batch_norm), and the layers' call.
 
-Validation happens here, before any kernel runs or any running statistic changes. Then:
-* CUDA tensors always go to our Triton kernels (through the ops in ops.py);
-* CPU tensors go to them too when Triton's interpreter is on (TRITON_INTERPRET=1: how the tests run
-  without a GPU); otherwise to torch's own CPU batch_norm, so a model with our layers still runs on
-  a CPU;
-* an empty batch (no values per channel) returns what torch returns: nothing to compute.
+A call's signature keys a plan (bn_triton/eager.py) made on the signature's first call, after the
+validation (bn_triton/checks.py): the tensors' types, shapes, strides, dtypes, devices and
+requires_grad, the input's and the residual's 16-byte alignment, the flags, eps and momentum, grad
+mode, and that no tracer, dispatch mode or torch.func transform is active. A later call with that
+signature reads those few attributes, finds the plan and launches; a call with any other signature
+is validated and planned afresh, so every check fires on the first call and on the Nth alike.
+
+Everything else takes the general route (``_general``), validated the same way:
+* torch.compile, export, dispatch modes and tensor subclasses: the custom ops (bn_triton/ops.py);
+* torch.func transforms and forward AD: composite.py;
+* CPU tensors without Triton's interpreter (TRITON_INTERPRET=1: how the tests run without a GPU),
+  and empty batches: torch's own batch_norm, so a model with our layers still runs on a CPU.
 """
 
+import collections
 from typing import Optional
 
 import torch
+import torch.autograd.forward_ad as fwAD
 from torch import Tensor
+from torch._C._functorch import peek_interpreter_stack
 
-from bn_triton import _loader, composite, ops
+from bn_triton import _loader, checks, composite, eager, launch, ops
 from bn_triton._config import interpreting
-from bn_triton.running import NO_RUNNING, Running
+from bn_triton.running import Running
 
 NO_TORCHSCRIPT = (
     "bn_triton.{name} does not support TorchScript ({how}): its kernels are Triton kernels, which "
     "TorchScript cannot hold. Use torch.compile or torch.export instead, or convert the model's layers "
     "back to torch.nn's BatchNorm before scripting."
 )
-
-SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+PLANS_MAX = 1024  # eager plans kept (least recently used dropped first): every shape of every layer
+_PLANS: collections.OrderedDict = collections.OrderedDict()
+launch._CLEARS.append(_PLANS.clear)
 
 
 @torch.compiler.assume_constant_result
@@ -40,81 +50,24 @@ def uses_triton(input: Tensor) -> bool:
     return input.device.type == "cpu" and _interpreting() and _loader.interpreter_ready()
 
 
-def check_inputs(
-    input: Tensor,
-    running_mean: Optional[Tensor],
-    running_var: Optional[Tensor],
-    weight: Optional[Tensor],
-    bias: Optional[Tensor],
-    training: bool,
-    *,
-    activation: Optional[str] = None,
-    residual: Optional[Tensor] = None,
-    eps: Optional[float] = None,
-) -> None:
-    """Raise a clear error for anything batch_norm cannot compute; torch's messages where it has one."""
-    check_fused(input, activation, residual)
-    if eps is not None:
-        check_eps(eps, training)
-    if input.dim() < 2:
-        raise ValueError(
-            f"batch_norm: expected an input with at least 2 dimensions (N, C, ...), got {input.dim()}D input"
-        )
-    if input.dtype not in SUPPORTED_DTYPES:
-        raise TypeError(
-            f"batch_norm: expected a floating-point input (float16, bfloat16, float32 or float64), got {input.dtype}"
-        )
-    if (running_mean is None) != (running_var is None):
-        raise ValueError("running_mean and running_var must either both be None or neither be None")
-    if not training and running_mean is None:
-        raise RuntimeError("running_mean must be defined in evaluation mode")
-    C = input.shape[1]
-    for name, t in (("running_mean", running_mean), ("running_var", running_var), ("weight", weight), ("bias", bias)):
-        if t is None:
-            continue
-        if t.numel() != C:
-            raise RuntimeError(f"{name} should contain {C} elements not {t.numel()}")
-        if t.device != input.device:
-            raise RuntimeError(
-                "Expected all tensors to be on the same device, "
-                f"but found input on {input.device} and {name} on {t.device}"
-            )
-        if t.dtype not in (input.dtype, torch.float32):
-            raise TypeError(f"batch_norm: {name} must be float32 or the input's dtype ({input.dtype}), got {t.dtype}")
-    if training and C > 0 and input.numel() // C == 1:
-        raise ValueError(f"Expected more than 1 value per channel when training, got input size {input.size()}")
+_PLAIN = (Tensor, torch.nn.Parameter)
 
 
-def check_eps(eps: float, training: bool) -> None:
-    """torch's checks and messages: eps > 0 in training (the batch variance may be 0), >= 0 in eval."""
-    if training and not eps > 0:
-        raise ValueError(f"batch_norm eps must be positive during training, but got {eps}")
-    if not training and not eps >= 0:
-        raise ValueError(f"batch_norm eps must be non-negative, but got {eps}")
-
-
-ACTIVATIONS = (None, "relu")
-
-
-def check_fused(input: Tensor, activation: Optional[str], residual: Optional[Tensor]) -> None:
-    """Validate the fused-epilogue arguments: a known activation, a residual exactly like input."""
-    if activation not in ACTIVATIONS:
-        raise ValueError(f"batch_norm: unknown activation {activation!r}; expected None or 'relu'")
-    if residual is None:
-        return
-    if not isinstance(residual, Tensor):
-        raise TypeError(f"batch_norm: residual must be a Tensor or None, got {type(residual).__name__}")
-    if residual.shape != input.shape:
-        raise RuntimeError(
-            f"batch_norm: residual must have the input's shape {tuple(input.shape)}, got {tuple(residual.shape)}"
-        )
-    if residual.dtype != input.dtype:
-        raise TypeError(f"batch_norm: residual must have the input's dtype ({input.dtype}), got {residual.dtype}")
-    if residual.device != input.device:
-        raise RuntimeError(
-            "Expected all tensors to be on the same device, but found input on "
-            f"{input.device} and residual on {residual.device}"
-        )
+def _signature(x, rm, rv, w, b, res, nbt, *flags) -> tuple:
+    """What a plan depends on, from attribute reads alone (each in C); a non-Tensor raises here."""
+    return (
+        x.__class__, x.shape, x.stride(), x.dtype, x.device, x.requires_grad,
+        x.data_ptr() % 16 if x.__class__ in _PLAIN else None,  # a subclass's data_ptr may warn
+        None if rm is None else (rm.__class__, rm.shape, rm.stride(), rm.dtype, rm.device, rm.requires_grad),
+        None if rv is None else (rv.__class__, rv.shape, rv.stride(), rv.dtype, rv.device, rv.requires_grad),
+        None if w is None else (w.__class__, w.shape, w.stride(), w.dtype, w.device, w.requires_grad),
+        None if b is None else (b.__class__, b.shape, b.stride(), b.dtype, b.device, b.requires_grad),
+        None if res is None else (res.__class__, res.stride(), res.dtype, res.requires_grad,
+                                  res.data_ptr() % 16 if res.__class__ in _PLAIN else None),
+        None if nbt is None else (nbt.__class__, nbt.shape, nbt.dtype, nbt.device),
+        torch.is_grad_enabled(), torch._C._len_torch_dispatch_stack(), peek_interpreter_stack(),
+        fwAD._current_level, torch._C._get_tracing_state(), *flags,
+    )  # fmt: skip
 
 
 def batch_norm(
@@ -140,38 +93,128 @@ def batch_norm(
     pass, where ``activation`` is None or ``"relu"`` and ``residual`` (optional) has input's shape,
     dtype and device, in any layout. Differentiable in residual too.
     """
-    if torch._C._get_tracing_state() is not None:  # torch.jit.trace
-        raise RuntimeError(NO_TORCHSCRIPT.format(how="torch.jit.trace", name="batch_norm"))
-    if momentum is None:  # torch's argument parser refuses it (momentum=None is the modules' option)
-        raise TypeError(f"batch_norm(): argument 'momentum' (position 7) must be float, not {type(momentum).__name__}")
-    if isinstance(eps, Tensor):  # torch accepts a 0-d tensor (its parser reads the number)
-        eps = float(eps)
-    check_inputs(
-        input, running_mean, running_var, weight, bias, training, activation=activation, residual=residual, eps=eps
+    args = (input, running_mean, running_var, weight, bias, training, momentum, eps, activation, residual, None)
+    if torch.compiler.is_compiling():
+        return _general(None, None, *args)
+    key = None
+    try:
+        key = _signature(input, running_mean, running_var, weight, bias, residual, None,
+                         training, training.__class__, momentum, eps, activation)  # fmt: skip
+        plan = _PLANS[key]
+        _PLANS.move_to_end(key)
+    except Exception:  # a signature not planned yet (or arguments no plan takes: validation says why)
+        return _general(key, None, *args)
+    if plan.autograd:
+        return eager.apply(input, weight, bias, residual, (plan, running_mean, running_var, None))
+    return plan.forward(input, weight, bias, residual, running_mean, running_var, None)[0]
+
+
+def layer(module, input: Tensor, residual, weight, bias, running_mean, running_var, num_batches_tracked) -> Tensor:
+    """``module(input, residual)`` for our BatchNorm layers (bn_triton/modules.py), torch's semantics:
+    batch statistics in training (and in eval without running statistics), running statistics
+    moved and the batch counted when tracked, momentum=None the cumulative average."""
+    training, momentum, eps, activation = module.training, module.momentum, module.eps, module.activation
+    args = (input, running_mean, running_var, weight, bias, training, momentum, eps, activation, residual)
+    args += (num_batches_tracked,)
+    if torch.compiler.is_compiling():
+        return _general(None, module, *args)
+    key = None
+    try:
+        key = _signature(input, running_mean, running_var, weight, bias, residual, num_batches_tracked,
+                         module.__class__, training, momentum, eps, activation, module.track_running_stats)  # fmt: skip
+        plan = _PLANS[key]
+        _PLANS.move_to_end(key)
+    except Exception:
+        return _general(key, module, *args)
+    if plan.autograd:
+        return eager.apply(input, weight, bias, residual, (plan, running_mean, running_var, num_batches_tracked))
+    return plan.forward(input, weight, bias, residual, running_mean, running_var, num_batches_tracked)[0]
+
+
+def _general(key, module, input, running_mean, running_var, weight, bias, training, momentum, eps, activation,
+             residual, num_batches_tracked):  # fmt: skip
+    """Validate a call, then run it: planned, and the plan kept under ``key`` (its signature, or None),
+    where the eager route serves it; else by the route it needs. ``module`` is the calling layer, or None."""
+    if not torch.compiler.is_compiling() and torch._C._get_tracing_state() is not None:  # torch.jit.trace
+        name = "batch_norm" if module is None else type(module).__name__
+        raise RuntimeError(NO_TORCHSCRIPT.format(how="torch.jit.trace", name=name))
+    count, bn_training = None, training
+    if module is None:
+        checks.check_arguments(input, weight, bias, running_mean, running_var, training, momentum, eps)
+        if not (type(eps) in (float, int) and type(momentum) in (float, int, bool)):
+            key = None  # a 0-d tensor's value is read now: never a key
+        eps, momentum = float(eps), float(momentum)
+    else:
+        module._check_input_dim(input)
+        checks.check_fused(input, activation, residual)
+        # torch's module: batch statistics in eval too when it has no running statistics; running
+        # statistics used (and moved, in training) only when tracked; the batch counted when tracked.
+        bn_training = training or (running_mean is None and running_var is None)
+        if training and not module.track_running_stats:
+            running_mean = running_var = None
+        count = num_batches_tracked if training and module.track_running_stats else None
+        if momentum is None and count is None:  # torch's factor without a counter: 0.0
+            momentum = 0.0
+    checks.check_inputs(
+        input, running_mean, running_var, weight, bias, bn_training, activation=activation, residual=residual, eps=eps
     )
-    running = Running(running_mean, running_var, momentum)
-    return _batch_norm(input, weight, bias, training, eps, running, activation=activation, residual=residual)
+    if count is not None and not checks.counted_on_device(count, input):
+        # torch's way, for a counter our kernels cannot count on: a torch op, the factor read on the host
+        if momentum is None:
+            momentum = 1.0 / (float(count) + 1.0)  # torch's 1 / float(count) after counting, and its errors
+        count.add_(1)
+        count, key = None, None  # the factor is this call's: no plan kept
+    running = Running(running_mean, running_var, momentum, count)
+    plan = _plan(input, running, weight, bias, residual, bn_training, eps, activation)
+    if plan is None:
+        return _batch_norm(input, weight, bias, bn_training, eps, running, activation=activation, residual=residual)
+    if key is not None:
+        _PLANS[key] = plan
+        while len(_PLANS) > PLANS_MAX:
+            _PLANS.popitem(last=False)
+    if plan.autograd:
+        return eager.BatchNormFunction.apply(input, weight, bias, residual, (plan, running_mean, running_var, count))
+    return plan.forward(input, weight, bias, residual, running_mean, running_var, count)[0]
 
 
-def _batch_norm(input, weight, bias, training, eps, running=NO_RUNNING, *, activation=None, residual=None):
-    """batch_norm after validation; ``running`` (bn_triton/running.py): the running statistics, their
-    momentum, and num_batches_tracked (the modules), on which this batch is counted."""
+def _plan(input, running: Running, weight, bias, residual, training: bool, eps: float, activation):
+    """The eager plan of a validated call, or None where another route must serve it."""
+    if torch.compiler.is_compiling() or not _plain(
+        input, running.mean, running.var, weight, bias, residual, running.num_batches_tracked
+    ):
+        return None
+    if not uses_triton(input) or input.numel() == 0:
+        return None
+    grads = (t is not None and t.requires_grad for t in (input, weight, bias, residual))
+    autograd = torch.is_grad_enabled() and any(grads)
+    return eager.Plan(
+        input, weight, bias, residual, *running, training=training, eps=eps, relu=activation == "relu",
+        autograd=autograd,
+    )  # fmt: skip
+
+
+def _plain(*tensors) -> bool:
+    """No tracer, dispatch mode, transform or forward-AD level active, and no tensor subclass."""
+    if torch._C._len_torch_dispatch_stack() or peek_interpreter_stack() is not None or fwAD._current_level >= 0:
+        return False
+    return all(t is None or type(t) in _PLAIN for t in tensors)
+
+
+def _batch_norm(input, weight, bias, training, eps, running, *, activation=None, residual=None):
+    """The general route of a validated call; ``running`` (bn_triton/running.py): the running
+    statistics, their momentum, and num_batches_tracked (the modules), on which this batch is counted."""
     if composite.needed(input, running.mean, running.var, weight, bias, residual):  # torch.func, forward AD
         return composite.batch_norm(
             input, weight, bias, training, eps, running, activation=activation, residual=residual
         )
-    relu = activation == "relu"
     if not uses_triton(input) or input.numel() == 0:
         args = (input, weight, bias, training, eps, running)
         return composite.torch_batch_norm(*args, activation=activation, residual=residual)
+    relu = activation == "relu"
     if training:
-        plain = ops.plain_eager(input)
-        if plain and ops.single_pass(input):  # statistics, running statistics and y: one launch
-            return ops.batch_norm(input, weight, bias, residual, None, None, eps, True, relu, stats=running)
         # One launch: statistics, running statistics and num_batches_tracked. Detached: the
         # statistics are constants to BatchNormFunction, whose backward carries their gradients.
-        x = input if plain else input.detach()
-        mean, scale, _ = ops.step("stats", x, *running, eps, False)
+        mean, scale, _ = ops.step("stats", input.detach(), *running, eps, False)
     else:
         mean, scale = running.mean, running.var
     return ops.batch_norm(input, weight, bias, residual, mean, scale, eps, training, relu)

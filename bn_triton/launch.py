@@ -1,30 +1,41 @@
-"""Launchers: view tensors as (R, C, S), allocate outputs, pick the grid, launch the kernels.
+"""Launchers: tensors seen as (R, C, S), and each kernel's launch decided once per signature.
 
-Nothing here is differentiable or validates user input: ops.py and functional.py do that. Every
-function takes tensors already on one device (CUDA, or CPU under the Triton interpreter), with x
-canonical (``canonical``) and its geometry. Launches per call: ``batch_stats`` 1 (running
-statistics included), ``normalize`` 1, ``grad_sums`` 1, ``grad_input`` 1, ``update_running_stats`` 1;
-no torch kernels (fills, copies) unless a per-channel tensor is not contiguous.
+Nothing here is differentiable or validates user input (functional.py and checks.py do that). A
+builder below takes everything a launch depends on: the geometry (``canonical``), the device, the
+dtype of every pointer (None for an absent one), the flags and the floats. It picks the tiles and
+the grid (bn_triton/_config.py) and returns a ``_launcher.Launch`` that a call gives its pointers
+only, in the kernel's order. Builders are cached (bounded), so a signature seen before costs a
+dictionary lookup; the callers allocate the outputs and workspaces (the eager plans one workspace
+per call: bn_triton/eager.py). Launches per call: one per kernel; no torch kernels (fills, copies)
+unless a tensor must change layout, or a reduction runs inside a CUDA-graph capture (its tickets).
 """
 
-import collections
 import functools
 import struct
-from typing import NamedTuple, Optional
+from typing import NamedTuple
 
 import torch
 
-from bn_triton import _config, _launcher, kernels
-from bn_triton._config import RUNNING_BLOCK_C, Geometry, LaunchConfig, launch_config
-from bn_triton.running import NO_RUNNING, Running
+from bn_triton import _config, kernels
+from bn_triton._config import RUNNING_BLOCK_C, Geometry, launch_config
+from bn_triton._launcher import LAUNCHES, Launch  # noqa: F401  (LAUNCHES: tests count launches here)
 
-# Kernel launches by name, so tests can prove that our kernels (not torch's batch_norm) ran.
-LAUNCHES: collections.Counter = collections.Counter()
+PLANS_PER_KIND = 1024  # launches kept per builder (least recently used dropped first)
+_cached = functools.lru_cache(maxsize=PLANS_PER_KIND)
+_CLEARS: list = []  # cache_clear of every plan cache (bench/stub.py swaps the kernels under them)
 
 
-def _run(fn, grid, *args, **kwargs):
-    """fn[grid](*args, **kwargs), with less host time on a GPU (bn_triton/_launcher.py)."""
-    _launcher.launch(fn, grid, args, kwargs)
+def cached(fn):
+    """``fn`` with a bounded LRU cache that ``clear_plans`` empties."""
+    fn = _cached(fn)
+    _CLEARS.append(fn.cache_clear)
+    return fn
+
+
+def clear_plans() -> None:
+    """Forget every launch and plan: the next call of each signature builds them again."""
+    for clear in _CLEARS:
+        clear()
 
 
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -49,15 +60,12 @@ def scalar(value: float, dtype: torch.dtype):
     return struct.unpack("<q", struct.pack("<d", float(value)))[0]
 
 
+# ---------------------------------------------------------------- layouts
 def _channels_last_format(x: torch.Tensor):
-    if x.dim() == 4:
-        return torch.channels_last
-    if x.dim() == 5:
-        return torch.channels_last_3d
-    return None
+    return {4: torch.channels_last, 5: torch.channels_last_3d}.get(x.dim())
 
 
-@functools.lru_cache(maxsize=4096)  # on the eager hot path: a Geometry per distinct shape/strides
+@functools.lru_cache(maxsize=4096)
 def _geometry(shape: tuple, strides: tuple, contiguous: bool) -> Geometry:
     n, c = shape[0], shape[1]
     s = 1
@@ -69,378 +77,328 @@ def _geometry(shape: tuple, strides: tuple, contiguous: bool) -> Geometry:
 
 
 def canonical(x: torch.Tensor) -> tuple[torch.Tensor, Geometry]:
-    """Return x in a layout the kernels read directly (copying only if needed) and its geometry.
+    """x in a layout the kernels read directly (copied only if needed), and its geometry.
 
     Contiguous tensors are (N, C, S) with S contiguous; channels_last tensors are (N*S, C, 1) with C
     contiguous; a contiguous tensor without spatial extent is (N, C, 1) with C contiguous. Anything
-    else (sliced, transposed, expanded) is copied to contiguous first.
+    else (sliced, transposed, expanded, or not 16-byte aligned) is copied to contiguous first.
     """
     x = canonical_layout(x)
     return x, _geometry(tuple(x.shape), x.stride(), x.is_contiguous())
 
 
 def canonical_layout(x: torch.Tensor) -> torch.Tensor:
-    """x itself when the kernels read its layout directly, else a contiguous copy (also for fake tensors)."""
-    if x.is_contiguous():
-        return x
-    fmt = _channels_last_format(x)
-    if fmt is not None and x.is_contiguous(memory_format=fmt):
-        return x
-    return x.contiguous()
+    """x itself when the kernels read it directly (its layout, and 16-byte aligned), else a copy."""
+    if not _readable_layout(x):
+        return x.contiguous()
+    if x.device.type != "meta" and x.data_ptr() % 16 != 0:
+        return x.clone(memory_format=torch.preserve_format)
+    return x
+
+
+def empty_canonical(x: torch.Tensor) -> torch.Tensor:
+    """An uninitialized tensor like ``canonical(x)``'s (fake tensors too: the custom ops' fakes)."""
+    fmt = torch.preserve_format if _readable_layout(x) else torch.contiguous_format
+    return torch.empty_like(x, memory_format=fmt)
+
+
+def _readable_layout(x: torch.Tensor) -> bool:
+    return x.is_contiguous() or x.is_contiguous(memory_format=_channels_last_format(x) or torch.contiguous_format)
 
 
 def like(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """t with exactly x's strides (dy, residuals: autograd hands them over in any layout)."""
-    if t.stride() == x.stride():
+    """t with exactly x's strides and 16-byte aligned (dy, residuals: autograd hands them over in
+    any layout)."""
+    if t.stride() == x.stride() and (t.data_ptr() % 16 == 0 or t.device.type == "meta"):
         return t
     out = torch.empty_like(x, dtype=t.dtype)
     out.copy_(t)
     return out
 
 
-def _buffers(size: int, dtype: torch.dtype, device: torch.device, n: int = 1) -> list:
-    """n new 1-D tensors of ``size`` values: per-channel outputs, partial workspaces."""
-    return [torch.empty((size,), dtype=dtype, device=device) for _ in range(n)]
-
-
-def _vec(t):
+def vec(t):
     """A per-channel tensor the kernels index as t[c]: contiguous (a copy only for strided views)."""
     return t if t is None or t.is_contiguous() else t.contiguous()
 
 
-# Tickets of the last-program merges (kernels/tile.py last_to_arrive), one int32 per channel block
-# plus one, per device. Each launch leaves them at zero, so they are allocated and zeroed once (a
-# zero fill inside a CUDA-graph capture would be replayed, but an allocation there would belong to
-# the graph's pool) and shared by every launch on the device. A larger buffer replaces a smaller
-# one when a geometry needs more; the old one is kept alive, since a captured CUDA graph may still
-# point at it. Two reductions running at the same time on two streams of one device would share
-# tickets: bn_triton launches on the current stream only, so that takes a user's concurrent streams.
+# ---------------------------------------------------------------- tickets
+# The last-program merges (kernels/tile.py last_to_arrive) count arrivals on int32 tickets, one per
+# channel block (plus one for num_batches_tracked). Every launch leaves them at zero, so a buffer is
+# allocated and zeroed once and reused, one per device and stream: launches on one stream run one
+# after another, and two reductions on two streams never share a ticket. Inside a CUDA-graph
+# capture each launch gets tickets of its own, zeroed in the graph: the captured kernels replay on
+# whatever stream the graph is launched on, possibly beside eager work on the capture stream. A
+# larger buffer replaces a smaller one when a geometry needs more; the old one is kept alive, since
+# a captured graph or a kernel still in flight may point at it.
 _TICKETS: dict = {}
 _RETIRED_TICKETS: list = []
 _MIN_TICKETS = 4096
 
 
-def _tickets(device: torch.device, n: int) -> torch.Tensor:
-    t = _TICKETS.get(device)
+def tickets(device: torch.device, n: int) -> torch.Tensor:
+    """At least n zeroed int32 tickets for a launch on ``device``'s current stream."""
+    if device.type == "cuda":
+        if torch._C._cuda_isCurrentStreamCapturing():
+            return torch.zeros(n, dtype=torch.int32, device=device)
+        key = (device.index, torch._C._cuda_getCurrentRawStream(device.index))
+    else:
+        key = device
+    t = _TICKETS.get(key)
     if t is None or t.numel() < n:
         if t is not None:
             _RETIRED_TICKETS.append(t)
-        t = torch.zeros(max(n, _MIN_TICKETS), dtype=torch.int32, device=device)
-        _TICKETS[device] = t
+        t = _TICKETS[key] = torch.zeros(max(n, _MIN_TICKETS), dtype=torch.int32, device=device)
     return t
 
 
-def single_pass(x: torch.Tensor, geom: Geometry) -> bool:
-    """Whether ``train_forward`` and ``train_backward`` serve x (``_config.single_pass``)."""
-    return _config.single_pass(geom, x.device, x.element_size())
+# ---------------------------------------------------------------- launches
+# A builder's ``dtypes`` are those of the tensors its launch is given, one per pointer of the
+# kernel, in order, None for a pointer passed as None: a compiled kernel is specialized on them.
 
 
-def _tile_args(geom: Geometry, cfg: LaunchConfig) -> dict:
+def dtypes(*tensors) -> tuple:
+    """The ``dtypes`` of a launch given these tensors (or None)."""
+    return tuple(None if t is None else t.dtype for t in tensors)
+
+
+class RunningSpec(NamedTuple):
+    """How a statistics launch moves the running statistics (when it is given them): their strides,
+    the momentum or the cumulative average (read on the device from num_batches_tracked), and
+    whether it counts the batch on num_batches_tracked."""
+
+    stride_mean: int = 0
+    stride_var: int = 0
+    momentum: float = 0.0
+    cumulative: bool = False
+    count_batch: bool = False
+
+
+NO_RUNNING = RunningSpec()
+
+
+def _tiles(geom: Geometry, cfg) -> dict:
     return dict(
+        R=geom.R,
+        C=geom.C,
+        S=geom.S,
+        stride_r=geom.stride_r,
+        stride_c=geom.stride_c,
         BLOCK_R=cfg.block_r,
         BLOCK_C=cfg.block_c,
         BLOCK_S=cfg.block_s,
         CHANNELS_CONTIG=geom.channels_contig,
         S_DIV=cfg.s_div,
-        num_warps=cfg.num_warps,
     )
 
 
-def _running_args(running: Running, acc) -> dict:
-    """The running-statistics arguments of stats_kernel and forward_kernel (kernels/stats.py
-    update_running)."""
-    has_running = running.mean is not None
-    cumulative = has_running and running.momentum is None
-    if cumulative and running.num_batches_tracked is None:
-        raise ValueError("momentum=None (the cumulative average) needs num_batches_tracked")
+def _running(running: RunningSpec, has_running: bool, acc: torch.dtype) -> dict:
     return dict(
-        RUNNING_MEAN=running.mean,
-        RUNNING_VAR=running.var,
-        NUM_BATCHES=running.num_batches_tracked,
-        momentum=scalar(0.0 if cumulative else running.momentum, acc),
-        stride_rm=running.mean.stride(0) if has_running else 0,
-        stride_rv=running.var.stride(0) if has_running else 0,
+        momentum=scalar(running.momentum, acc),
+        stride_rm=running.stride_mean,
+        stride_rv=running.stride_var,
         HAS_RUNNING=has_running,
-        CUMULATIVE=cumulative,
-        COUNT_BATCH=running.num_batches_tracked is not None,
+        CUMULATIVE=running.cumulative,
+        COUNT_BATCH=running.count_batch,
     )
 
 
-def _epilogue_args(weight, bias, residual, relu: bool) -> dict:
-    """The affine and fused-epilogue arguments of normalize_kernel and forward_kernel."""
-    return dict(
-        W=_vec(weight),
-        B=_vec(bias),
-        HAS_W=weight is not None,
-        HAS_B=bias is not None,
-        RES=residual,
-        HAS_RESIDUAL=residual is not None,
-        RELU=relu,
-    )
+def _options(cfg, **extra) -> dict:
+    return dict(num_warps=cfg.num_warps, **{k: v for k, v in extra.items() if v is not None})
 
 
-class ReluGrad(NamedTuple):
-    """The fused ReLU in a backward launch: its mask is y > 0 when ``y`` is given, else recomputed
-    from x and the affine (the launch's weight, and ``bias``); the masked dy, d(residual), is
-    written to ``dz`` when given. ``y`` and ``dz`` have x's strides (see ``like``)."""
-
-    y: Optional[torch.Tensor] = None
-    bias: Optional[torch.Tensor] = None
-    dz: Optional[torch.Tensor] = None
+STATS = ("X", "PART", "COUNTER", "MEAN", "RSTD", "VAR", "RUNNING_MEAN", "RUNNING_VAR", "NUM_BATCHES")
 
 
-def _relu_grad_args(relu: Optional[ReluGrad]) -> dict:
-    """The fused ReLU's arguments of the backward kernels (kernels/grad.py masked_dy)."""
-    if relu is None:
-        return dict(RELU=False)
-    recompute = relu.y is None
-    return dict(
-        Y=relu.y,
-        B=_vec(relu.bias) if recompute else None,
-        DZ=relu.dz,
-        RELU=True,
-        MASK_FROM_Y=not recompute,
-        HAS_B=recompute and relu.bias is not None,
-        STORE_DZ=relu.dz is not None,
-    )
-
-
-def _shape_args(geom: Geometry) -> tuple:
-    return (geom.R, geom.C, geom.S, geom.stride_r, geom.stride_c)
-
-
-def batch_stats(x, geom, eps, running: Running = NO_RUNNING, *, want_var=False):
-    """Per-channel batch mean and rstd (and the biased variance when ``want_var``), acc dtype.
-
-    One launch, no host sync, the running statistics included (``Running``). Returns (mean, rstd,
-    var or None).
-    """
-    cfg = launch_config(geom, x.device)
-    acc = acc_dtype(x.dtype)
-    C = geom.C
-    (parts,) = _buffers(3 * cfg.num_splits * C, acc, x.device)
-    mean, rstd = _buffers(C, acc, x.device, 2)
-    var = _buffers(C, acc, x.device)[0] if want_var else None
-    _run(
-        kernels.stats_kernel,
-        (cfg.num_c_blocks, cfg.num_splits),
-        x,
-        parts,
-        _tickets(x.device, cfg.num_c_blocks + 1),
-        mean,
-        rstd,
-        var,
-        *_shape_args(geom),
-        cfg.num_tiles,
-        cfg.num_splits,
-        scalar(eps, acc),
+@cached
+def stats(geom: Geometry, device: torch.device, dtypes: tuple, eps: float, running: RunningSpec):
+    """The statistics launch: ``(x, parts, tickets, mean, rstd, var?, running_mean?, running_var?,
+    num_batches_tracked?)``, with ``parts`` of ``.parts`` acc values and ``.tickets`` tickets.
+    mean, rstd (and the biased variance when var is given) are written in the acc dtype; the
+    running statistics updated and the batch counted as ``running`` says, in the same launch."""
+    cfg = launch_config(geom, device)
+    x, var, rm = dtypes[0], dtypes[5], dtypes[6]
+    acc = acc_dtype(x)
+    fixed = dict(
+        num_tiles=cfg.num_tiles,
+        num_splits=cfg.num_splits,
+        eps=scalar(eps, acc),
         ACC=_tl_acc(acc),
         BLOCK_P=cfg.block_p,
         UNIFORM_S=cfg.uniform_s,
-        HAS_VAR=want_var,
-        maxnreg=_config.STATS_MAX_REGISTERS if x.element_size() <= 4 else None,
-        **_running_args(running, acc),
-        **_tile_args(geom, cfg),
+        HAS_VAR=var is not None,
+        **_running(running, rm is not None, acc),
+        **_tiles(geom, cfg),
     )
-    LAUNCHES["stats"] += 1
-    return mean, rstd, var
+    maxnreg = _config.STATS_MAX_REGISTERS if x != torch.float64 else None
+    grid = (cfg.num_c_blocks, cfg.num_splits)
+    launch = Launch("stats", kernels.stats_kernel, grid, STATS, fixed, _options(cfg, maxnreg=maxnreg), device)
+    launch.parts, launch.tickets = 3 * cfg.num_splits * geom.C, cfg.num_c_blocks + 1
+    return launch
 
 
-def normalize(x, geom, mean, scale, weight, bias, eps, *, scale_is_var, residual=None, relu=False):
-    """y = (x - mean) * s * weight + bias where s = scale (rstd), or rsqrt(scale + eps) if ``scale_is_var``.
+NORMALIZE = ("X", "Y", "MEAN", "SCALE", "W", "B", "RES")
 
-    With ``residual`` (x's strides: see ``like``) and/or ``relu`` it is relu(... + residual), fused
-    in the same pass.
-    """
-    cfg = launch_config(geom, x.device)
-    y = torch.empty_like(x)
-    _run(
-        kernels.normalize_kernel,
-        (cfg.num_tiles * cfg.num_c_blocks,),
-        x,
-        y,
-        _vec(mean),
-        _vec(scale),
-        *_shape_args(geom),
-        cfg.num_c_blocks,
-        scalar(eps, x.dtype),
-        ACC=_tl_acc(acc_dtype(x.dtype)),
+
+@cached
+def normalize(geom, device, dtypes: tuple, eps: float, scale_is_var: bool, relu: bool):
+    """The elementwise pass: ``(x, y, mean, scale, weight?, bias?, residual?)`` ->
+    y = act((x - mean) * s * weight + bias + residual), s = scale (rstd) or rsqrt(scale + eps)."""
+    cfg = launch_config(geom, device)
+    x, w, b, res = dtypes[0], dtypes[4], dtypes[5], dtypes[6]
+    fixed = dict(
+        num_c_blocks=cfg.num_c_blocks,
+        eps=scalar(eps, x),
+        ACC=_tl_acc(acc_dtype(x)),
         SCALE_IS_VAR=scale_is_var,
-        **_epilogue_args(weight, bias, residual, relu),
-        **_tile_args(geom, cfg),
+        HAS_W=w is not None,
+        HAS_B=b is not None,
+        HAS_RESIDUAL=res is not None,
+        RELU=relu,
+        **_tiles(geom, cfg),
     )
-    LAUNCHES["normalize"] += 1
-    return y
+    grid = (cfg.num_tiles * cfg.num_c_blocks,)
+    return Launch("normalize", kernels.normalize_kernel, grid, NORMALIZE, fixed, _options(cfg), device)
 
 
-def train_forward(x, geom, weight, bias, eps, running: Running = NO_RUNNING, *, residual=None, relu=False):
-    """``batch_stats`` then ``normalize`` (training) in one launch (fast where ``single_pass`` holds).
+GRAD_SUMS = ("DY", "X", "MEAN", "SCALE", "PART", "COUNTER", "SUM_DY", "SUM_DY_XHAT", "DW", "DB", "Y", "W", "B", "DZ")
 
-    Returns (y, mean, rstd); running statistics and num_batches_tracked as in ``batch_stats``, the
-    epilogue (``residual``, ``relu``) as in ``normalize``. The same code as those two (see
-    kernels/single_pass.py).
-    """
-    cfg = _config.single_pass_config(geom, x.device)
-    acc = acc_dtype(x.dtype)
-    mean, rstd = _buffers(geom.C, acc, x.device, 2)
-    y = torch.empty_like(x)
-    _run(
-        kernels.forward_kernel,
-        (cfg.num_c_blocks,),
-        x,
-        y,
-        mean,
-        rstd,
-        _tickets(x.device, 1),
-        *_shape_args(geom),
-        cfg.num_tiles,
-        scalar(eps, acc),
+
+@cached
+def grad_sums(geom, device, dtypes: tuple, eps: float, scale_is_var: bool, relu: bool):
+    """The backward reduction: ``(dy, x, mean, scale, parts, tickets, sum_dy, sum_dy_xhat, dweight?,
+    dbias?, y?, weight?, bias?, dz?)``: sum(g) and sum(g * xhat) per channel in the acc dtype, also
+    to dweight/dbias when given, with g = dy masked by the fused ReLU (``relu``: y > 0 when y is
+    given, else recomputed from x, weight and bias), stored to dz when given."""
+    cfg = launch_config(geom, device)
+    x, dw, db, y, w, b, dz = dtypes[1], dtypes[8], dtypes[9], dtypes[10], dtypes[11], dtypes[12], dtypes[13]
+    acc = acc_dtype(x)
+    fixed = dict(
+        num_tiles=cfg.num_tiles,
+        num_splits=cfg.num_splits,
+        eps=scalar(eps, acc),
+        ACC=_tl_acc(acc),
+        SCALE_IS_VAR=scale_is_var,
+        BLOCK_P=cfg.block_p,
+        HAS_DW=dw is not None,
+        HAS_DB=db is not None,
+        RELU=relu,
+        MASK_FROM_Y=y is not None,
+        HAS_W=w is not None,
+        HAS_B=b is not None,
+        STORE_DZ=dz is not None,
+        **_tiles(geom, cfg),
+    )
+    grid = (cfg.num_c_blocks, cfg.num_splits)
+    launch = Launch("grad_sums", kernels.grad_sums_kernel, grid, GRAD_SUMS, fixed, _options(cfg), device)
+    launch.parts, launch.tickets = 2 * cfg.num_splits * geom.C, cfg.num_c_blocks
+    return launch
+
+
+GRAD_INPUT = ("DY", "X", "DX", "MEAN", "SCALE", "W", "SUM_DY", "SUM_DY_XHAT", "Y", "B", "DZ")
+
+
+@cached
+def grad_input(geom, device, dtypes: tuple, eps: float, training: bool, count: int, relu: bool):
+    """The elementwise backward: ``(dy, x, dx?, mean, scale, weight?, sum_dy?, sum_dy_xhat?, y?,
+    bias?, dz?)``. Training: dx from the two sums over ``count`` values per channel (0: this
+    tensor's own); eval: dx = dy * weight * rsqrt(scale + eps). With ``relu`` dy is masked first
+    (y > 0 when y is given, else recomputed), and stored to dz when given."""
+    cfg = launch_config(geom, device)
+    x, dx, w, y, b, dz = dtypes[1], dtypes[2], dtypes[5], dtypes[8], dtypes[9], dtypes[10]
+    fixed = dict(
+        num_c_blocks=cfg.num_c_blocks,
+        count=count or geom.per_channel,
+        eps=scalar(eps, x),
+        ACC=_tl_acc(acc_dtype(x)),
+        HAS_W=w is not None,
+        TRAINING=training,
+        RELU=relu,
+        MASK_FROM_Y=y is not None,
+        HAS_B=b is not None,
+        STORE_DZ=dz is not None,
+        STORE_DX=dx is not None,
+        **_tiles(geom, cfg),
+    )
+    grid = (cfg.num_tiles * cfg.num_c_blocks,)
+    return Launch("grad_input", kernels.grad_input_kernel, grid, GRAD_INPUT, fixed, _options(cfg), device)
+
+
+FORWARD = ("X", "Y", "MEAN", "RSTD", "TICKET", "W", "B", "RES", "RUNNING_MEAN", "RUNNING_VAR", "NUM_BATCHES")
+
+
+@cached
+def forward(geom, device, dtypes: tuple, eps: float, running: RunningSpec, relu: bool):
+    """The training forward in one launch, where one program owns a channel block (kernels/single_pass.py):
+    ``(x, y, mean, rstd, tickets, weight?, bias?, residual?, running_mean?, running_var?,
+    num_batches_tracked?)``; the statistics as in ``stats``, y as in ``normalize``."""
+    cfg = _config.single_pass_config(geom, device)
+    x, w, b, res, rm = dtypes[0], dtypes[5], dtypes[6], dtypes[7], dtypes[8]
+    acc = acc_dtype(x)
+    fixed = dict(
+        num_tiles=cfg.num_tiles,
+        eps=scalar(eps, acc),
         ACC=_tl_acc(acc),
         UNIFORM_S=cfg.uniform_s,
-        **_epilogue_args(weight, bias, residual, relu),
-        **_running_args(running, acc),
-        **_tile_args(geom, cfg),
+        HAS_W=w is not None,
+        HAS_B=b is not None,
+        HAS_RESIDUAL=res is not None,
+        RELU=relu,
+        **_running(running, rm is not None, acc),
+        **_tiles(geom, cfg),
     )
-    LAUNCHES["forward"] += 1
-    return y, mean, rstd
+    launch = Launch("forward", kernels.forward_kernel, (cfg.num_c_blocks,), FORWARD, fixed, _options(cfg), device)
+    launch.tickets = 1
+    return launch
 
 
-def train_backward(dy, x, geom, mean, rstd, weight, *, dweight=None, dbias=None, relu=None):
-    """``grad_sums`` then the training ``grad_input`` in one launch (fast where ``single_pass`` holds).
+BACKWARD = ("DY", "X", "DX", "MEAN", "RSTD", "W", "DW", "DB", "Y", "B", "DZ")
 
-    Returns dx; writes dweight/dbias if given, and with ``relu`` (a ``ReluGrad``) the masked dy to
-    its ``dz`` if given. The same code as those two (see kernels/single_pass.py).
-    """
-    cfg = launch_config(geom, x.device)  # the split kernels' tiles (see _config.SINGLE_PASS_TILE_ELEMS_GPU)
-    dx = torch.empty_like(x)
-    _run(
-        kernels.backward_kernel,
-        (cfg.num_c_blocks,),
-        dy,
-        x,
-        dx,
-        _vec(mean),
-        _vec(rstd),
-        _vec(weight),
-        dweight,
-        dbias,
-        *_shape_args(geom),
-        cfg.num_tiles,
-        geom.per_channel,
-        ACC=_tl_acc(acc_dtype(x.dtype)),
-        HAS_W=weight is not None,
-        HAS_DW=dweight is not None,
-        HAS_DB=dbias is not None,
-        **_tile_args(geom, cfg),
-        **_relu_grad_args(relu),
+
+@cached
+def backward(geom, device, dtypes: tuple, relu: bool):
+    """The training backward in one launch (kernels/single_pass.py): ``(dy, x, dx, mean, rstd,
+    weight?, dweight?, dbias?, y?, bias?, dz?)``; the gradients as ``grad_sums`` then ``grad_input``."""
+    cfg = launch_config(geom, device)  # the split kernels' tiles (see _config.SINGLE_PASS_TILE_ELEMS_GPU)
+    x, w, dw, db, y, b, dz = dtypes[1], dtypes[5], dtypes[6], dtypes[7], dtypes[8], dtypes[9], dtypes[10]
+    fixed = dict(
+        num_tiles=cfg.num_tiles,
+        count=geom.per_channel,
+        ACC=_tl_acc(acc_dtype(x)),
+        HAS_W=w is not None,
+        HAS_DW=dw is not None,
+        HAS_DB=db is not None,
+        RELU=relu,
+        MASK_FROM_Y=y is not None,
+        HAS_B=b is not None,
+        STORE_DZ=dz is not None,
+        **_tiles(geom, cfg),
     )
-    LAUNCHES["backward"] += 1
-    return dx
+    grid = (cfg.num_c_blocks,)
+    return Launch("backward", kernels.backward_kernel, grid, BACKWARD, fixed, _options(cfg), device)
 
 
-def update_running_stats(running_mean, running_var, mean, var, *, momentum, count, num_batches_tracked=None):
-    """running <- (1 - f) running + f batch; f = momentum, or 1 / num_batches_tracked when momentum is None.
+RUNNING_UPDATE = ("RUNNING_MEAN", "RUNNING_VAR", "MEAN", "VAR", "NUM_BATCHES")
 
-    For statistics computed elsewhere (SyncBatchNorm); ``batch_stats`` does this in its own launch.
-    """
-    C = running_mean.numel()
-    acc = mean.dtype
-    _run(
-        kernels.running_stats_kernel,
-        ((C + RUNNING_BLOCK_C - 1) // RUNNING_BLOCK_C,),
-        running_mean,
-        running_var,
-        mean,
-        var,
-        num_batches_tracked if momentum is None else None,
-        C,
-        scalar(0.0 if momentum is None else momentum, acc),
-        count,
-        running_mean.stride(0),
-        running_var.stride(0),
+
+@cached
+def running_update(C: int, device, dtypes: tuple, running: RunningSpec, count: int):
+    """The running-statistics update on its own, for statistics computed elsewhere (SyncBatchNorm):
+    ``(running_mean, running_var, mean, var, num_batches_tracked?)``, over ``count`` values."""
+    acc = dtypes[2]
+    fixed = dict(
+        C=C,
+        momentum=scalar(running.momentum, acc),
+        count=count,
+        stride_rm=running.stride_mean,
+        stride_rv=running.stride_var,
         ACC=_tl_acc(acc),
-        CUMULATIVE=momentum is None,
+        CUMULATIVE=running.cumulative,
         BLOCK_C=RUNNING_BLOCK_C,
     )
-    LAUNCHES["running_stats"] += 1
+    grid = ((C + RUNNING_BLOCK_C - 1) // RUNNING_BLOCK_C,)
+    return Launch("running_stats", kernels.running_stats_kernel, grid, RUNNING_UPDATE, fixed, {}, device)
 
 
-def grad_sums(dy, x, geom, mean, scale, weight, eps, *, scale_is_var, dweight=None, dbias=None, relu=None):
-    """sum(dy) and sum(dy * xhat) per channel (acc dtype), one launch; also written to dweight/dbias if given.
-
-    xhat = (x - mean) * s with s = scale (rstd), or rsqrt(scale + eps) when ``scale_is_var``. With
-    ``relu`` (a ``ReluGrad``), dy is first masked by the fused ReLU.
-    """
-    cfg = launch_config(geom, x.device)
-    acc = acc_dtype(x.dtype)
-    C = geom.C
-    (parts,) = _buffers(2 * cfg.num_splits * C, acc, x.device)
-    sum_dy, sum_dy_xhat = _buffers(C, acc, x.device, 2)
-    _run(
-        kernels.grad_sums_kernel,
-        (cfg.num_c_blocks, cfg.num_splits),
-        dy,
-        x,
-        _vec(mean),
-        _vec(scale),
-        parts,
-        _tickets(x.device, cfg.num_c_blocks),
-        sum_dy,
-        sum_dy_xhat,
-        dweight,
-        dbias,
-        *_shape_args(geom),
-        cfg.num_tiles,
-        cfg.num_splits,
-        scalar(eps, acc),
-        ACC=_tl_acc(acc),
-        SCALE_IS_VAR=scale_is_var,
-        BLOCK_P=cfg.block_p,
-        HAS_DW=dweight is not None,
-        HAS_DB=dbias is not None,
-        **_tile_args(geom, cfg),
-        W=_vec(weight),  # the recomputed ReLU mask's scale
-        HAS_W=weight is not None,
-        **_relu_grad_args(relu),
-    )
-    LAUNCHES["grad_sums"] += 1
-    return sum_dy, sum_dy_xhat
-
-
-def grad_input(dy, x, geom, mean, scale, weight, sums, eps, *, training, count=0, relu=None, want_dx=True):
-    """dx, one launch (closed form in kernels/grad.py).
-
-    ``training``: from the two per-channel sums, with mean/scale the batch mean and rstd. ``count``
-    is the m of the closed form: values per channel behind the sums and statistics; 0 means this
-    tensor's own (geom.per_channel; SyncBatchNorm passes the global batch's).
-    Not ``training``: the eval dx, dy * weight * rsqrt(scale + eps) with ``scale`` holding
-    running_var; no sums. ``relu`` (a ``ReluGrad``): dy is masked first, as in ``grad_sums``, and the
-    masked dy goes to its ``dz`` if given. Returns dx, or None when ``want_dx`` is False.
-    """
-    cfg = launch_config(geom, x.device)
-    dx = torch.empty_like(x) if want_dx else None
-    sum_dy, sum_dy_xhat = (None, None) if sums is None else sums
-    _run(
-        kernels.grad_input_kernel,
-        (cfg.num_tiles * cfg.num_c_blocks,),
-        dy,
-        x,
-        dx,
-        _vec(mean),
-        _vec(scale),
-        _vec(weight),
-        sum_dy,
-        sum_dy_xhat,
-        *_shape_args(geom),
-        cfg.num_c_blocks,
-        count or geom.per_channel,
-        scalar(eps, x.dtype),
-        ACC=_tl_acc(acc_dtype(x.dtype)),
-        HAS_W=weight is not None,
-        **_tile_args(geom, cfg),
-        TRAINING=training,
-        STORE_DX=want_dx,
-        **_relu_grad_args(relu),
-    )
-    LAUNCHES["grad_input"] += 1
-    return dx
+def single_pass(geom: Geometry, device: torch.device, itemsize: int) -> bool:
+    """Whether ``forward`` and ``backward`` serve this geometry (``_config.single_pass``)."""
+    return _config.single_pass(geom, device, itemsize)

@@ -16,8 +16,7 @@ the tracer's leaf rule. TorchScript is refused with an error that names what to 
 import torch
 from torch import Tensor
 
-from bn_triton import composite, functional
-from bn_triton.running import Running
+from bn_triton import checks, functional
 
 
 class TritonBatchNormMixin:
@@ -27,7 +26,7 @@ class TritonBatchNormMixin:
 
     def __init__(self, *args, activation=None, **kwargs):
         """torch's constructor arguments, plus keyword-only ``activation`` (None or "relu")."""
-        functional.check_fused(torch.empty(0), activation, None)  # unknown names fail at construction
+        checks.check_fused(torch.empty(0), activation, None)  # unknown names fail at construction
         super().__init__(*args, **kwargs)
         self.activation = activation
 
@@ -41,27 +40,15 @@ class TritonBatchNormMixin:
     def forward(self, input: Tensor, residual=None) -> Tensor:
         if isinstance(input, torch.fx.Proxy):
             return fx_leaf(self, input, residual)
-        if torch._C._get_tracing_state() is not None:  # torch.jit.trace
-            raise RuntimeError(functional.NO_TORCHSCRIPT.format(how="torch.jit.trace", name=type(self).__name__))
-        self._check_input_dim(input)
-        # Before anything runs or num_batches_tracked moves, on every path.
-        functional.check_fused(input, self.activation, residual)
-        if not functional.uses_triton(input):
-            return composite.epilogue(super().forward(input), self.activation, residual)
-        # Eval with track_running_stats=False normalizes with batch statistics, as torch does.
-        bn_training = self.training or (self.running_mean is None and self.running_var is None)
-        use_running = not self.training or self.track_running_stats
-        running_mean = self.running_mean if use_running else None
-        running_var = self.running_var if use_running else None
-        args = (input, running_mean, running_var, self.weight, self.bias, bn_training)
-        fused = dict(activation=self.activation, residual=residual)
-        functional.check_inputs(*args, **fused, eps=self.eps)
-        # Counted by our statistics kernel, on the device, in the same launch (torch: an add_).
-        num_batches = None
-        if self.training and self.track_running_stats and self.num_batches_tracked is not None:
-            num_batches = self.num_batches_tracked
-        running = Running(running_mean, running_var, self.momentum, num_batches)
-        return functional._batch_norm(input, self.weight, self.bias, bn_training, self.eps, running, **fused)
+        if type(self) in OWN_CLASSES:  # the tensors straight from the dicts that nn.Module.__getattr__ reads
+            p, b = self._parameters, self._buffers
+            try:
+                tensors = p["weight"], p["bias"], b["running_mean"], b["running_var"], b["num_batches_tracked"]
+            except KeyError:  # one deleted: torch's AttributeError below
+                tensors = self.weight, self.bias, self.running_mean, self.running_var, self.num_batches_tracked
+        else:  # a subclass may define any of them as a property
+            tensors = self.weight, self.bias, self.running_mean, self.running_var, self.num_batches_tracked
+        return functional.layer(self, input, residual, *tensors)
 
 
 def fx_leaf(module, input, residual):
@@ -81,3 +68,6 @@ class BatchNorm2d(TritonBatchNormMixin, torch.nn.BatchNorm2d):
 
 class BatchNorm3d(TritonBatchNormMixin, torch.nn.BatchNorm3d):
     """torch.nn.BatchNorm3d on (N, C, D, H, W), contiguous or channels_last_3d, computed by bn_triton's kernels."""
+
+
+OWN_CLASSES = {BatchNorm1d, BatchNorm2d, BatchNorm3d}  # and SyncBatchNorm (bn_triton/sync_batchnorm.py)

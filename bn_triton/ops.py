@@ -15,20 +15,13 @@ batch_norm_elemt, batch_norm_backward_reduce and batch_norm_backward_elemt), one
 * ``update_running_stats(running_mean!, running_var!, mean, var, momentum?, count, num_batches?)``:
   the running-stat update on its own, for statistics computed elsewhere (SyncBatchNorm)
 
-and, where one program owns a channel block (``single_pass``: many channels, small maps), the
-training pairs in one launch each, with the same results:
-
-* ``stats_normalize(x, weight?, bias?, residual?, eps, relu, running_mean?, running_var?, momentum?,
-  num_batches_tracked?) -> (y, mean, rstd)``: stats, then normalize
-* ``grad_sums_input(dy, x, mean, rstd, weight?, bias?, y?, relu, want_dw, want_db, want_dz)
-  -> (dx, dweight, dbias, dz)``: grad_sums, then the training grad_input
-
 Each is a torch.library custom op (``bn_triton::<name>``, with a fake implementation) so that
-torch.compile, torch.export and make_fx see it as one opaque node. In plain eager mode the same
-Python implementation is called without the dispatcher (``step``): tens of microseconds less per
-call, the same code and results. ``BatchNormFunction`` is the autograd formula of the whole layer,
-for both routes: mean and rstd are inputs to it (computed by ``stats`` beforehand, as constants),
-and its backward's closed form carries the paths through them.
+torch.compile, torch.export and make_fx see it as one opaque node; its implementation runs the
+launches of bn_triton/launch.py, the same as the eager plans'. ``step`` calls the implementation
+directly where nothing traces (SyncBatchNorm's eager steps). ``BatchNormFunction`` is the autograd
+formula of the whole layer on this route: mean and rstd are inputs to it (computed by ``stats``
+beforehand, as constants), and its backward's closed form carries the paths through them. The
+common eager call does not come here: bn_triton/eager.py plans it once per signature.
 
 Gradients not asked for are empty tensors from the ops and None from autograd. Without ReLU,
 d(residual) is dy itself (the add's gradient): no kernel.
@@ -42,7 +35,6 @@ from torch._C._functorch import is_functorch_wrapped_tensor as _is_functorch_wra
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from bn_triton import composite, launch
-from bn_triton.running import Running
 
 _IMPL: dict = {}  # the ops' Python implementations by name: the eager route
 _OPS: dict = {}  # the custom ops by name: the traced route
@@ -69,6 +61,12 @@ def _none(x: Tensor) -> Tensor:
     return x.new_empty((0,))
 
 
+def _workspace(x: Tensor, launch_) -> tuple[Tensor, Tensor]:
+    """A reduction's partials (acc dtype) and tickets."""
+    parts = torch.empty(launch_.parts, dtype=launch.acc_dtype(x.dtype), device=x.device)
+    return parts, launch.tickets(x.device, launch_.tickets)
+
+
 # ---------------------------------------------------------------- the steps
 @_op(mutates_args=("running_mean", "running_var", "num_batches_tracked"))
 def stats(
@@ -81,8 +79,18 @@ def stats(
     want_var: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
     x_, geom = launch.canonical(x)
-    running = Running(running_mean, running_var, momentum, num_batches_tracked)
-    mean, rstd, var = launch.batch_stats(x_, geom, eps, running, want_var=want_var)
+    has_running = running_mean is not None
+    cumulative = has_running and momentum is None
+    if cumulative and num_batches_tracked is None:
+        raise ValueError("momentum=None (the cumulative average) needs num_batches_tracked")
+    strides = (running_mean.stride(0), running_var.stride(0)) if has_running else (0, 0)
+    momentum = 0.0 if momentum is None else momentum
+    running = launch.RunningSpec(*strides, momentum, cumulative, num_batches_tracked is not None)
+    mean, rstd, var = _stat(x), _stat(x), _stat(x) if want_var else None
+    rest = (mean, rstd, var, running_mean, running_var, num_batches_tracked)
+    acc = mean.dtype
+    launch_ = launch.stats(geom, x.device, (x.dtype, acc, torch.int32, *launch.dtypes(*rest)), eps, running)
+    launch_(x_, *_workspace(x, launch_), *rest)
     return mean, rstd, var if want_var else _none(mean)
 
 
@@ -104,17 +112,28 @@ def normalize(
     relu: bool,
 ) -> Tensor:
     x_, geom = launch.canonical(x)
+    y = torch.empty_like(x_)
     if x_.numel() == 0:  # an empty rank of SyncBatchNorm: no grid to launch
-        return torch.empty_like(x_)
+        return y
     res = None if residual is None else launch.like(residual, x_)
-    return launch.normalize(
-        x_, geom, mean, scale, weight, bias, eps, scale_is_var=scale_is_var, residual=res, relu=relu
-    )
+    pointers = (x_, y, launch.vec(mean), launch.vec(scale), launch.vec(weight), launch.vec(bias), res)
+    launch.normalize(geom, x.device, launch.dtypes(*pointers), eps, scale_is_var, relu)(*pointers)
+    return y
 
 
 @normalize.register_fake
 def _(x, mean, scale, weight, bias, eps, scale_is_var, residual, relu):
-    return torch.empty_like(launch.canonical_layout(x))
+    return launch.empty_canonical(x)
+
+
+def _relu_mask(relu: bool, y, bias, x_) -> tuple:
+    """The backward launches' Y and B: the fused ReLU's mask from y (in x_'s strides) when given,
+    else recomputed from x and the bias."""
+    if not relu:
+        return None, None
+    if y is not None:
+        return launch.like(y, x_), None
+    return None, launch.vec(bias)
 
 
 @_op()
@@ -137,36 +156,27 @@ def grad_sums(
     masked dy (``want_dz``: d(residual)); the mask is y > 0 when ``y`` is given, else recomputed."""
     x_, geom = launch.canonical(x)
     dw, db = _param_grads(x, weight, bias, want_dw, want_db)
+    dz = torch.empty_like(x_) if want_dz else None
     if x_.numel() == 0:  # an empty rank of SyncBatchNorm contributes zeros
         zeros = (x.new_zeros((geom.C,), dtype=launch.acc_dtype(x.dtype)) for _ in range(2))
-        return *zeros, dw.zero_(), db.zero_(), torch.empty_like(x_) if want_dz else _none(x)
-    dz = torch.empty_like(x_) if want_dz else None
-    sum_dy, sum_dy_xhat = launch.grad_sums(
-        launch.like(dy, x_),
-        x_,
-        geom,
-        mean,
-        scale,
-        weight,
-        eps,
-        scale_is_var=scale_is_var,
-        dweight=dw if want_dw else None,
-        dbias=db if want_db else None,
-        relu=_relu_grad(relu, y, bias, dz, x_),
-    )
+        return *zeros, dw.zero_(), db.zero_(), _none(x) if dz is None else dz
+    sum_dy, sum_dy_xhat = _stat(x), _stat(x)
+    y_, b_ = _relu_mask(relu, y, bias, x_)
+    head = (launch.like(dy, x_), x_, launch.vec(mean), launch.vec(scale))
+    rest = (sum_dy, sum_dy_xhat, dw if want_dw else None, db if want_db else None, y_, launch.vec(weight), b_)
+    rest += (dz if relu else None,)
+    acc = sum_dy.dtype
+    types = (*launch.dtypes(*head), acc, torch.int32, *launch.dtypes(*rest))
+    launch_ = launch.grad_sums(geom, x.device, types, eps, scale_is_var, relu)
+    launch_(*head, *_workspace(x, launch_), *rest)
     return sum_dy, sum_dy_xhat, dw, db, _none(x) if dz is None else dz
 
 
 @grad_sums.register_fake
 def _(dy, x, mean, scale, weight, bias, y, eps, scale_is_var, relu, want_dw, want_db, want_dz):
     dw, db = _param_grads(x, weight, bias, want_dw, want_db)
-    dz = torch.empty_like(launch.canonical_layout(x)) if want_dz else _none(x)
+    dz = launch.empty_canonical(x) if want_dz else _none(x)
     return _stat(x), _stat(x), dw, db, dz
-
-
-def _relu_grad(relu: bool, y, bias, dz, x_) -> Optional[launch.ReluGrad]:
-    """The backward launchers' fused ReLU: its mask from y (in x_'s strides) when given, else recomputed."""
-    return launch.ReluGrad(None if y is None else launch.like(y, x_), bias, dz) if relu else None
 
 
 def _param_grads(x, weight, bias, want_dw, want_db) -> tuple[Tensor, Tensor]:
@@ -198,20 +208,22 @@ def grad_input(
     """dx (training: from the sums, with ``count`` values per channel behind them, 0 meaning x's own;
     eval: dy * weight * rsqrt(scale + eps)), and with ``relu`` the masked dy (``want_dz``)."""
     x_, geom = launch.canonical(x)
-    if x_.numel() == 0:
-        return torch.empty_like(x_) if want_dx else _none(x), torch.empty_like(x_) if want_dz else _none(x)
+    dx = torch.empty_like(x_) if want_dx else None
     dz = torch.empty_like(x_) if want_dz else None
-    sums = None if sum_dy is None else (sum_dy, sum_dy_xhat)
-    dy_, relu_ = launch.like(dy, x_), _relu_grad(relu, y, bias, dz, x_)
-    dx = launch.grad_input(
-        dy_, x_, geom, mean, scale, weight, sums, eps, training=training, count=count, relu=relu_, want_dx=want_dx
-    )
+    if x_.numel() != 0:
+        y_, b_ = _relu_mask(relu, y, bias, x_)
+        pointers = (
+            launch.like(dy, x_), x_, dx, launch.vec(mean), launch.vec(scale), launch.vec(weight),
+            launch.vec(sum_dy) if training else None, launch.vec(sum_dy_xhat) if training else None,
+            y_, b_, dz if relu else None,
+        )  # fmt: skip
+        launch.grad_input(geom, x.device, launch.dtypes(*pointers), eps, training, count, relu)(*pointers)
     return _none(x) if dx is None else dx, _none(x) if dz is None else dz
 
 
 @grad_input.register_fake
 def _(dy, x, mean, scale, weight, sum_dy, sum_dy_xhat, bias, y, eps, training, count, relu, want_dx, want_dz):
-    full = lambda want: torch.empty_like(launch.canonical_layout(x)) if want else _none(x)
+    full = lambda want: launch.empty_canonical(x) if want else _none(x)
     return full(want_dx), full(want_dz)
 
 
@@ -227,85 +239,24 @@ def update_running_stats(
 ) -> None:
     """running <- (1 - f) running + f batch (var unbiased by count/(count-1)); f = momentum, or
     1 / num_batches_tracked (read on the device) when momentum is None."""
-    launch.update_running_stats(
-        running_mean, running_var, mean, var, momentum=momentum, count=count, num_batches_tracked=num_batches_tracked
+    cumulative = momentum is None
+    running = launch.RunningSpec(
+        running_mean.stride(0), running_var.stride(0), 0.0 if cumulative else momentum, cumulative
     )
+    pointers = (
+        running_mean,
+        running_var,
+        launch.vec(mean),
+        launch.vec(var),
+        num_batches_tracked if cumulative else None,
+    )
+    C = running_mean.numel()
+    launch.running_update(C, mean.device, launch.dtypes(*pointers), running, count)(*pointers)
 
 
 @update_running_stats.register_fake
 def _(running_mean, running_var, mean, var, momentum, count, num_batches_tracked):
     return None
-
-
-@_op(mutates_args=("running_mean", "running_var", "num_batches_tracked"))
-def stats_normalize(
-    x: Tensor,
-    weight: Optional[Tensor],
-    bias: Optional[Tensor],
-    residual: Optional[Tensor],
-    eps: float,
-    relu: bool,
-    running_mean: Optional[Tensor],
-    running_var: Optional[Tensor],
-    momentum: Optional[float],
-    num_batches_tracked: Optional[Tensor],
-) -> tuple[Tensor, Tensor, Tensor]:
-    x_, geom = launch.canonical(x)
-    running = Running(running_mean, running_var, momentum, num_batches_tracked)
-    res = None if residual is None else launch.like(residual, x_)
-    return launch.train_forward(x_, geom, weight, bias, eps, running, residual=res, relu=relu)
-
-
-@stats_normalize.register_fake
-def _(x, weight, bias, residual, eps, relu, running_mean, running_var, momentum, num_batches_tracked):
-    return torch.empty_like(launch.canonical_layout(x)), _stat(x), _stat(x)
-
-
-@_op()
-def grad_sums_input(
-    dy: Tensor,
-    x: Tensor,
-    mean: Tensor,
-    rstd: Tensor,
-    weight: Optional[Tensor],
-    bias: Optional[Tensor],
-    y: Optional[Tensor],
-    relu: bool,
-    want_dw: bool,
-    want_db: bool,
-    want_dz: bool,
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """The training dx, dweight, dbias and (``want_dz``, with ``relu``) the masked dy, in one launch."""
-    x_, geom = launch.canonical(x)
-    dw, db = _param_grads(x, weight, bias, want_dw, want_db)
-    dz = torch.empty_like(x_) if want_dz else None
-    dx = launch.train_backward(
-        launch.like(dy, x_),
-        x_,
-        geom,
-        mean,
-        rstd,
-        weight,
-        dweight=dw if want_dw else None,
-        dbias=db if want_db else None,
-        relu=_relu_grad(relu, y, bias, dz, x_),
-    )
-    return dx, dw, db, _none(x) if dz is None else dz
-
-
-@grad_sums_input.register_fake
-def _(dy, x, mean, rstd, weight, bias, y, relu, want_dw, want_db, want_dz):
-    dw, db = _param_grads(x, weight, bias, want_dw, want_db)
-    dz = torch.empty_like(launch.canonical_layout(x)) if want_dz else _none(x)
-    return torch.empty_like(launch.canonical_layout(x)), dw, db, dz
-
-
-def single_pass(x: Tensor) -> bool:
-    """Whether x's training forward and backward take one launch each (launch.single_pass).
-
-    Asked in plain eager mode only: deciding reads x's shape, which a tracer with dynamic shapes would
-    then specialize. Traced graphs (torch.compile, export) keep the split path."""
-    return launch.single_pass(*launch.canonical(x))
 
 
 # ---------------------------------------------------------------- one route for eager and tracing
@@ -341,19 +292,14 @@ class BatchNormFunction(torch.autograd.Function):
     Training: mean and scale are the batch mean and rstd of x (over ``count`` values per channel,
     0 meaning x's own; SyncBatchNorm passes the global batch's), computed beforehand by ``stats``;
     the backward's closed form carries the paths through them, so they take no gradient here.
-    Eval: mean and scale are running_mean and running_var (s = rsqrt(scale + eps)).
-    ``stats``, when given (plain eager training where ``single_pass`` holds; mean and scale None), is
-    the call's ``Running``: the statistics are then computed in the same launch as y. ``sync``, when
+    Eval: mean and scale are running_mean and running_var (s = rsqrt(scale + eps)). ``sync``, when
     given, all-reduces the two gradient sums in place between the backward's reduction and its dx
     pass (SyncBatchNorm), on every rank.
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, residual, mean, scale, eps, training, relu, count, sync, stats):
-        if stats is None:
-            y = step("normalize", x, mean, scale, weight, bias, eps, not training, residual, relu)
-        else:  # the statistics in y's launch (stats_normalize); running buffers in the tuple
-            y, mean, scale = step("stats_normalize", x, weight, bias, residual, eps, relu, *stats)
+    def forward(ctx, x, weight, bias, residual, mean, scale, eps, training, relu, count, sync):
+        y = step("normalize", x, mean, scale, weight, bias, eps, not training, residual, relu)
         # The ReLU's backward mask: from y with a residual (y > 0), else recomputed from x and bias.
         mask_y = y if relu and residual is not None else None
         ctx.save_for_backward(x, weight, bias, mean, scale, mask_y)
@@ -369,30 +315,13 @@ class BatchNormFunction(torch.autograd.Function):
         wants = (want_dx, want_dw, want_db, want_dres)
         training, relu, eps = ctx.training, ctx.relu, ctx.eps
         if torch.is_grad_enabled() and ctx.sync is None:  # create_graph=True: a differentiable backward
-            mask = None
-            if relu:
-                mask = (y > 0) if y is not None else composite.relu_keep(x, weight, bias, mean, scale, eps, training)
-            dx, dw, db, dz = composite.backward_graph(
-                dy,
-                x,
-                weight,
-                bias,
-                training=training,
-                eps=eps,
-                mean_var=None if training else (mean, scale),
-                relu_mask=mask,
-            )
-            return _grads(wants, dx, dw, db, dz)
+            grads = composite.differentiable_backward(dy, x, weight, bias, mean, scale, y, training, eps, relu, wants)
+            return (*grads, *(None,) * 7)
         dx = dw = db = dz = None
         # With a residual and ReLU, the reduction writes the masked dy g (it is d(residual)), and
         # the dx pass then reads g instead of dy and y.
         store_g = relu and y is not None
-        if training and want_dx and ctx.sync is None and ctx.count == 0 and plain_eager(dy, x) and single_pass(x):
-            dx, dw, db, dz = step(
-                "grad_sums_input", dy, x, mean, scale, weight, bias, y, relu, want_dw, want_db, store_g and want_dres
-            )
-            dz = dz if store_g else None
-        elif want_dw or want_db or (training and want_dx):
+        if want_dw or want_db or (training and want_dx):
             sum_dy, sum_dy_xhat, dw, db, g = step(
                 "grad_sums",
                 dy,
@@ -457,15 +386,12 @@ class BatchNormFunction(torch.autograd.Function):
 
 def _grads(wants, dx, dw, db, dz) -> tuple:
     """BatchNormFunction.backward's return: the four gradients asked for (else None), then None for
-    mean, scale, eps, training, relu, count, sync and stats."""
-    return tuple(g if w else None for w, g in zip(wants, (dx, dw, db, dz), strict=True)) + (None,) * 8
+    mean, scale, eps, training, relu, count and sync."""
+    return tuple(g if w else None for w, g in zip(wants, (dx, dw, db, dz), strict=True)) + (None,) * 7
 
 
-def batch_norm(x, weight, bias, residual, mean, scale, eps, training, relu, count=0, sync=None, stats=None):
-    """The layer's output through ``BatchNormFunction`` when autograd needs it, else one normalize
-    (or one stats_normalize, with ``stats``)."""
+def batch_norm(x, weight, bias, residual, mean, scale, eps, training, relu, count=0, sync=None):
+    """The layer's output through ``BatchNormFunction`` when autograd needs it, else one normalize."""
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias, residual)):
-        return BatchNormFunction.apply(x, weight, bias, residual, mean, scale, eps, training, relu, count, sync, stats)
-    if stats is not None:
-        return step("stats_normalize", x, weight, bias, residual, eps, relu, *stats)[0]
+        return BatchNormFunction.apply(x, weight, bias, residual, mean, scale, eps, training, relu, count, sync)
     return step("normalize", x, mean, scale, weight, bias, eps, not training, residual, relu)

@@ -65,7 +65,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from bn_triton import functional, launch, ops
+from bn_triton import checks, functional, launch, modules, ops
 from bn_triton.convert import convert_layer
 from bn_triton.modules import TritonBatchNormMixin, fx_leaf
 
@@ -215,8 +215,8 @@ class SyncBatchNorm(TritonBatchNormMixin, torch.nn.SyncBatchNorm):
             # A rank may hold a single value per channel (the global batch decides, after the
             # collective): check that rank's input as if it held two (a view, not a copy).
             probe = input.expand(2, *input.shape[1:]) if input.numel() == input.shape[1] else input
-            functional.check_inputs(probe, running_mean, running_var, self.weight, self.bias, True)
-            functional.check_fused(input, self.activation, residual)
+            checks.check_inputs(probe, running_mean, running_var, self.weight, self.bias, True)
+            checks.check_fused(input, self.activation, residual)
             if input.shape[1] != self.num_features:
                 raise ValueError(
                     f"SyncBatchNorm: expected input with {self.num_features} channels, got {input.shape[1]}"
@@ -259,3 +259,6 @@ class SyncBatchNorm(TritonBatchNormMixin, torch.nn.SyncBatchNorm):
         for name, child in module.named_children():
             out.add_module(name, cls.convert_sync_batchnorm(child, process_group))
         return out
+
+
+modules.OWN_CLASSES.add(SyncBatchNorm)

@@ -31,7 +31,7 @@ import triton
 import triton.language as tl
 
 from .normalize import bn_affine, channel_scale, channel_values, relu_keep
-from .tile import elementwise_tile, last_to_arrive, load_partials, split_range, sum_rs, tile_offsets
+from .tile import elementwise_tile, last_to_arrive, launched, load_partials, split_range, sum_rs, tile_offsets
 
 
 @triton.jit
@@ -98,7 +98,20 @@ def block_grad_sums(
     return sum_rs(acc_g), sum_rs(acc_g_xhat)
 
 
-@triton.jit
+@launched(
+    unaligned=(
+        "MEAN",
+        "SCALE",
+        "PART",
+        "COUNTER",
+        "SUM_DY",
+        "SUM_DY_XHAT",
+        "DW",
+        "DB",
+        "W",
+        "B",
+    )
+)
 def grad_sums_kernel(
     DY,  # grad of the output, same strides as X
     X,  # input, viewed as (R, C, S)
@@ -110,6 +123,10 @@ def grad_sums_kernel(
     SUM_DY_XHAT,  # [C] out, acc dtype
     DW,  # [C] out in the weight's dtype: sum(dy * xhat) (when HAS_DW)
     DB,  # [C] out in the bias's dtype: sum(dy) (when HAS_DB)
+    Y,  # forward output, same strides as X (read when MASK_FROM_Y)
+    W,  # [C] weight, bias: to recompute the pre-activation (RELU and not MASK_FROM_Y)
+    B,
+    DZ,  # out, same strides as X: the masked dy (when STORE_DZ)
     R,
     C,
     S,
@@ -128,10 +145,6 @@ def grad_sums_kernel(
     S_DIV: tl.constexpr,
     HAS_DW: tl.constexpr = False,
     HAS_DB: tl.constexpr = False,
-    Y=None,  # forward output, same strides as X (read when MASK_FROM_Y)
-    W=None,  # [C] weight, bias: to recompute the pre-activation (RELU and not MASK_FROM_Y)
-    B=None,
-    DZ=None,  # out, same strides as X: the masked dy (when STORE_DZ)
     RELU: tl.constexpr = False,
     MASK_FROM_Y: tl.constexpr = False,
     HAS_W: tl.constexpr = False,
@@ -171,7 +184,16 @@ def grad_sums_kernel(
             tl.store(DB + c, sum_dy.to(DB.dtype.element_ty), mask=cm)
 
 
-@triton.jit
+@launched(
+    unaligned=(
+        "MEAN",
+        "SCALE",
+        "W",
+        "SUM_DY",
+        "SUM_DY_XHAT",
+        "B",
+    )
+)
 def grad_input_kernel(
     DY,
     X,
@@ -181,6 +203,9 @@ def grad_input_kernel(
     W,  # [C] weight (unused unless HAS_W)
     SUM_DY,  # [C] from grad_sums_kernel (training)
     SUM_DY_XHAT,  # [C]
+    Y,  # forward output (read when MASK_FROM_Y)
+    B,  # [C] bias (recompute of the pre-activation)
+    DZ,  # out: the masked dy, d(residual) (when STORE_DZ)
     R,
     C,
     S,
@@ -197,9 +222,6 @@ def grad_input_kernel(
     CHANNELS_CONTIG: tl.constexpr,
     S_DIV: tl.constexpr,
     TRAINING: tl.constexpr = True,  # False: dx = dy * weight * rsqrt(running_var + eps)
-    Y=None,  # forward output (read when MASK_FROM_Y)
-    B=None,  # [C] bias (recompute of the pre-activation)
-    DZ=None,  # out: the masked dy, d(residual) (when STORE_DZ)
     RELU: tl.constexpr = False,
     MASK_FROM_Y: tl.constexpr = False,
     HAS_B: tl.constexpr = False,

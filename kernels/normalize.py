@@ -17,7 +17,7 @@ so the extra subtract is free.
 import triton
 import triton.language as tl
 
-from .tile import acc_scalar, elementwise_tile, inv_sqrt
+from .tile import acc_scalar, elementwise_tile, inv_sqrt, launched
 
 
 @triton.jit
@@ -89,12 +89,22 @@ def relu_keep(pre, OUT_DTYPE: tl.constexpr):
     return pre.to(OUT_DTYPE).to(pre.dtype) > 0
 
 
-@triton.jit
+@launched(
+    unaligned=(
+        "MEAN",
+        "SCALE",
+        "W",
+        "B",
+    )
+)
 def normalize_kernel(
     X,  # input, viewed as (R, C, S)
     Y,  # output, same strides as X
     MEAN,  # [C]: batch mean or running_mean
     SCALE,  # [C]: rstd, or running_var when SCALE_IS_VAR
+    W,  # [C] weight (unused unless HAS_W)
+    B,  # [C] bias (unused unless HAS_B)
+    RES,  # residual, same strides as X (unused unless HAS_RESIDUAL)
     R,
     C,
     S,
@@ -102,8 +112,6 @@ def normalize_kernel(
     stride_c,
     num_c_blocks,
     eps,  # acc-dtype scalar (see tile.acc_scalar)
-    W,  # [C] weight (unused unless HAS_W)
-    B,  # [C] bias (unused unless HAS_B)
     ACC: tl.constexpr,
     SCALE_IS_VAR: tl.constexpr,
     HAS_W: tl.constexpr,
@@ -113,7 +121,6 @@ def normalize_kernel(
     BLOCK_S: tl.constexpr,
     CHANNELS_CONTIG: tl.constexpr,
     S_DIV: tl.constexpr,
-    RES=None,  # residual, same strides as X (unused unless HAS_RESIDUAL)
     HAS_RESIDUAL: tl.constexpr = False,
     RELU: tl.constexpr = False,
 ):

@@ -24,22 +24,38 @@ shared-memory slots) live throughout, 79 -> 116 registers for the forward and 48
 backward (bench/inspect_sass.py, 2048@7 fp32).
 """
 
-import triton
 import triton.language as tl
 
 from .grad import block_grad_sums, dx_train, masked_dy
 from .normalize import channel_values, normalize_tile
 from .stats import block_stats, finish_stats
-from .tile import tile_offsets
+from .tile import launched, tile_offsets
 
 
-@triton.jit
+@launched(
+    unaligned=(
+        "MEAN",
+        "RSTD",
+        "TICKET",
+        "W",
+        "B",
+        "RUNNING_MEAN",
+        "RUNNING_VAR",
+        "NUM_BATCHES",
+    )
+)
 def forward_kernel(
     X,  # input, viewed as (R, C, S)
     Y,  # out, same strides as X
     MEAN,  # [C] out, acc dtype
     RSTD,  # [C] out
     TICKET,  # int32, zero between launches: num_batches_tracked's ticket (COUNT_BATCH)
+    W,  # [C] weight (unused unless HAS_W)
+    B,  # [C] bias (unused unless HAS_B)
+    RES,  # residual, same strides as X (unused unless HAS_RESIDUAL)
+    RUNNING_MEAN,  # [C] updated in place when HAS_RUNNING (strided, any float dtype)
+    RUNNING_VAR,
+    NUM_BATCHES,  # int64 scalar tensor: read when CUMULATIVE, incremented when COUNT_BATCH
     R,
     C,
     S,
@@ -47,11 +63,6 @@ def forward_kernel(
     stride_c,
     num_tiles,  # tiles of the (R, S) plane: all of them belong to this program's channel block
     eps,  # acc-dtype scalar (see tile.acc_scalar)
-    W,  # [C] weight (unused unless HAS_W)
-    B,  # [C] bias (unused unless HAS_B)
-    RUNNING_MEAN,  # [C] updated in place when HAS_RUNNING (strided, any float dtype)
-    RUNNING_VAR,
-    NUM_BATCHES,  # int64 scalar tensor: read when CUMULATIVE, incremented when COUNT_BATCH
     momentum,  # acc-dtype scalar
     stride_rm,
     stride_rv,
@@ -67,7 +78,6 @@ def forward_kernel(
     HAS_RUNNING: tl.constexpr = False,
     CUMULATIVE: tl.constexpr = False,
     COUNT_BATCH: tl.constexpr = False,
-    RES=None,  # residual, same strides as X (unused unless HAS_RESIDUAL)
     HAS_RESIDUAL: tl.constexpr = False,
     RELU: tl.constexpr = False,
 ):
@@ -91,7 +101,16 @@ def forward_kernel(
         normalize_tile(X, Y, RES, offs, mask, mean, a, b, ACC, HAS_B, HAS_RESIDUAL, RELU)
 
 
-@triton.jit
+@launched(
+    unaligned=(
+        "MEAN",
+        "RSTD",
+        "W",
+        "DW",
+        "DB",
+        "B",
+    )
+)
 def backward_kernel(
     DY,  # grad of the output, same strides as X
     X,  # input, viewed as (R, C, S)
@@ -101,6 +120,9 @@ def backward_kernel(
     W,  # [C] weight (unused unless HAS_W)
     DW,  # [C] out in the weight's dtype: sum(g * xhat) (when HAS_DW)
     DB,  # [C] out in the bias's dtype: sum(g) (when HAS_DB)
+    Y,  # forward output (read when MASK_FROM_Y)
+    B,  # [C] bias: to recompute the pre-activation (RELU and not MASK_FROM_Y)
+    DZ,  # out: g, the masked dy, d(residual) (when STORE_DZ)
     R,
     C,
     S,
@@ -117,9 +139,6 @@ def backward_kernel(
     HAS_W: tl.constexpr,
     HAS_DW: tl.constexpr = False,
     HAS_DB: tl.constexpr = False,
-    Y=None,  # forward output (read when MASK_FROM_Y)
-    B=None,  # [C] bias: to recompute the pre-activation (RELU and not MASK_FROM_Y)
-    DZ=None,  # out: g, the masked dy, d(residual) (when STORE_DZ)
     RELU: tl.constexpr = False,
     MASK_FROM_Y: tl.constexpr = False,
     HAS_B: tl.constexpr = False,

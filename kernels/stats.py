@@ -20,6 +20,7 @@ from .tile import (
     chan_combine,
     inv_sqrt,
     last_to_arrive,
+    launched,
     load_partials,
     merge_lanes,
     split_range,
@@ -146,7 +147,18 @@ def finish_stats(
     return rstd
 
 
-@triton.jit
+@launched(
+    unaligned=(
+        "PART",
+        "COUNTER",
+        "MEAN",
+        "RSTD",
+        "VAR",
+        "RUNNING_MEAN",
+        "RUNNING_VAR",
+        "NUM_BATCHES",
+    )
+)
 def stats_kernel(
     X,  # input, viewed as (R, C, S)
     PART,  # [3, SPLIT, C] acc dtype workspace: count, mean, M2 of each split
@@ -154,6 +166,9 @@ def stats_kernel(
     MEAN,  # [C] out, acc dtype
     RSTD,  # [C] out: 1 / sqrt(var + eps)
     VAR,  # [C] out: biased batch variance (stored when HAS_VAR)
+    RUNNING_MEAN,  # [C] updated in place when HAS_RUNNING (strided, any float dtype)
+    RUNNING_VAR,
+    NUM_BATCHES,  # int64 scalar tensor: read when CUMULATIVE, incremented when COUNT_BATCH
     R,
     C,
     S,
@@ -162,9 +177,6 @@ def stats_kernel(
     num_tiles,  # tiles of the (R, S) plane
     num_splits,  # programs sharing one channel block's tiles (grid axis 1)
     eps,  # acc-dtype scalar (see tile.acc_scalar)
-    RUNNING_MEAN,  # [C] updated in place when HAS_RUNNING (strided, any float dtype)
-    RUNNING_VAR,
-    NUM_BATCHES,  # int64 scalar tensor: read when CUMULATIVE, incremented when COUNT_BATCH
     momentum,  # acc-dtype scalar
     stride_rm,
     stride_rv,
@@ -214,7 +226,15 @@ def stats_kernel(
         )  # fmt: skip
 
 
-@triton.jit
+@launched(
+    unaligned=(
+        "RUNNING_MEAN",
+        "RUNNING_VAR",
+        "MEAN",
+        "VAR",
+        "NUM_BATCHES",
+    )
+)
 def running_stats_kernel(
     RUNNING_MEAN,  # [C] updated in place (strided, any float dtype)
     RUNNING_VAR,  # [C] updated in place: unbiased variance

@@ -5,6 +5,18 @@ import triton
 import triton.language as tl
 
 
+def launched(*, unaligned: tuple):
+    """``@triton.jit`` for a kernel that bn_triton's launch plans call: its pointer parameters come
+    first (what changes from call to call), then the scalars, then the constexprs. The pointers in
+    ``unaligned`` (per-channel vectors, workspaces: views may start anywhere) are not specialized on
+    their 16-byte alignment, so one compiled kernel serves every call of a plan; the big tensors
+    (x, y, dy, dx, residual) are, and the plans only ever pass them aligned."""
+    try:
+        return triton.jit(do_not_specialize_on_alignment=list(unaligned))
+    except TypeError:  # a Triton without the option specializes them: its own launch path only
+        return triton.jit
+
+
 @triton.jit
 def tile_offsets(
     tile,

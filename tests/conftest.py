@@ -22,6 +22,17 @@ def device() -> str:
     return DEVICE
 
 
+@pytest.fixture(autouse=True)
+def fresh_plans():
+    """Launch plans are built from the launch settings of bn_triton/_config.py, which tests change:
+    every test starts (and ends) with none, as a new process would."""
+    from bn_triton import launch
+
+    launch.clear_plans()
+    yield
+    launch.clear_plans()
+
+
 @pytest.fixture
 def torch_bn_forbidden(monkeypatch):
     """Make torch's batch_norm entry points raise, so a passing test proves our kernels did the work.
@@ -61,19 +72,21 @@ def path(request, monkeypatch):
     """Both training paths: the split kernels (two launches per pass; the interpreter's default), and
     the single-pass kernels (one; taken where one split per channel block is all: a test's tiny
     inputs mostly are)."""
-    from bn_triton import _config
+    from bn_triton import _config, launch
 
     monkeypatch.setattr(_config, "SINGLE_PASS", request.param == "single_pass")
+    launch.clear_plans()
     return request.param
 
 
 @pytest.fixture
 def h100(monkeypatch):
     """bn_triton's launch settings for an H100 (132 SMs, 50 MB of L2) on any machine."""
-    from bn_triton import _config
+    from bn_triton import _config, launch
 
     monkeypatch.setattr(_config, "sm_count", lambda index: 132)
     monkeypatch.setattr(_config, "l2_bytes", lambda index: 50 * 2**20)
     _config._cuda_target.cache_clear()
+    launch.clear_plans()
     yield torch.device("cuda", 0)
     _config._cuda_target.cache_clear()

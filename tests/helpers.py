@@ -60,11 +60,40 @@ def assert_close(actual: torch.Tensor, expected, dtype: torch.dtype, scale: floa
     )
 
 
+def single_pass(x: torch.Tensor) -> bool:
+    """Whether x's training forward and backward take the single-pass kernels (one launch each)."""
+    from bn_triton import launch
+
+    xc, geom = launch.canonical(x)
+    return launch.single_pass(geom, x.device, x.element_size())
+
+
 def train_launches(x: torch.Tensor) -> tuple[dict, dict]:
     """Our launches by name in a training forward on x, and in its backward (dx wanted): the
-    single-pass kernels where ops.single_pass(x) holds, else the split path's two each."""
-    from bn_triton import ops
-
-    if ops.single_pass(x):
+    single-pass kernels where single_pass(x) holds, else the split path's two each."""
+    if single_pass(x):
         return {"forward": 1}, {"backward": 1}
     return {"stats": 1, "normalize": 1}, {"grad_sums": 1, "grad_input": 1}
+
+
+def raises_every_time(call, exc, match, state=(), valid=None) -> None:
+    """``call()`` raises ``exc`` (message matching ``match``) on its first call and on the next, and
+    again after ``valid()`` (a good call that plans its own signature, where given): bn_triton caches
+    a plan per call signature, and an error must fire on every call alike. Each time no kernel ran
+    and the ``state`` tensors (running statistics, counters) kept their values."""
+    import pytest
+
+    from bn_triton import launch
+
+    for attempt in ("first", "second", "after a valid call"):
+        if attempt == "after a valid call":
+            if valid is None:
+                return
+            valid()
+        before = [t.clone() for t in state]
+        launches = dict(launch.LAUNCHES)
+        with pytest.raises(exc, match=match):
+            call()
+        assert dict(launch.LAUNCHES) == launches, f"a kernel ran before the error ({attempt} call)"
+        for b, t in zip(before, state, strict=True):
+            assert torch.equal(t, b), f"state changed before the error ({attempt} call)"

@@ -29,8 +29,9 @@ def _params(C, dtype, device, affine=True):
 def _check_train(x, w, b, device, torch_bn_forbidden, eps=1e-5):
     dtype = x.dtype
     C = x.shape[1]
-    rm = make((C,), torch.float32, device, scale=0.1)
-    rv = make((C,), torch.float32, device, scale=0.1, offset=1.0)
+    pdtype = w.dtype if w is not None else torch.float32  # the per-channel tensors share one dtype
+    rm = make((C,), pdtype, device, scale=0.1)
+    rv = make((C,), pdtype, device, scale=0.1, offset=1.0)
     rm0, rv0 = rm.clone(), rv.clone()
     xg = x.detach().requires_grad_()
     wg = w.detach().requires_grad_() if w is not None else None

@@ -12,6 +12,7 @@ import csv
 import json
 import math
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -626,30 +627,30 @@ def test_model_flag_runs_the_e2e_bench(monkeypatch):
 
 
 def test_overhead_script_with_stubbed_kernels(request):
+    """Times beside the empty autograd.Function and torch, then the Python calls and allocations per
+    call of each row (bench/counts.py)."""
     proc = _run(request, "bench/overhead.py", "--stub", "--calls", "2", "--repeats", "1", timeout=120)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "kernels stubbed" in proc.stdout
-    rows = [line for line in proc.stdout.splitlines() if line.endswith("x")]
-    assert [line.split("  ")[0] for line in rows] == [
+    names = [
         "batch_norm train forward (grad)",
         "batch_norm eval forward (no_grad)",
         "batch_norm forward + backward",
         "BatchNorm2d train step",
     ]
+    timed = [line for line in proc.stdout.splitlines() if line.endswith("x")]
+    assert [line.split("  ")[0] for line in timed] == names
+    counted = proc.stdout.split("Python calls / tensor allocations per call")[1].splitlines()[2:]
+    assert [line.split("  ")[0] for line in counted] == names
+    for line in counted:  # "name   calls / allocations" for bn_triton, empty, torch
+        assert len(re.findall(r"\d+ / \d+", line)) == 3, line
 
 
-def test_overhead_script_times_the_direct_launcher(request):
-    """With the Triton the direct launcher supports (3.6, the GPU machines'), a time per kernel of a
-    training forward and backward; with another, a line that says it is off. No GPU needed."""
-    from bn_triton import _launcher
-
-    proc = _run(request, "bench/overhead.py", "--launcher", "--calls", "3", timeout=120)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    if _launcher._SUPPORTED:
-        names = [line.split()[0] for line in proc.stdout.splitlines() if line.endswith(" us")]
-        assert names == ["stats_kernel", "normalize_kernel", "grad_sums_kernel", "grad_input_kernel"], proc.stdout
-    else:
-        assert "the direct launcher is off for triton" in proc.stdout
+def test_overhead_decompose_needs_a_gpu(request):
+    if torch.cuda.is_available():
+        pytest.skip("on a GPU the decomposition runs in bench/gpu_check.sh")
+    proc = _run(request, "bench/overhead.py", "--decompose", timeout=120)
+    assert proc.returncode == 2 and "there is none here" in proc.stdout
 
 
 GPU_CHECK = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench", "gpu_check.sh")

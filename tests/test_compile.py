@@ -168,22 +168,10 @@ def _opcheck_cases(device):
         ),
         ("update_running_stats", ops.update_running_stats, (rm.clone(), rv.clone(), mean, var, 0.1, 8, None)),
         ("update_running_stats", ops.update_running_stats, (rm.clone(), rv.clone(), mean, var, None, 8, nbt)),
-        (
-            "stats_normalize",
-            ops.stats_normalize,
-            (x, w, b, None, 1e-5, False, rm.clone(), rv.clone(), 0.1, nbt.clone()),
-        ),
-        (
-            "stats_normalize",
-            ops.stats_normalize,
-            (x_cl, None, None, x_cl.clone(), 1e-3, True, rm.double(), rv.double(), None, nbt.clone()),
-        ),
-        ("grad_sums_input", ops.grad_sums_input, (dy, x, mean, rstd, w, b, None, False, True, True, False)),
-        ("grad_sums_input", ops.grad_sums_input, (dy, x, mean, rstd, w, b, y_fused, True, True, False, True)),
     ]
 
 
-@pytest.mark.parametrize("case", range(15))
+@pytest.mark.parametrize("case", range(11))
 def test_opcheck(case, device):
     name, op, args = _opcheck_cases(device)[case]
     results = torch.library.opcheck(op, args)

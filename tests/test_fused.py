@@ -84,11 +84,13 @@ def _expected(x, w, b, r, rm, rv, training, relu, dy, y_ours):
 def _inputs(shape, layout, dtype, device, has_residual, residual_layout=None):
     C = shape[1]
     x = make(shape, dtype, device, layout, seed=0)
-    w = make((C,), dtype, device, scale=0.5, offset=1.0, seed=1)
-    b = make((C,), dtype, device, scale=0.5, seed=2)
+    # The per-channel tensors share one dtype: float32 for 16-bit inputs (mixed precision's layout).
+    pdtype = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+    w = make((C,), pdtype, device, scale=0.5, offset=1.0, seed=1)
+    b = make((C,), pdtype, device, scale=0.5, seed=2)
     r = make(shape, dtype, device, residual_layout or layout, seed=3) if has_residual else None
-    rm = make((C,), torch.float32, device, scale=0.3, seed=4)
-    rv = make((C,), torch.float32, device, scale=0.2, offset=1.0, seed=5)
+    rm = make((C,), pdtype, device, scale=0.3, seed=4)
+    rv = make((C,), pdtype, device, scale=0.2, offset=1.0, seed=5)
     return x, w, b, r, rm, rv
 
 

@@ -1,122 +1,131 @@
-"""bn_triton/_launcher.py: Triton's own launch once per specialization, then the compiled kernel.
+"""bn_triton/_launcher.py: a launch plan's kernel launch, through Triton's own path once, then direct.
 
-On CPU the compiled-kernel call is checked against a stand-in for a JITFunction (the interpreter has
-no compiled kernels): which launches go through Triton, which go direct, and that the direct call
-gets every parameter in order with defaults filled in. On a GPU the direct path must give bitwise
-the results of Triton's own path.
+On CPU: a ``Launch`` fixes every argument but the pointers, in the kernel's order, and takes Triton's
+own ``fn[grid]`` for interpreted and stubbed kernels. The direct path is checked by
+bench/direct_launch.py, which compiles the real launches for sm_90 against a stand-in driver and
+records the final C call of both paths: on the installed Triton here, and on the other versions a
+user meets (3.5, the Docker image's; 3.6, the GPU machines') in venvs. On a GPU the direct path must
+give bitwise the results of Triton's own.
 """
+
+import subprocess
+import sys
 
 import pytest
 import torch
 
 import bn_triton
-from bn_triton import _launcher
+from bn_triton import _launcher, launch
 from tests.helpers import make
+from tests.installs import ROOT, clean_env, fresh_venv
 
 
 def kernel_fn(X, Y, n, eps, BLOCK: "tl.constexpr", FLAG: "tl.constexpr" = False, Z=None):  # noqa: F821
     """The signature of a stand-in kernel (never run)."""
 
 
-class FakeCompiled:
-    def __init__(self):
-        self.calls = []
-        self.function, self.packed_metadata = "function", "packed"
+class FakeKernel:
+    """What a Launch needs of a kernel: its Python function, and fn[grid](...)."""
 
-    def launch_metadata(self, grid, stream, *args):
-        return ("meta", grid)
-
-    @property
-    def run(self):
-        return lambda *args: self.calls.append(args)
-
-
-class FakeJIT:
-    """What _launcher needs of a JITFunction: .fn, and fn[grid](...) that launches and returns a kernel."""
+    fn = staticmethod(kernel_fn)
 
     def __init__(self):
-        self.fn = kernel_fn
-        self.triton_launches = []
-        self.compiled = FakeCompiled()
+        self.launches = []
 
     def __getitem__(self, grid):
-        def run(*args, **kwargs):
-            self.triton_launches.append((grid, args, kwargs))
-            return self.compiled
-
-        return run
+        return lambda *args, **kwargs: self.launches.append((grid, args, kwargs))
 
 
-class FakeDriver:
-    class active:
-        get_current_device = staticmethod(lambda: 0)
-        get_current_stream = staticmethod(lambda device: "stream")
-
-
-@pytest.fixture
-def fake(monkeypatch):
-    monkeypatch.setattr(_launcher, "ENABLED", True)
-    monkeypatch.setattr(_launcher, "JITFunction", FakeJIT)
-    monkeypatch.setattr(_launcher, "driver", FakeDriver)
-    monkeypatch.setattr(
-        _launcher,
-        "knobs",
-        type("K", (), {"runtime": type("R", (), {"launch_enter_hook": "enter", "launch_exit_hook": "exit"})}),
+def test_a_launch_passes_the_pointers_then_every_other_parameter_in_order():
+    k = FakeKernel()
+    ln = _launcher.Launch(
+        "fake", k, (4, 2), ("X", "Y"), dict(n=3, eps=0.5, BLOCK=16), {"num_warps": 4}, torch.device("cpu")
     )
-    monkeypatch.setattr(_launcher, "_SIGNATURES", {})
-    return FakeJIT()
-
-
-def test_first_launch_of_a_key_goes_through_triton_then_direct(fake):
-    x, y = torch.zeros(8), torch.zeros(8)
-    _launcher.launch(fake, (4,), (x, y, 32, 0.5), dict(BLOCK=16, num_warps=4))
-    assert len(fake.triton_launches) == 1 and fake.compiled.calls == []
-    _launcher.launch(fake, (4, 2), (x, y, 48, 0.25), dict(BLOCK=16, num_warps=4))
-    assert len(fake.triton_launches) == 1, "same specialization: no second trip through Triton"
-    (call,) = fake.compiled.calls
-    # grid, stream, function, metadata, launch metadata, hooks, then every parameter in order.
-    assert call[:9] == (4, 2, 1, "stream", "function", "packed", ("meta", (4, 2)), "enter", "exit")
-    # Tensors as their device pointers: Triton's launcher would ask the driver for each.
-    assert call[9:] == (x.data_ptr(), y.data_ptr(), 48, 0.25, 16, False, None)
+    x, y = torch.zeros(2), torch.zeros(2)
+    before = _launcher.LAUNCHES["fake"]
+    ln(x, y)
+    assert k.launches == [((4, 2), (x, y, 3, 0.5, 16, False, None), {"num_warps": 4})]
+    assert _launcher.LAUNCHES["fake"] == before + 1
 
 
 @pytest.mark.parametrize(
-    "change",
+    "pointers,fixed,error",
     [
-        dict(n=1),  # an int equal to 1 is a constant to Triton
-        dict(n=33),  # not divisible by 16
-        dict(n=2**40),  # 64-bit
-        dict(y=torch.zeros(8, dtype=torch.float16)),  # another dtype
-        dict(y=torch.zeros(9)[1:]),  # 4-byte aligned, not 16
-        dict(BLOCK=32),  # a constexpr
-        dict(Z=torch.zeros(8)),  # None -> tensor
-        dict(num_warps=8),  # an option
+        (("Y", "X"), dict(n=3, eps=0.5, BLOCK=16), "leading parameters"),  # not the kernel's order
+        (("X", "Y"), dict(n=3, eps=0.5, BLOCK=16, W=1), "no parameters"),  # no such parameter
+        (("X", "Y"), dict(n=3, eps=0.5), "no value"),  # BLOCK has no default
     ],
-    ids=lambda c: next(iter(c)),
 )
-def test_anything_triton_specializes_on_makes_a_new_key(fake, change):
-    base = dict(X=torch.zeros(8), y=torch.zeros(8), n=32, BLOCK=16, Z=None, num_warps=4)
-
-    def call(p):
-        kwargs = dict(BLOCK=p["BLOCK"], num_warps=p["num_warps"], Z=p["Z"])
-        _launcher.launch(fake, (1,), (p["X"], p["y"], p["n"], 0.5), kwargs)
-
-    call(base)
-    call({**base, **change})
-    assert len(fake.triton_launches) == 2
-    call({**base, **change})
-    assert len(fake.triton_launches) == 2 and len(fake.compiled.calls) == 1
+def test_a_launch_is_checked_against_the_kernels_signature(pointers, fixed, error):
+    with pytest.raises(AssertionError, match=error):
+        _launcher.Launch("fake", FakeKernel(), (1,), pointers, fixed, {}, torch.device("cpu"))
 
 
-def test_stubs_and_interpreted_kernels_take_tritons_path(fake):
-    calls = []
+def test_every_builder_matches_its_kernels_parameters():
+    """Each launch builder names its kernel's leading pointers and only parameters it has."""
+    x = torch.zeros(2, 3, 4)
+    x_, geom = launch.canonical(x)
+    cpu, f32, i32 = torch.device("cpu"), torch.float32, torch.int32
+    launch.stats(geom, cpu, (f32, f32, i32, f32, f32, f32, f32, f32, torch.int64), 1e-5, launch.RunningSpec(1, 1, 0.1))
+    launch.normalize(geom, cpu, (f32,) * 7, 1e-5, False, True)
+    launch.grad_sums(geom, cpu, (f32,) * 5 + (i32,) + (f32,) * 8, 1e-5, True, True)
+    launch.grad_input(geom, cpu, (f32,) * 11, 1e-5, True, 0, True)
+    launch.forward(geom, cpu, (f32,) * 4 + (i32,) + (f32,) * 5 + (torch.int64,), 1e-5, launch.NO_RUNNING, True)
+    launch.backward(geom, cpu, (f32,) * 11, True)
+    launch.running_update(3, cpu, (f32, f32, f32, f32, torch.int64), launch.RunningSpec(1, 1, 0.1, True), 8)
 
-    class Stub:
-        def __getitem__(self, grid):
-            return lambda *a, **k: calls.append(grid)
 
-    _launcher.launch(Stub(), (3,), (), {})
-    assert calls == [(3,)]
+def _direct_launch_check(python, cwd=ROOT):
+    proc = subprocess.run(
+        [str(python), "-m", "bench.direct_launch", "--calls", "100"],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=clean_env(),
+    )
+    return proc, proc.stdout + proc.stderr
+
+
+def _assert_direct(out: str, version: str) -> None:
+    rows = [line.split() for line in out.splitlines() if line.startswith("  ") and line.split()[-1][0].isdigit()]
+    assert f"triton {version}" in out and out.rstrip().endswith("ok"), out[-3000:]
+    assert len(rows) == 5 and all(r[-3] == "same" and int(r[-2]) <= 2 for r in rows), out[-3000:]
+
+
+@pytest.mark.skipif(not _launcher.ENABLED, reason="the installed Triton has no direct path (Triton's own only)")
+def test_direct_launches_match_tritons_own_on_the_installed_triton():
+    """The final C call of each direct launch equals Triton's own (compiled for sm_90, no GPU), and
+    at most 2 Python calls lead from the plan's launch to it."""
+    import triton
+
+    proc, out = _direct_launch_check(sys.executable)
+    assert proc.returncode == 0, out[-3000:]
+    _assert_direct(out, triton.__version__)
+
+
+@pytest.mark.parametrize("version", ["3.5.1", "3.6.0"])
+def test_direct_launches_match_tritons_own_on_other_tritons(version, tmp_path):
+    """The same on the Tritons of the Docker image (3.5) and of the GPU machines (3.6), each in a venv
+    that sees the running torch (tests/installs.py)."""
+    if torch.cuda.is_available():
+        pytest.skip("checked on CPU machines (a GPU machine has no network to install another Triton)")
+    py = fresh_venv(tmp_path / "venv")
+    pip = [str(py), "-m", "pip", "install", "-q", "--no-deps", "--ignore-installed", f"triton=={version}"]
+    res = subprocess.run(pip, capture_output=True, text=True, timeout=600)
+    if res.returncode != 0:
+        pytest.skip(f"pip could not install triton=={version} here: {res.stderr.strip().splitlines()[-1:]}")
+    proc, out = _direct_launch_check(py)
+    assert proc.returncode == 0, out[-3000:]
+    _assert_direct(out, version)
+
+
+def test_stubs_and_interpreted_kernels_take_tritons_path(device):
+    """Under the interpreter (and with stubs) there is no compiled kernel: every launch is Triton's own."""
+    x = make((4, 3, 5), torch.float32, device, seed=0)
+    before = _launcher.DIRECT_LAUNCHES[0]
+    bn_triton.batch_norm(x, None, None, training=True)
+    assert device == "cuda" or _launcher.DIRECT_LAUNCHES[0] == before
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="compiled kernels need a GPU")
@@ -126,7 +135,7 @@ def test_direct_launches_match_tritons_own_bitwise(layout, monkeypatch):
     def step(x, dy):
         bn = bn_triton.BatchNorm2d(5, momentum=None).cuda()
         out = []
-        for _ in range(3):  # the first call of each key goes through Triton, the next ones direct
+        for _ in range(3):  # the first call of each launch goes through Triton, the next ones direct
             xi = x.clone().requires_grad_()
             y = bn(xi, residual=x)
             y.backward(dy)
@@ -139,6 +148,7 @@ def test_direct_launches_match_tritons_own_bitwise(layout, monkeypatch):
     direct = step(x, dy)
     assert _launcher.DIRECT_LAUNCHES[0] > before, "no launch took the direct path"
     monkeypatch.setattr(_launcher, "ENABLED", False)
+    launch.clear_plans()
     triton_path = step(x, dy)
     for a, b in zip(direct, triton_path, strict=True):
         torch.testing.assert_close(a, b, atol=0, rtol=0)

@@ -12,8 +12,8 @@ import pytest
 import torch
 
 import bn_triton
-from bn_triton import _config, launch, ops, reference
-from tests.helpers import SHAPES, assert_close, layouts_for, make, np64
+from bn_triton import _config, launch, reference
+from tests.helpers import SHAPES, assert_close, layouts_for, make, np64, single_pass
 
 DTYPES = [torch.float16, torch.bfloat16, torch.float32, torch.float64]
 RANK_LAYOUTS = [(rank, layout) for rank in SHAPES for layout in layouts_for(rank)]
@@ -44,7 +44,8 @@ def _both_paths(x, r, activation, momentum, monkeypatch, seed=30):
     out = {}
     for single in (False, True):
         monkeypatch.setattr(_config, "SINGLE_PASS", single)
-        assert ops.single_pass(x) == single
+        launch.clear_plans()
+        assert single_pass(x) == single
         launch.LAUNCHES.clear()
         out[single] = _step(x, r, activation, momentum, seed)
         assert (launch.LAUNCHES["forward"] == 1 and launch.LAUNCHES["backward"] == 1) == single
@@ -106,8 +107,8 @@ def test_matches_float64_reference(dtype, device, monkeypatch):
     b = make((5,), dtype, device, seed=52).requires_grad_()
     rm, rv = torch.zeros(5, dtype=dtype, device=device), torch.ones(5, dtype=dtype, device=device)
     _, geom = launch.canonical(x)
-    assert ops.single_pass(x) or device == "cuda"  # on a GPU 5 channels get split reductions
-    monkeypatch.setattr(ops, "single_pass", lambda x: True)  # the single-pass kernels, every device
+    assert single_pass(x) or device == "cuda"  # on a GPU 5 channels get split reductions
+    monkeypatch.setattr(launch, "single_pass", lambda geom, device, itemsize: True)  # on every device
     assert launch.launch_config(geom, x.device).num_tiles > 1
     assert _config.single_pass_config(geom, x.device).num_tiles > 1
     launch.LAUNCHES.clear()
@@ -167,9 +168,9 @@ def test_gpu_rule(shape, dtype, channels_last, expected, h100, monkeypatch):
 def test_interpreter_takes_the_split_path_unless_asked(device, monkeypatch):
     """The suite's default: the split path, which most inputs take on a GPU."""
     x = make((4, 8, 6), torch.float32, device, seed=71)
-    assert not ops.single_pass(x)
+    assert not single_pass(x)
     monkeypatch.setattr(_config, "SINGLE_PASS", True)
-    assert ops.single_pass(x)
+    assert single_pass(x)
 
 
 def test_traced_graphs_keep_the_split_path(device, monkeypatch):
@@ -185,7 +186,7 @@ def test_traced_graphs_keep_the_split_path(device, monkeypatch):
             return func(*args, **(kwargs or {}))
 
     x = make((4, 8, 6), torch.float32, device, seed=70).requires_grad_()
-    assert ops.single_pass(x)
+    assert single_pass(x)
     with Record() as rec:
         bn_triton.batch_norm(x, None, None, training=True).sum().backward()
     assert [o for o in rec.ops if o.startswith("bn_triton.")] == [

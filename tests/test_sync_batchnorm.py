@@ -78,13 +78,15 @@ def _check_case(
 ):
     """SyncBatchNorm on this rank's slice of a global batch of sum(counts) samples of shape ``tail``,
     for ``steps`` training steps, then one eval step: y, dx, summed dweight/dbias, running stats.
-    Weight, bias and running statistics stay float32 (the AMP case for fp16 inputs). ``first_atol``:
+    Weight, bias and running statistics are float32 (the AMP case for fp16 inputs), float64 for
+    float64 inputs (the per-channel tensors share the input's dtype or float32). ``first_atol``:
     the first step's tolerance for y and dx (10x for the weight/bias grads), when it differs."""
     C = tail[0]
     atol = TOL[dtype] if atol is None else atol
     rtol = TOL[dtype]
     gen = torch.Generator().manual_seed(1234)
-    mod = bn_triton.SyncBatchNorm(C, eps=EPS, **kwargs).to(device)
+    pdtype = torch.float64 if dtype == torch.float64 else torch.float32
+    mod = bn_triton.SyncBatchNorm(C, eps=EPS, **kwargs).to(device, pdtype)
     w = b = None
     if mod.affine:  # float32 values, so that the float64 reference sees exactly the layer's weights
         w, b = torch.randn(C, generator=gen).double(), torch.randn(C, generator=gen).double()

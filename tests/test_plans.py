@@ -1,0 +1,192 @@
+"""The eager route's plans (bn_triton/eager.py, functional.py): the host work per call, counted with
+the kernels stubbed (bench/counts.py); the plan cache's bounds and threads; tickets per stream; and
+no kernel specialization per batch size.
+
+Targets per call (Python calls, tensor allocations with float32 parameters), on NCHW,
+channels_last and 2-D inputs, with and without the fused epilogue: training forward <= 25 and <= 3
+(y and one workspace), eval forward <= 12 and 1, forward + backward <= 50 and <= 7, a module's
+forward + backward <= 60. An empty autograd.Function with three inputs makes 8 calls forward and
+about 35 forward + backward in the same harness (bench/overhead.py --stub prints both).
+"""
+
+import contextlib
+import threading
+
+import pytest
+import torch
+
+import bn_triton
+from bench import counts, stub
+from bn_triton import _config, functional, launch
+from tests.helpers import make
+
+LIMITS = dict(train=(25, 3), eval=(12, 1), fwd_bwd=(50, 7), module=(60, 7))
+INPUTS = {
+    "NCHW": lambda: make((16, 32, 7, 7), torch.float32, "cpu", seed=0),
+    "channels_last": lambda: make((16, 32, 7, 7), torch.float32, "cpu", "channels_last", seed=0),
+    "2-D": lambda: make((16, 32), torch.float32, "cpu", seed=0),
+}
+FUSED = {"plain": {}, "relu": dict(activation="relu"), "residual+relu": dict(activation="relu", residual=True)}
+
+
+def _calls(layout: str, fused: dict) -> dict:
+    """The four counted calls for one input, with their grad mode."""
+    x = INPUTS[layout]().requires_grad_()
+    C = x.shape[1]
+    w, b = torch.randn(C, requires_grad=True), torch.randn(C, requires_grad=True)
+    rm, rv = torch.zeros(C), torch.ones(C)
+    r = torch.randn_like(x).requires_grad_() if fused.get("residual") else None
+    kw = dict(activation=fused.get("activation"), residual=r)
+    wrt = (x, w, b) if r is None else (x, w, b, r)
+    dy = torch.randn_like(x)
+    fwd = lambda training: bn_triton.batch_norm(x, rm, rv, w, b, training, **kw)
+    m = (bn_triton.BatchNorm2d if x.dim() == 4 else bn_triton.BatchNorm1d)(C, activation=kw["activation"])
+    mwrt = (x, m.weight, m.bias) if r is None else (x, m.weight, m.bias, r)
+    return dict(
+        train=(lambda: fwd(True), True),
+        eval=(lambda: fwd(False), False),
+        fwd_bwd=(lambda: torch.autograd.grad(fwd(True), wrt, dy), True),
+        module=(lambda: torch.autograd.grad(m(x, residual=r), mwrt, dy), True),
+    )
+
+
+@pytest.mark.parametrize("fused", FUSED.values(), ids=FUSED.keys())
+@pytest.mark.parametrize("layout", INPUTS)
+@pytest.mark.parametrize("path", ["split", "single_pass"])
+def test_python_calls_and_allocations_per_call(layout, fused, path, monkeypatch):
+    monkeypatch.setattr(_config, "SINGLE_PASS", path == "single_pass")
+    with stub.stubbed_kernels():
+        for name, (fn, grad) in _calls(layout, fused).items():
+            with torch.set_grad_enabled(grad):
+                fn()  # the first call of the signature plans it
+                calls, allocs = counts.python_calls(fn), counts.allocations(fn)
+            max_calls, max_allocs = LIMITS[name]
+            assert calls <= max_calls, f"{name}: {calls} Python calls (at most {max_calls})"
+            if not fused:  # the common path; a residual's backward also writes d(residual)
+                assert allocs <= max_allocs, f"{name}: {allocs} allocations (at most {max_allocs})"
+
+
+def test_the_count_of_an_empty_function_is_what_the_docstring_says():
+    """Guard for the harness: the empty Function's own counts (the floor the limits are set against)."""
+    x, w = torch.randn(4, 3, requires_grad=True), torch.randn(3, requires_grad=True)
+    dy = torch.randn(4, 3)
+    assert counts.python_calls(lambda: counts.EmptyFunction.apply(x, w, w)) == 8
+    assert 30 <= counts.python_calls(lambda: torch.autograd.grad(counts.EmptyFunction.apply(x, w, w), (x, w), dy)) <= 40
+
+
+# ---------------------------------------------------------------- the cache
+def test_the_plan_cache_is_bounded(monkeypatch):
+    """A model whose batch size changes every step: plans are built for each size, and the oldest
+    dropped, never more than PLANS_MAX of them (each launch builder is bounded the same way)."""
+    monkeypatch.setattr(functional, "PLANS_MAX", 8)
+    with stub.stubbed_kernels():
+        for n in range(2, 40):
+            bn_triton.batch_norm(torch.randn(n, 3), torch.zeros(3), torch.ones(3), training=True)
+            assert len(functional._PLANS) <= 8
+    assert launch.stats.cache_info().maxsize == launch.PLANS_PER_KIND
+
+
+def test_a_plan_is_reused_and_gives_the_same_results(device):
+    x = make((4, 3, 5), torch.float32, device, seed=1)
+    rm, rv = torch.zeros(3, device=device), torch.ones(3, device=device)
+    y1 = bn_triton.batch_norm(x, rm.clone(), rv.clone(), training=True)
+    n = len(functional._PLANS)
+    y2 = bn_triton.batch_norm(x, rm.clone(), rv.clone(), training=True)
+    assert len(functional._PLANS) == n, "the second call of a signature plans nothing new"
+    torch.testing.assert_close(y1, y2, atol=0, rtol=0)
+
+
+def test_threads_calling_at_once_get_their_own_results(device):
+    """nn.DataParallel runs its replicas in threads: plans built and used by several threads at once.
+    On CPU the kernels are stubbed (Triton's interpreter keeps one launch's state globally, so it
+    runs one launch at a time): the plans and their outputs' shapes are what is checked there."""
+    shapes = [(4, 3, 5), (6, 3, 5), (4, 5), (3, 3, 2, 2)] * 2
+    xs = [make(s, torch.float32, device, seed=i) for i, s in enumerate(shapes)]
+    expected = [bn_triton.batch_norm(x, None, None, training=True) for x in xs]
+    results, errors = {}, []
+
+    def work(i):
+        try:
+            for _ in range(20):
+                results[i] = bn_triton.batch_norm(xs[i], None, None, training=True)
+        except Exception as e:  # noqa: BLE001
+            errors.append(e)
+
+    with stub.stubbed_kernels() if device == "cpu" else contextlib.nullcontext():
+        threads = [threading.Thread(target=work, args=(i,)) for i in range(len(xs))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    assert not errors, errors
+    for i, y in enumerate(expected):
+        if device == "cpu":
+            assert results[i].shape == y.shape and results[i].stride() == y.stride()
+        else:
+            torch.testing.assert_close(results[i], y, atol=0, rtol=0)
+
+
+def test_kernels_specialize_on_a_few_batch_sizes_not_on_each(h100):
+    """As on an H100, for 300 batch sizes: the launches differ in their constexprs (tile choices) and
+    in the divisibility of their ints only, a handful of compiled kernels per kernel (Triton's own
+    specialization, computed here by its binder for sm_90), never one per size."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import make_backend
+    from triton.runtime.jit import create_function_from_signature
+
+    backend = make_backend(GPUTarget("cuda", 90, 32))
+    f32, i32 = torch.float32, torch.int32
+    builds = (
+        (launch.stats, (f32, f32, i32, f32, f32, None, f32, f32, None), (1e-5, launch.RunningSpec(1, 1))),
+        (launch.normalize, (f32,) * 6 + (None,), (1e-5, False, False)),
+        (
+            launch.grad_sums,
+            (f32, f32, f32, f32, f32, i32, f32, f32, f32, f32, None, f32, None, None),
+            (1e-5, False, False),
+        ),
+        (launch.grad_input, (f32,) * 8 + (None,) * 3, (1e-5, True, 0, False)),
+    )
+    keys: dict = {}
+    for n in range(1, 301):
+        _, geom = launch.canonical(torch.empty((n, 64, 14, 14), device="meta"))
+        for build, types, rest in builds:
+            ln = build(geom, h100, types, *rest)
+            pointers = [None if t is None else torch.empty(16, dtype=t, device="meta") for t in types]
+            fn = _jit(ln.fn)
+            binder = create_function_from_signature(fn.signature, fn.params, backend)
+            _, spec, _ = binder(*pointers, *ln.tail, **ln.options)
+            keys.setdefault(ln.name, set()).add(str(spec))
+    assert all(len(k) <= 24 for k in keys.values()), {name: len(k) for name, k in keys.items()}
+
+
+def _jit(kernel):
+    """The JITFunction a GPU would compile for ``kernel`` (under the interpreter: from its function
+    and decorator options)."""
+    from triton.runtime.jit import JITFunction
+
+    if isinstance(kernel, JITFunction):
+        return kernel
+    return JITFunction(kernel.fn, **kernel.kwargs)
+
+
+# ---------------------------------------------------------------- tickets
+def test_tickets_are_per_stream_and_fresh_inside_a_graph_capture(monkeypatch):
+    """Two streams never share the tickets of their reductions; a CUDA-graph capture gets tickets of
+    its own, zeroed in the graph. Checked with stand-ins for torch's current-stream queries."""
+    stream = [1]
+    capturing = [False]
+    monkeypatch.setattr(torch._C, "_cuda_getCurrentRawStream", lambda index: stream[0], raising=False)
+    monkeypatch.setattr(torch._C, "_cuda_isCurrentStreamCapturing", lambda: capturing[0])
+    zeros = torch.zeros
+    monkeypatch.setattr(torch, "zeros", lambda n, dtype, device: zeros(n, dtype=dtype))  # no CUDA here
+    monkeypatch.setattr(launch, "_TICKETS", {})
+    cuda = torch.device("cuda", 0)
+    a = launch.tickets(cuda, 10)
+    assert launch.tickets(cuda, 10) is a, "one buffer per stream, reused"
+    stream[0] = 2
+    b = launch.tickets(cuda, 10)
+    assert b is not a and launch.tickets(cuda, 10) is b
+    capturing[0] = True
+    c, d = launch.tickets(cuda, 3), launch.tickets(cuda, 3)
+    assert c is not d and all(c is not t and d is not t for t in launch._TICKETS.values())
+    assert int(c.count_nonzero()) == int(d.count_nonzero()) == 0
