@@ -1,17 +1,30 @@
 """``python -m bench.e2e``: one training step of a real network, torch's BatchNorm against bn_triton's.
 
 A step is forward, cross-entropy loss, backward and an SGD step (momentum 0.9) on torchvision's
-ResNet-50 (``--model``), for four variants of the same model with the same initial weights: ``torch``
-(eager, cuDNN's BatchNorm), ``bn_triton`` (eager, after ``bn_triton.convert_batchnorm``), and
-``torch_compile`` and ``bn_triton_compile`` (``torch.compile`` of each); and for two configs
-(CONFIGS below): ``bf16_cl`` (bf16 autocast, channels_last, batch 128) and ``fp32_nchw`` (fp32,
-NCHW, batch 64). ``step_ms`` is the median of ``--steps`` steps after the warm-up (the first warm-up
-step also compiles), each between two ``torch.cuda.synchronize``; cuDNN benchmark mode is on. Every
-variant's first-step loss is compared with torch eager's (same weights, same first batch): a
-bn_triton variant outside LOSS_RTOL, or failing, makes the exit status 1.
+ResNet-50 (``--model``), for variants of the same model with the same initial weights (VARIANTS):
+``torch`` (eager, cuDNN's BatchNorm), ``bn_triton`` (eager, after ``bn_triton.convert_batchnorm``),
+``bn_triton_fused`` (eager, after ``bn_triton.fuse``: BN -> ReLU and BN -> add -> ReLU run as our
+fused layers), ``torch_compile`` and ``bn_triton_compile`` (``torch.compile`` of the first two), and
+``torch_graph``, ``bn_triton_graph`` and ``bn_triton_fused_graph``: the three eager models with the
+whole step captured once in a CUDA graph (``torch.cuda.graphs``: warm-up on a side stream, static
+input and target tensors) and replayed, one launch per step; without CUDA these are skipped, with
+the reason in the table. Two configs (CONFIGS below): ``bf16_cl`` (bf16 autocast, channels_last,
+batch 128) and ``fp32_nchw`` (fp32, NCHW, batch 64). ``step_ms`` is the median of ``--steps`` steps
+after the warm-up (the first warm-up step also compiles), each between two
+``torch.cuda.synchronize``; cuDNN benchmark mode is on. Every variant's first-step loss is compared
+with torch eager's (same weights, same first batch): a bn_triton variant outside LOSS_RTOL, or
+failing, makes the exit status 1.
 
-Output: a table of step times and speedups (torch / bn_triton, torch_compile / bn_triton_compile;
-> 1: bn_triton faster) and, with ``--out``, ``e2e.csv`` (``model,config,variant,batch,step_ms``).
+``launches``: the kernels of one training step, counted on one more step after the timed ones (in
+the smoke, its last step). On a GPU, the profiler's CUDA kernel events (a graph's kernels too: one
+replay launches them all). On CPU, bn_triton's kernel launches (``bn_triton.launch.LAUNCHES``) plus
+the aten ops torch's profiler records outside any other aten op and outside our launches (whose
+interpreter runs torch ops of its own), each counted once, views and allocations left out.
+
+Output: a table of step times, speedups (BASELINE's step time / the variant's: bn_triton and
+bn_triton_fused against torch, bn_triton_compile against torch_compile, the graph variants against
+torch_graph; > 1: bn_triton faster), launches, and what ``bn_triton.fuse`` fused; with ``--out``,
+``e2e.csv`` (COLUMNS: ``model,config,variant,batch,step_ms,launches``), one row per variant that ran.
 ``--budget-s`` starts no new variant after that many seconds; SIGTERM or Ctrl-C keeps the rows so far.
 torchvision is optional: without it the step is skipped with a message (exit 0). Without a CUDA
 GPU (or with ``--smoke``) a smoke runs instead: ``tinynet``, built here, on tiny inputs on CPU
@@ -38,8 +51,17 @@ from torch import nn
 from . import sigterm_as_interrupt, start_smoke
 from .suite import parse_list
 
-COLUMNS = ("model", "config", "variant", "batch", "step_ms")
-VARIANTS = ("torch", "bn_triton", "torch_compile", "bn_triton_compile")
+COLUMNS = ("model", "config", "variant", "batch", "step_ms", "launches")
+VARIANTS = (
+    "torch",
+    "bn_triton",
+    "bn_triton_fused",
+    "torch_compile",
+    "bn_triton_compile",
+    "torch_graph",
+    "bn_triton_graph",
+    "bn_triton_fused_graph",
+)
 TINY = "tinynet"
 NO_TORCHVISION = "torchvision is not installed: pip install torchvision; skipping the end-to-end step"
 
@@ -55,7 +77,26 @@ CONFIGS = {
 # (shared/docs/platform-notes.md, "Interpreter fidelity").
 LOSS_RTOL = {"bf16_cl": 2e-2, "fp32_nchw": 1e-3}
 SMOKE_LOSS_RTOL = {"bf16_cl": 1e-1, "fp32_nchw": 1e-3}
-BASELINE = {"bn_triton": "torch", "bn_triton_compile": "torch_compile"}  # speedup = baseline ms / ours
+BASELINE = {  # speedup = the baseline's ms / the variant's
+    "bn_triton": "torch",
+    "bn_triton_fused": "torch",
+    "bn_triton_compile": "torch_compile",
+    "bn_triton_graph": "torch_graph",
+    "bn_triton_fused_graph": "torch_graph",
+}
+NO_CUDA_GRAPHS = "CUDA graphs need a CUDA GPU"
+# Aten ops that launch no kernel of their own (views, allocations, metadata): on CPU an op counts if
+# it, or an op it calls, is not one of these (aten::to converts, or returns its input).
+NO_KERNEL_OPS = frozenset(
+    f"aten::{name}"
+    for name in (
+        "empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided", "detach", "alias", "view",
+        "_unsafe_view", "reshape", "_reshape_alias", "as_strided", "t", "transpose", "permute", "expand",
+        "squeeze", "unsqueeze", "flatten", "unflatten", "select", "slice", "set_", "resize_", "lift_fresh",
+        "to", "contiguous",
+    )
+)  # fmt: skip
+KERNEL_RANGE = "bn_triton kernel"  # the profiler range around each of our launches (CPU count)
 
 
 def parse_args(argv):
@@ -79,7 +120,8 @@ def parse_args(argv):
 class TinyNet(nn.Module):
     """A small ResNet-like net with torch BatchNorm layers: stem conv-BN-ReLU, one residual block
     (conv-BN-ReLU-conv-BN, add, ReLU), average pool, then a BatchNorm1d on the features and a linear
-    head, so the smoke covers 4-D and 2-D batch norm and BN before an add."""
+    head, so the smoke covers 4-D and 2-D batch norm, and bn_triton.fuse both of its patterns: BN ->
+    ReLU (stem, bn1) and BN -> add -> ReLU (bn2); bn_feat feeds the head and stays unfused."""
 
     def __init__(self):
         super().__init__()
@@ -122,11 +164,17 @@ class Result:
     first_loss: float | None = None
     seconds: float = 0.0  # wall time of the whole variant, warm-up (compiles) included
     error: str | None = None
+    launches: int | None = None  # kernels in one training step (module docstring)
+    skipped: str | None = None  # why the variant cannot run here
+    fusion: str | None = None  # bn_triton.fuse's report (the fused variants)
 
 
 def run_variant(res: Result, base, num_classes: int, device, smoke: bool, steps: int, warmup: int, size: int):
     """One variant into res; an exception becomes its error (reported in the table: a compile
     failure is not ours). The variant's memory is given back before the next one starts."""
+    if res.variant.endswith("_graph") and device.type != "cuda":
+        res.skipped = NO_CUDA_GRAPHS
+        return res
     t_start = time.monotonic()
     try:
         _train(res, base, num_classes, device, smoke, steps, warmup, size)
@@ -143,24 +191,22 @@ def run_variant(res: Result, base, num_classes: int, device, smoke: bool, steps:
 
 
 def _train(res: Result, base, num_classes: int, device, smoke: bool, steps: int, warmup: int, size: int):
-    """A fresh copy of the model, warm-up (the first step's loss kept), timed steps."""
-    import bn_triton  # not at the top: on CPU, start_smoke switches Triton's interpreter on first
-
+    """A fresh copy of the model, warm-up (the first step's loss kept), timed steps, one counted step."""
     cfg = CONFIGS[res.config]
     memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
-    model = copy.deepcopy(base).to(device, memory_format=memory_format).train()
-    if res.variant.startswith("bn_triton"):
-        bn_triton.convert_batchnorm(model)
-    fn = torch.compile(model, backend="aot_eager" if smoke else "inductor") if "_compile" in res.variant else model
-    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    graph = res.variant.endswith("_graph")
     # Random images (never zeros) drawn before timing, a few batches used in turn; seeded, so every
     # variant of a config starts from the same first batch.
     gen = torch.Generator(device).manual_seed(1)
     xs = torch.randn(3, res.batch, 3, size, size, generator=gen, device=device)
     ts = torch.randint(0, num_classes, (3, res.batch), generator=gen, device=device)
     pool = [(x.contiguous(memory_format=memory_format), t) for x, t in zip(xs, ts, strict=True)]
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.autocast_bf16)
+    # A captured graph cannot replay autocast's cache of casted weights (torch.cuda.graphs' advice).
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.autocast_bf16, cache_enabled=not graph)
     sync = torch.cuda.synchronize if device.type == "cuda" else lambda: None
+    model = _model(res, base, device, memory_format, pool[0][0], autocast)
+    fn = torch.compile(model, backend="aot_eager" if smoke else "inductor") if "_compile" in res.variant else model
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
 
     def step(i):
         x, t = pool[i % len(pool)]
@@ -171,26 +217,141 @@ def _train(res: Result, base, num_classes: int, device, smoke: bool, steps: int,
         opt.zero_grad(set_to_none=True)
         return loss
 
-    res.first_loss = float(step(0).detach())  # same weights and batch for every variant
-    for i in range(1, max(warmup, 1)):
-        step(i)
+    if graph:
+        step = _captured_step(res, fn, opt, pool, autocast, warmup)
+    else:
+        res.first_loss = float(step(0).detach())  # same weights and batch for every variant
+        for i in range(1, max(warmup, 1)):
+            step(i)
     sync()
+    timed = max(steps - 1, 0) if smoke else steps  # the smoke times nothing: its last step is the counted one
     times = []
-    for i in range(steps):
+    for i in range(timed):
         t0 = time.perf_counter()
         step(i)
         sync()
         times.append((time.perf_counter() - t0) * 1e3)
     if times and not smoke:
         res.step_ms = statistics.median(times)
+    res.launches = count_launches(lambda: step(timed), device)
+
+
+def _model(res: Result, base, device, memory_format, example, autocast):
+    """The variant's copy of the model: torch's, converted, or fused (its report kept in res)."""
+    import bn_triton  # not at the top: on CPU, start_smoke switches Triton's interpreter on first
+
+    model = copy.deepcopy(base).to(device, memory_format=memory_format).train()
+    if res.variant.startswith("bn_triton_fused"):
+        with autocast:  # the shapes and dtypes that the adds see in the step
+            model = bn_triton.fuse(model, example)
+        res.fusion = str(model.fusion_report)
+    elif res.variant.startswith("bn_triton"):
+        bn_triton.convert_batchnorm(model)
+    return model
+
+
+def _captured_step(res: Result, fn, opt, pool, autocast, warmup: int):
+    """The whole step in a CUDA graph, by torch.cuda.graphs' recipe: warm-up steps on a side stream
+    (the first one's loss kept, as every variant's), one capture on static input and target tensors;
+    then a step copies its batch into them and replays the graph."""
+    static_x, static_t = (t.clone() for t in pool[0])
+
+    def body():
+        with autocast:
+            loss = F.cross_entropy(fn(static_x), static_t)
+        loss.backward()
+        opt.step()
+        return loss
+
+    def load(i):
+        x, t = pool[i % len(pool)]
+        static_x.copy_(x)
+        static_t.copy_(t)
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for i in range(max(warmup, 3)):  # the optimizer's state exists and every kernel is compiled
+            load(i)
+            loss = body()
+            if i == 0:
+                res.first_loss = float(loss.detach())
+            opt.zero_grad(set_to_none=True)  # so that the captured backward allocates .grad in the graph's pool
+    torch.cuda.current_stream().wait_stream(side)
+    cuda_graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(cuda_graph):
+        static_loss = body()
+
+    def replay(i):
+        load(i)
+        cuda_graph.replay()
+        return static_loss
+
+    return replay
+
+
+def count_launches(step, device) -> int:
+    """The kernels that ``step()`` launches (module docstring: how, on a GPU and on CPU)."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    from bn_triton import launch
+
+    from .impls import _quietly
+    from .stub import stubbed_kernels
+
+    if device.type == "cuda":
+        prof = profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA])
+        _quietly(prof.start)
+        try:
+            step()
+            torch.cuda.synchronize()
+        finally:
+            _quietly(prof.stop)
+        kernels = [e for e in prof.events() if e.device_type == DeviceType.CUDA]
+        return sum(1 for e in kernels if not e.name.startswith(("Memcpy", "Memset")))
+    before = launch.LAUNCHES.copy()
+    prof = profile(activities=[ProfilerActivity.CPU])
+    with stubbed_kernels(on_launch=_launch_in_range):
+        _quietly(prof.start)
+        try:
+            step()
+        finally:
+            _quietly(prof.stop)
+    return sum((launch.LAUNCHES - before).values()) + _cpu_kernels(prof.events())
+
+
+def _launch_in_range(launch) -> None:
+    """One of our launches, run for real, inside a profiler range: the torch ops that the interpreter
+    runs meanwhile are its own, not the step's."""
+    with torch.profiler.record_function(KERNEL_RANGE):
+        launch.kernel[launch.grid](*launch.args, **launch.kwargs)
+
+
+def _cpu_kernels(events) -> int:
+    """Aten ops called outside any other aten op, our ops and our launches, that compute something."""
+
+    def outside(e):
+        p = e.cpu_parent
+        while p is not None:
+            if p.name.startswith(("aten::", "bn_triton::")) or p.name == KERNEL_RANGE:
+                return False
+            p = p.cpu_parent
+        return True
+
+    def computes(e):
+        return e.name not in NO_KERNEL_OPS or any(computes(c) for c in e.cpu_children)
+
+    return sum(1 for e in events if e.name.startswith("aten::") and outside(e) and computes(e))
 
 
 def write_csv(path: str, model: str, results: list) -> None:
     with open(path, "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(COLUMNS)
-        for r in (r for r in results if r.error is None):
-            w.writerow([model, r.config, r.variant, r.batch, "" if r.step_ms is None else f"{r.step_ms:.3f}"])
+        for r in (r for r in results if r.error is None and r.skipped is None):
+            step_ms = "" if r.step_ms is None else f"{r.step_ms:.3f}"
+            w.writerow([model, r.config, r.variant, r.batch, step_ms, "" if r.launches is None else r.launches])
 
 
 def loss_checks(results: list, smoke: bool) -> list:
@@ -212,16 +373,31 @@ def table(model: str, results: list, skipped: list, smoke: bool, device_name: st
     if smoke:
         lines += ["Smoke (no GPU or --smoke): the code path and the losses only; no time is meaningful.", ""]
     lines += [
-        "| config | variant | batch | step ms | speedup | first loss | warm-up + steps s |",
-        "|---|---|---|---|---|---|---|",
+        "| config | variant | batch | step ms | speedup | launches | first loss | warm-up + steps s |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
         base = ms.get((r.config, BASELINE.get(r.variant)))
         speedup = f"{base / r.step_ms:.2f}x" if base and r.step_ms else ""
-        step = "error" if r.error else ("-" if r.step_ms is None else f"{r.step_ms:.2f}")
+        step = "skipped" if r.skipped else "error" if r.error else ("-" if r.step_ms is None else f"{r.step_ms:.2f}")
         loss = "" if r.first_loss is None else f"{r.first_loss:.5f}"
-        lines.append(f"| {r.config} | {r.variant} | {r.batch} | {step} | {speedup} | {loss} | {r.seconds:.1f} |")
-    lines += ["", "speedup: torch's step time / bn_triton's, eager and compiled apart (> 1: bn_triton faster)."]
+        launches = "" if r.launches is None else str(r.launches)
+        row = [r.config, r.variant, r.batch, step, speedup, launches, loss, "" if r.skipped else f"{r.seconds:.1f}"]
+        lines.append("| " + " | ".join(str(c) for c in row) + " |")
+    lines += [
+        "",
+        "speedup: the baseline's step time / the variant's (> 1: bn_triton faster): bn_triton and bn_triton_fused "
+        "against torch, bn_triton_compile against torch_compile, the graph variants against torch_graph.",
+        "launches: kernels in one training step (on a GPU the profiler's CUDA kernels; on CPU our launches "
+        "plus torch's aten ops: see the module docstring).",
+    ]
+    fusions = collections.defaultdict(list)
+    for r in results:
+        if r.fusion is not None and r.config not in fusions[r.fusion]:
+            fusions[r.fusion].append(r.config)
+    if fusions:
+        lines += ["", "bn_triton.fuse (the bn_triton_fused variants):", ""]
+        lines += [f"- {', '.join(configs)}: {report}" for report, configs in fusions.items()]
     checks = loss_checks(results, smoke)
     if checks:
         lines += ["", "First-step loss against torch eager's (same weights, same batch):", ""]
@@ -231,6 +407,12 @@ def table(model: str, results: list, skipped: list, smoke: bool, device_name: st
     errors = [f"- {r.config} {r.variant}: {r.error}" for r in results if r.error]
     if errors:
         lines += ["", "Errors:", ""] + errors
+    reasons = collections.defaultdict(list)
+    for r in results:
+        if r.skipped:
+            reasons[r.skipped].append(f"{r.config} {r.variant}")
+    for reason, runs in reasons.items():
+        lines += ["", f"Skipped ({reason}): " + ", ".join(runs)]
     if skipped:
         lines += ["", f"Not run ({why}): " + ", ".join(f"{c} {v}" for c, v in skipped)]
     return "\n".join(lines) + "\n"
@@ -291,10 +473,10 @@ def main(argv=None) -> int:
                 w = cwarm if "_compile" in variant else warmup
                 r = Result(cname, variant, batch or CONFIGS[cname].batch)
                 results.append(run_variant(r, *built, device, smoke, steps, w, size))
-                status = r.error or ("not timed" if r.step_ms is None else f"{r.step_ms:.2f} ms")
+                status = r.skipped or r.error or ("not timed" if r.step_ms is None else f"{r.step_ms:.2f} ms")
                 print(
-                    f"{time.monotonic() - t0:7.1f}s  {cname:9s} {variant:17s} batch {r.batch}: {status} "
-                    f"(first loss {r.first_loss}, {r.seconds:.1f} s)",
+                    f"{time.monotonic() - t0:7.1f}s  {cname:9s} {variant:21s} batch {r.batch}: {status} "
+                    f"(first loss {r.first_loss}, {r.launches} launches, {r.seconds:.1f} s)",
                     flush=True,
                 )
                 if csv_path:

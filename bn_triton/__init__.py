@@ -25,6 +25,7 @@ _loader.load_kernels(sys.modules[__name__])
 from bn_triton import reference  # noqa: E402
 from bn_triton.convert import convert_batchnorm  # noqa: E402
 from bn_triton.functional import batch_norm  # noqa: E402
+from bn_triton.fuse import fuse  # noqa: E402
 from bn_triton.modules import BatchNorm1d, BatchNorm2d, BatchNorm3d  # noqa: E402
 from bn_triton.sync_batchnorm import SyncBatchNorm  # noqa: E402
 
@@ -37,6 +38,7 @@ __all__ = [
     "SyncBatchNorm",
     "batch_norm",
     "convert_batchnorm",
+    "fuse",
     "reference",
     "__version__",
 ]

@@ -1,8 +1,8 @@
 """bench/e2e.py (``python -m bench.e2e``): the end-to-end training-step bench, by its smoke.
 
-The smoke is the same code path as the ResNet-50 run (deepcopy, convert, compile, autocast,
-channels_last, SGD steps, loss check, CSV) on a tiny net; on a GPU the real run is in
-bench/gpu_check.sh, not here.
+The smoke is the same code path as the ResNet-50 run (deepcopy, convert, fuse, compile, autocast,
+channels_last, SGD steps, loss check, launch counts, CSV) on a tiny net; CUDA graphs only where CUDA
+is (else they are skipped, with the reason); on a GPU the real run is in bench/gpu_check.sh, not here.
 """
 
 import csv
@@ -11,6 +11,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from bench import e2e
 
@@ -24,8 +25,9 @@ def _read(path):
 
 def test_smoke_runs_every_variant_and_writes_the_csv(tmp_path):
     """The command line as gpu_check.sh and ``python -m bench --model`` call it (with --smoke, so a
-    GPU machine runs the tiny net too): exit 0, one row per config x variant, exact columns, the
-    losses checked against torch eager's."""
+    GPU machine runs the tiny net too): exit 0, one row per config x variant that can run here
+    (CUDA graphs need CUDA), exact columns, the losses checked against torch eager's, the fused
+    variant fused both patterns and launches fewer kernels than the unfused one."""
     md = tmp_path / "e2e.md"
     proc = subprocess.run(
         [sys.executable, "-m", "bench.e2e", "--smoke", "--out", str(tmp_path), "--md", str(md)],
@@ -36,16 +38,26 @@ def test_smoke_runs_every_variant_and_writes_the_csv(tmp_path):
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     rows = _read(tmp_path / "e2e.csv")
-    assert tuple(rows[0]) == ("model", "config", "variant", "batch", "step_ms")
+    assert tuple(rows[0]) == ("model", "config", "variant", "batch", "step_ms", "launches")
+    cuda = torch.cuda.is_available()
+    ran = [v for v in e2e.VARIANTS if cuda or not v.endswith("_graph")]
     got = {(r[1], r[2]) for r in rows[1:]}
-    assert got == {(c, v) for c in e2e.CONFIGS for v in e2e.VARIANTS}
+    assert got == {(c, v) for c in e2e.CONFIGS for v in ran}
     assert {r[0] for r in rows[1:]} == {"tinynet"}
     assert {r[3] for r in rows[1:]} == {"2"}
     assert {r[4] for r in rows[1:]} == {""}, "the smoke reports no times"
+    launches = {(r[1], r[2]): int(r[5]) for r in rows[1:]}
+    for config in e2e.CONFIGS:
+        assert 0 < launches[config, "bn_triton_fused"] < launches[config, "bn_triton"], launches
     assert "no time is meaningful" in proc.stdout
     text = md.read_text()
-    assert text.count(": ok") == 6, text  # 3 variants x 2 configs against torch eager's loss
+    assert text.count(": ok") == len(e2e.CONFIGS) * (len(ran) - 1), text  # every variant against torch eager's
     assert "DISAGREES" not in text and "Errors" not in text
+    fused = "fused 3 of 4 BatchNorm layers: 2 into ReLU, 1 into add + ReLU; left 1: bn_feat"
+    assert f"- bf16_cl, fp32_nchw: {fused}" in text
+    if not cuda:
+        assert f"Skipped ({e2e.NO_CUDA_GRAPHS}): bf16_cl torch_graph, bf16_cl bn_triton_graph" in text
+        assert "| fp32_nchw | bn_triton_fused_graph | 2 | skipped |" in text
 
 
 def test_without_torchvision_it_says_so_and_exits_0(monkeypatch, tmp_path, capsys):
@@ -71,33 +83,46 @@ def test_budget_spent_runs_nothing_and_says_so(tmp_path, capsys):
     assert _read(tmp_path / "e2e.csv") == [list(e2e.COLUMNS)]
 
 
-def _result(config, variant, ms, loss, error=None):
-    return e2e.Result(config, variant, 64, step_ms=ms, first_loss=loss, error=error)
+def _result(config, variant, ms, loss, error=None, launches=None, skipped=None):
+    return e2e.Result(config, variant, 64, step_ms=ms, first_loss=loss, error=error, launches=launches, skipped=skipped)
 
 
 def test_table_speedups_and_loss_verdicts(tmp_path):
-    """Speedup = torch's step time / bn_triton's, eager with eager and compiled with compiled; a
-    bn_triton loss outside the allowance is flagged, and makes the CSV skip errored rows only."""
+    """Speedup = the baseline's step time / the variant's: torch for bn_triton and bn_triton_fused,
+    torch_compile for bn_triton_compile, torch_graph for the graph variants; a bn_triton loss outside
+    the allowance is flagged; the CSV skips errored and skipped rows only."""
     results = [
-        _result("fp32_nchw", "torch", 40.0, 6.9),
-        _result("fp32_nchw", "bn_triton", 32.0, 6.9 * (1 + 5e-5)),
+        _result("fp32_nchw", "torch", 40.0, 6.9, launches=900),
+        _result("fp32_nchw", "bn_triton", 32.0, 6.9 * (1 + 5e-5), launches=950),
+        _result("fp32_nchw", "bn_triton_fused", 25.0, 6.9, launches=800),
+        _result("fp32_nchw", "torch_graph", 30.0, 6.9),
+        _result("fp32_nchw", "bn_triton_graph", 24.0, 6.9),
+        _result("fp32_nchw", "bn_triton_fused_graph", 20.0, 6.9),
         _result("fp32_nchw", "torch_compile", 30.0, 6.9),
         _result("fp32_nchw", "bn_triton_compile", 60.0, 7.5),
         _result("bf16_cl", "torch", 35.0, 6.9),
         _result("bf16_cl", "bn_triton", None, None, error="RuntimeError: boom"),
+        _result("bf16_cl", "torch_graph", None, None, skipped=e2e.NO_CUDA_GRAPHS),
     ]
     text = e2e.table("resnet50", results, [("bf16_cl", "torch_compile")], smoke=False, device_name="GPU")
-    assert "| fp32_nchw | bn_triton | 64 | 32.00 | 1.25x |" in text
+    assert "| fp32_nchw | bn_triton | 64 | 32.00 | 1.25x | 950 |" in text
+    assert "| fp32_nchw | bn_triton_fused | 64 | 25.00 | 1.60x | 800 |" in text
+    assert "| fp32_nchw | torch_graph | 64 | 30.00 |  |  |" in text
+    assert "| fp32_nchw | bn_triton_graph | 64 | 24.00 | 1.25x |" in text
+    assert "| fp32_nchw | bn_triton_fused_graph | 64 | 20.00 | 1.50x |" in text
     assert "| fp32_nchw | bn_triton_compile | 64 | 60.00 | 0.50x |" in text
+    assert "| bf16_cl | torch_graph | 64 | skipped |" in text
     assert "fp32_nchw bn_triton: loss" in text and "fp32_nchw bn_triton_compile: loss" in text
     assert text.count("DISAGREES") == 1  # bn_triton_compile's 7.5 against 6.9
     assert "- bf16_cl bn_triton: RuntimeError: boom" in text
+    assert f"Skipped ({e2e.NO_CUDA_GRAPHS}): bf16_cl torch_graph" in text
     assert "Not run (time budget spent): bf16_cl torch_compile" in text
     e2e.write_csv(str(tmp_path / "e2e.csv"), "resnet50", results)
     rows = _read(tmp_path / "e2e.csv")
-    assert rows[0] == ["model", "config", "variant", "batch", "step_ms"]
-    assert rows[1] == ["resnet50", "fp32_nchw", "torch", "64", "40.000"]
-    assert len(rows) == 1 + 5  # the errored run has no row
+    assert rows[0] == ["model", "config", "variant", "batch", "step_ms", "launches"]
+    assert rows[1] == ["resnet50", "fp32_nchw", "torch", "64", "40.000", "900"]
+    assert rows[4] == ["resnet50", "fp32_nchw", "torch_graph", "64", "30.000", ""]
+    assert len(rows) == 1 + 9  # the errored and the skipped run have no row
 
 
 def test_sigterm_keeps_the_rows_so_far_and_exits_130(monkeypatch, tmp_path, capsys):
@@ -118,5 +143,6 @@ def test_sigterm_keeps_the_rows_so_far_and_exits_130(monkeypatch, tmp_path, caps
     assert e2e.main(["--smoke", "--configs", "fp32_nchw", "--out", str(tmp_path)]) == 130
     assert signal.getsignal(signal.SIGTERM) is handler
     out = capsys.readouterr().out
-    assert "Not run (interrupted): fp32_nchw torch_compile, fp32_nchw bn_triton_compile" in out
+    not_run = "bn_triton_fused, fp32_nchw torch_graph, fp32_nchw bn_triton_graph, fp32_nchw bn_triton_fused_graph"
+    assert f"Not run (interrupted): fp32_nchw {not_run}, fp32_nchw torch_compile, fp32_nchw bn_triton_compile" in out
     assert [r[2] for r in _read(tmp_path / "e2e.csv")[1:]] == ["torch", "bn_triton"]

@@ -64,7 +64,7 @@ def test_dry_run_packs_at_most_8_files(tmp_path):
     assert names <= FILES and len(names) <= 8, names
     assert not [n for n in names if (out / n).is_dir()]
     assert {"gpu_check.log", "summary.md", "results.csv", "compile.csv", "e2e.csv", "env.json"} <= names
-    assert (out / "e2e.csv").read_text().splitlines()[0] == "model,config,variant,batch,step_ms"
+    assert (out / "e2e.csv").read_text().splitlines()[0] == "model,config,variant,batch,step_ms,launches"
     summary = (out / "summary.md").read_text()
     for stage in ("| tests | 0 |", "| e2e | 0 |", "| suite v1 | 0 |", "| vs torch.compile | 0 |"):
         assert stage in summary, summary[:2000]
