@@ -25,11 +25,17 @@ class Launch:
     kwargs: dict
 
 
+def _no_launch(*args, **kwargs):
+    return None
+
+
 class _Stub:
     def __init__(self, name, kernel, on_launch):
         self.name, self.kernel, self.on_launch = name, kernel, on_launch
 
     def __getitem__(self, grid):
+        if self.on_launch is None:  # nothing to record: a launch costs what a no-op call costs
+            return _no_launch
         return lambda *args, **kwargs: self.on_launch(Launch(self.name, self.kernel, grid, args, kwargs))
 
 
@@ -43,7 +49,7 @@ def stubbed_kernels(on_launch: Callable | None = None):
     originals = {n: getattr(kernels, n) for n in kernels.__all__}
     originals = {n: k for n, k in originals.items() if isinstance(k, KernelInterface)}
     # By id: the originals are alive meanwhile, so an object with one of their ids is that kernel.
-    stubs = {id(k): _Stub(n, k, on_launch or (lambda launch: None)) for n, k in originals.items()}
+    stubs = {id(k): _Stub(n, k, on_launch) for n, k in originals.items()}
     with contextlib.ExitStack() as restore:
         # Launch plans hold the kernels they were built with: none built before or inside survives.
         launch.clear_plans()

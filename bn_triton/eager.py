@@ -57,23 +57,24 @@ class Plan:
                 self.count_batch,
             )
             rs = dtypes(running_mean, running_var, num_batches_tracked)
+            # One workspace: mean at 0, rstd at C, then the statistics' partials. The kernels are
+            # given it for each of those pointers, with the offsets (a view costs more than a launch).
             if single:
                 self.fwd = launch.forward(
                     geom, self.device, (x.dtype, x.dtype, *stats_out, torch.int32, *per_ch,
                                         x.dtype if self.has_res else None, *rs),
-                    eps, running, relu,
+                    eps, running, relu, rstd_offset=C,
                 )  # fmt: skip
-                self.ws = (C, 2 * C, 2 * C)  # mean, rstd; no partials
-                self.tickets = self.fwd.tickets
+                self.ws, self.tickets = 2 * C, self.fwd.tickets
             else:
                 self.stats = launch.stats(
-                    geom, self.device, (x.dtype, acc, torch.int32, *stats_out, None, *rs), eps, running
-                )
-                self.ws = (C, 2 * C, 2 * C + self.stats.parts)
-                self.tickets = self.stats.tickets
+                    geom, self.device, (x.dtype, acc, torch.int32, *stats_out, None, *rs), eps, running,
+                    rstd_offset=C, part_offset=2 * C,
+                )  # fmt: skip
+                self.ws, self.tickets = 2 * C + self.stats.parts, self.stats.tickets
                 self.norm = launch.normalize(
                     geom, self.device, (x.dtype, x.dtype, *stats_out, *per_ch, x.dtype if self.has_res else None),
-                    eps, False, relu,
+                    eps, False, relu, scale_offset=C,
                 )  # fmt: skip
         else:
             self.rm_copy = not running_mean.is_contiguous()
@@ -88,7 +89,8 @@ class Plan:
 
     # ---------------------------------------------------------------- forward
     def forward(self, x, weight, bias, residual, running_mean, running_var, num_batches_tracked):
-        """(y, mean, scale, x as the kernels read it): scale is rstd in training, running_var in eval."""
+        """(y, mean, scale, x as the kernels read it): mean and scale are the workspace in training
+        (rstd at offset C), running_mean and running_var in eval."""
         if self.x_copy:
             x = launch.canonical_layout(x)
         if self.res_copy:
@@ -111,16 +113,21 @@ class Plan:
             num_batches_tracked = None
         elif self.check_counter and num_batches_tracked.item() == -1:
             raise ZeroDivisionError("float division by zero")
-        c, c2, end = self.ws
-        ws = torch.empty(end, dtype=self.acc, device=self.device)
-        mean, rstd = ws[:c], ws[c:c2]
+        ws = torch.empty(self.ws, dtype=self.acc, device=self.device)
         t = launch.tickets(self.device, self.tickets)
         if self.single:
-            self.fwd(x, y, mean, rstd, t, weight, bias, residual, running_mean, running_var, num_batches_tracked)
-            return y, mean, rstd, x
-        self.stats(x, ws[c2:], t, mean, rstd, None, running_mean, running_var, num_batches_tracked)
-        self.norm(x, y, mean, rstd, weight, bias, residual)
-        return y, mean, rstd, x
+            self.fwd(x, y, ws, ws, t, weight, bias, residual, running_mean, running_var, num_batches_tracked)
+            return y, ws, ws, x
+        self.stats(x, ws, t, ws, ws, None, running_mean, running_var, num_batches_tracked)
+        self.norm(x, y, ws, ws, weight, bias, residual)
+        return y, ws, ws, x
+
+    def statistics(self, mean, scale) -> tuple:
+        """The per-channel mean and scale as their own tensors (the workspace's views in training)."""
+        if not self.training:
+            return mean, scale
+        C = self.C
+        return mean[:C], scale[C : 2 * C]
 
 
 class Backward:
@@ -136,6 +143,7 @@ class Backward:
         training, relu, x_dtype = plan.training, plan.relu, plan.dtype
         geom, device = plan.geom, plan.device
         stat = plan.acc if training else plan.stat_dtype
+        scale_offset = plan.C if training else 0  # rstd in the forward's workspace; running_var on its own
         w = plan.pdtype if plan.has_w else None
         # With a residual and ReLU, the reduction writes the masked dy g (it is d(residual)), and the
         # dx pass reads g instead of dy and y.
@@ -152,7 +160,7 @@ class Backward:
             self.launch = launch.backward(
                 geom, device, (x_dtype, x_dtype, x_dtype, stat, stat, w, self.dw_dtype, self.db_dtype, y_dtype,
                                recompute_b, dz),
-                relu,
+                relu, rstd_offset=scale_offset,
             )  # fmt: skip
             self.store_dz = dz is not None
         elif self.want_dw or self.want_db or (training and want_dx):
@@ -160,20 +168,21 @@ class Backward:
             acc = plan.acc
             self.store_dz = self.store_g and (want_dres or want_dx)
             dz = x_dtype if self.store_dz else None
+            # One workspace: sum(dy) at 0, sum(dy * xhat) at C, then the reduction's partials.
+            C = geom.C
             self.sums = launch.grad_sums(
                 geom, device, (x_dtype, x_dtype, stat, stat, acc, torch.int32, acc, acc, self.dw_dtype, self.db_dtype,
                                y_dtype, w, recompute_b, dz),
-                plan.eps, not training, relu,
+                plan.eps, not training, relu, offsets=(scale_offset, C, 2 * C),
             )  # fmt: skip
-            c = geom.C
-            self.ws = (c, 2 * c, 2 * c + self.sums.parts)
+            self.ws = 2 * C + self.sums.parts
             if want_dx:  # from g (already masked) when the reduction wrote it, else from dy and the mask
                 mask_relu = relu and not self.store_dz
                 self.dx_bias = mask_relu and self.recompute_b
                 self.dx = launch.grad_input(
                     geom, device, (x_dtype, x_dtype, x_dtype, stat, stat, w, acc, acc, None,
                                    recompute_b if self.dx_bias else None, None),
-                    plan.eps, training, 0, mask_relu,
+                    plan.eps, training, 0, mask_relu, offsets=(scale_offset, C),
                 )  # fmt: skip
         elif want_dx or (relu and want_dres):  # eval, elementwise only: dx and/or d(residual)
             self.mode = "elementwise"
@@ -196,21 +205,19 @@ class Backward:
             dw = torch.empty(self.plan.C, dtype=self.dw_dtype, device=x.device)
         if self.want_db:
             db = torch.empty(self.plan.C, dtype=self.db_dtype, device=x.device)
-        if mode == "single":
+        if mode == "single":  # mean and scale: the forward's workspace (rstd at C)
             dx = torch.empty_like(x)
             dz = torch.empty_like(x) if self.store_dz else None
             self.launch(dy, x, dx, mean, scale, weight, dw, db, y, b, dz)
         elif mode == "reduce":
-            c, c2, end = self.ws
-            ws = torch.empty(end, dtype=self.plan.acc, device=x.device)
-            sum_dy, sum_dy_xhat = ws[:c], ws[c:c2]
+            ws = torch.empty(self.ws, dtype=plan.acc, device=x.device)
             g = torch.empty_like(x) if self.store_dz else None
             t = launch.tickets(x.device, self.sums.tickets)
-            self.sums(dy, x, mean, scale, ws[c2:], t, sum_dy, sum_dy_xhat, dw, db, y, weight, b, g)
+            self.sums(dy, x, mean, scale, ws, t, ws, ws, dw, db, y, weight, b, g)
             if self.want_dx:
                 dx = torch.empty_like(x)
                 b = b if self.dx_bias else None
-                self.dx(dy if g is None else g, x, dx, mean, scale, weight, sum_dy, sum_dy_xhat, None, b, None)
+                self.dx(dy if g is None else g, x, dx, mean, scale, weight, ws, ws, None, b, None)
             dz = g
         elif mode == "elementwise":
             dx = torch.empty_like(x) if self.want_dx else None
@@ -233,16 +240,22 @@ class BatchNormFunction(torch.autograd.Function):
     def forward(ctx, x, weight, bias, residual, call):
         plan = call[0]
         y, mean, scale, x = plan.forward(x, weight, bias, residual, *call[1:])
-        ctx.save_for_backward(x, weight, bias, mean, scale, y if plan.mask_from_y else None)
+        mask_y = y if plan.mask_from_y else None
+        if plan.training:  # one workspace holds mean and rstd: saved once
+            ctx.save_for_backward(x, weight, bias, mean, mask_y)
+        else:
+            ctx.save_for_backward(x, weight, bias, mean, mask_y, scale)
         ctx.plan = plan
         return y
 
     @staticmethod
     def backward(ctx, dy):
-        x, weight, bias, mean, scale, y = ctx.saved_tensors
+        x, weight, bias, mean, y, *scale = ctx.saved_tensors
+        scale = scale[0] if scale else mean
         plan, needs = ctx.plan, ctx.needs_input_grad
         if torch.is_grad_enabled():  # create_graph=True: a differentiable backward
             wants = (needs[0], needs[1] and weight is not None, needs[2] and bias is not None, needs[3])
+            mean, scale = plan.statistics(mean, scale)
             grads = composite.differentiable_backward(
                 dy, x, weight, bias, mean, scale, y, plan.training, plan.eps, plan.relu, wants
             )

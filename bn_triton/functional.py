@@ -14,7 +14,6 @@ Everything else takes the general route (``_general``), validated the same way:
   and empty batches: torch's own batch_norm, so a model with our layers still runs on a CPU.
 """
 
-import collections
 from typing import Optional
 
 import torch
@@ -31,8 +30,8 @@ NO_TORCHSCRIPT = (
     "TorchScript cannot hold. Use torch.compile or torch.export instead, or convert the model's layers "
     "back to torch.nn's BatchNorm before scripting."
 )
-PLANS_MAX = 1024  # eager plans kept (least recently used dropped first): every shape of every layer
-_PLANS: collections.OrderedDict = collections.OrderedDict()
+PLANS_MAX = 1024  # eager plans kept (the oldest dropped first): every shape of every layer, and more
+_PLANS: dict = {}
 launch._CLEARS.append(_PLANS.clear)
 
 
@@ -101,7 +100,6 @@ def batch_norm(
         key = _signature(input, running_mean, running_var, weight, bias, residual, None,
                          training, training.__class__, momentum, eps, activation)  # fmt: skip
         plan = _PLANS[key]
-        _PLANS.move_to_end(key)
     except Exception:  # a signature not planned yet (or arguments no plan takes: validation says why)
         return _general(key, None, *args)
     if plan.autograd:
@@ -123,7 +121,6 @@ def layer(module, input: Tensor, residual, weight, bias, running_mean, running_v
         key = _signature(input, running_mean, running_var, weight, bias, residual, num_batches_tracked,
                          module.__class__, training, momentum, eps, activation, module.track_running_stats)  # fmt: skip
         plan = _PLANS[key]
-        _PLANS.move_to_end(key)
     except Exception:
         return _general(key, module, *args)
     if plan.autograd:
@@ -171,10 +168,18 @@ def _general(key, module, input, running_mean, running_var, weight, bias, traini
     if key is not None:
         _PLANS[key] = plan
         while len(_PLANS) > PLANS_MAX:
-            _PLANS.popitem(last=False)
+            _forget_oldest()
     if plan.autograd:
         return eager.BatchNormFunction.apply(input, weight, bias, residual, (plan, running_mean, running_var, count))
     return plan.forward(input, weight, bias, residual, running_mean, running_var, count)[0]
+
+
+def _forget_oldest() -> None:
+    """Drop the oldest plan (dicts keep insertion order), whatever other threads do meanwhile."""
+    try:
+        del _PLANS[next(iter(_PLANS))]
+    except (KeyError, RuntimeError, StopIteration):  # another thread changed the cache: no harm
+        pass
 
 
 def _plan(input, running: Running, weight, bias, residual, training: bool, eps: float, activation):

@@ -210,11 +210,15 @@ STATS = ("X", "PART", "COUNTER", "MEAN", "RSTD", "VAR", "RUNNING_MEAN", "RUNNING
 
 
 @cached
-def stats(geom: Geometry, device: torch.device, dtypes: tuple, eps: float, running: RunningSpec):
+def stats(
+    geom: Geometry, device: torch.device, dtypes: tuple, eps: float, running: RunningSpec, rstd_offset=0, part_offset=0
+):
     """The statistics launch: ``(x, parts, tickets, mean, rstd, var?, running_mean?, running_var?,
     num_batches_tracked?)``, with ``parts`` of ``.parts`` acc values and ``.tickets`` tickets.
     mean, rstd (and the biased variance when var is given) are written in the acc dtype; the
-    running statistics updated and the batch counted as ``running`` says, in the same launch."""
+    running statistics updated and the batch counted as ``running`` says, in the same launch.
+    ``rstd_offset``, ``part_offset``: where rstd and the partials start in the tensors given for them
+    (the eager plans give one workspace for mean, rstd and parts)."""
     cfg = launch_config(geom, device)
     x, var, rm = dtypes[0], dtypes[5], dtypes[6]
     acc = acc_dtype(x)
@@ -222,6 +226,8 @@ def stats(geom: Geometry, device: torch.device, dtypes: tuple, eps: float, runni
         num_tiles=cfg.num_tiles,
         num_splits=cfg.num_splits,
         eps=scalar(eps, acc),
+        rstd_offset=rstd_offset,
+        part_offset=part_offset,
         ACC=_tl_acc(acc),
         BLOCK_P=cfg.block_p,
         UNIFORM_S=cfg.uniform_s,
@@ -240,14 +246,16 @@ NORMALIZE = ("X", "Y", "MEAN", "SCALE", "W", "B", "RES")
 
 
 @cached
-def normalize(geom, device, dtypes: tuple, eps: float, scale_is_var: bool, relu: bool):
+def normalize(geom, device, dtypes: tuple, eps: float, scale_is_var: bool, relu: bool, scale_offset=0):
     """The elementwise pass: ``(x, y, mean, scale, weight?, bias?, residual?)`` ->
-    y = act((x - mean) * s * weight + bias + residual), s = scale (rstd) or rsqrt(scale + eps)."""
+    y = act((x - mean) * s * weight + bias + residual), s = scale (rstd) or rsqrt(scale + eps), the
+    scale starting ``scale_offset`` values into its tensor."""
     cfg = launch_config(geom, device)
     x, w, b, res = dtypes[0], dtypes[4], dtypes[5], dtypes[6]
     fixed = dict(
         num_c_blocks=cfg.num_c_blocks,
         eps=scalar(eps, x),
+        scale_offset=scale_offset,
         ACC=_tl_acc(acc_dtype(x)),
         SCALE_IS_VAR=scale_is_var,
         HAS_W=w is not None,
@@ -264,11 +272,13 @@ GRAD_SUMS = ("DY", "X", "MEAN", "SCALE", "PART", "COUNTER", "SUM_DY", "SUM_DY_XH
 
 
 @cached
-def grad_sums(geom, device, dtypes: tuple, eps: float, scale_is_var: bool, relu: bool):
+def grad_sums(geom, device, dtypes: tuple, eps: float, scale_is_var: bool, relu: bool, offsets=(0, 0, 0)):
     """The backward reduction: ``(dy, x, mean, scale, parts, tickets, sum_dy, sum_dy_xhat, dweight?,
     dbias?, y?, weight?, bias?, dz?)``: sum(g) and sum(g * xhat) per channel in the acc dtype, also
     to dweight/dbias when given, with g = dy masked by the fused ReLU (``relu``: y > 0 when y is
-    given, else recomputed from x, weight and bias), stored to dz when given."""
+    given, else recomputed from x, weight and bias), stored to dz when given. ``offsets``: where scale,
+    sum_dy_xhat and the partials start in the tensors given for them (the eager plans give one
+    workspace for mean and scale, one for the sums and parts)."""
     cfg = launch_config(geom, device)
     x, dw, db, y, w, b, dz = dtypes[1], dtypes[8], dtypes[9], dtypes[10], dtypes[11], dtypes[12], dtypes[13]
     acc = acc_dtype(x)
@@ -276,6 +286,9 @@ def grad_sums(geom, device, dtypes: tuple, eps: float, scale_is_var: bool, relu:
         num_tiles=cfg.num_tiles,
         num_splits=cfg.num_splits,
         eps=scalar(eps, acc),
+        scale_offset=offsets[0],
+        sum2_offset=offsets[1],
+        part_offset=offsets[2],
         ACC=_tl_acc(acc),
         SCALE_IS_VAR=scale_is_var,
         BLOCK_P=cfg.block_p,
@@ -298,17 +311,20 @@ GRAD_INPUT = ("DY", "X", "DX", "MEAN", "SCALE", "W", "SUM_DY", "SUM_DY_XHAT", "Y
 
 
 @cached
-def grad_input(geom, device, dtypes: tuple, eps: float, training: bool, count: int, relu: bool):
+def grad_input(geom, device, dtypes: tuple, eps: float, training: bool, count: int, relu: bool, offsets=(0, 0)):
     """The elementwise backward: ``(dy, x, dx?, mean, scale, weight?, sum_dy?, sum_dy_xhat?, y?,
     bias?, dz?)``. Training: dx from the two sums over ``count`` values per channel (0: this
     tensor's own); eval: dx = dy * weight * rsqrt(scale + eps). With ``relu`` dy is masked first
-    (y > 0 when y is given, else recomputed), and stored to dz when given."""
+    (y > 0 when y is given, else recomputed), and stored to dz when given. ``offsets``: where scale
+    and sum_dy_xhat start in their tensors (as in ``grad_sums``)."""
     cfg = launch_config(geom, device)
     x, dx, w, y, b, dz = dtypes[1], dtypes[2], dtypes[5], dtypes[8], dtypes[9], dtypes[10]
     fixed = dict(
         num_c_blocks=cfg.num_c_blocks,
         count=count or geom.per_channel,
         eps=scalar(eps, x),
+        scale_offset=offsets[0],
+        sum2_offset=offsets[1],
         ACC=_tl_acc(acc_dtype(x)),
         HAS_W=w is not None,
         TRAINING=training,
@@ -327,16 +343,18 @@ FORWARD = ("X", "Y", "MEAN", "RSTD", "TICKET", "W", "B", "RES", "RUNNING_MEAN", 
 
 
 @cached
-def forward(geom, device, dtypes: tuple, eps: float, running: RunningSpec, relu: bool):
+def forward(geom, device, dtypes: tuple, eps: float, running: RunningSpec, relu: bool, rstd_offset=0):
     """The training forward in one launch, where one program owns a channel block (kernels/single_pass.py):
     ``(x, y, mean, rstd, tickets, weight?, bias?, residual?, running_mean?, running_var?,
-    num_batches_tracked?)``; the statistics as in ``stats``, y as in ``normalize``."""
+    num_batches_tracked?)``; the statistics as in ``stats`` (rstd ``rstd_offset`` values into its
+    tensor), y as in ``normalize``."""
     cfg = _config.single_pass_config(geom, device)
     x, w, b, res, rm = dtypes[0], dtypes[5], dtypes[6], dtypes[7], dtypes[8]
     acc = acc_dtype(x)
     fixed = dict(
         num_tiles=cfg.num_tiles,
         eps=scalar(eps, acc),
+        rstd_offset=rstd_offset,
         ACC=_tl_acc(acc),
         UNIFORM_S=cfg.uniform_s,
         HAS_W=w is not None,
@@ -355,14 +373,16 @@ BACKWARD = ("DY", "X", "DX", "MEAN", "RSTD", "W", "DW", "DB", "Y", "B", "DZ")
 
 
 @cached
-def backward(geom, device, dtypes: tuple, relu: bool):
+def backward(geom, device, dtypes: tuple, relu: bool, rstd_offset=0):
     """The training backward in one launch (kernels/single_pass.py): ``(dy, x, dx, mean, rstd,
-    weight?, dweight?, dbias?, y?, bias?, dz?)``; the gradients as ``grad_sums`` then ``grad_input``."""
+    weight?, dweight?, dbias?, y?, bias?, dz?)``; the gradients as ``grad_sums`` then ``grad_input``
+    (rstd ``rstd_offset`` values into its tensor)."""
     cfg = launch_config(geom, device)  # the split kernels' tiles (see _config.SINGLE_PASS_TILE_ELEMS_GPU)
     x, w, dw, db, y, b, dz = dtypes[1], dtypes[5], dtypes[6], dtypes[7], dtypes[8], dtypes[9], dtypes[10]
     fixed = dict(
         num_tiles=cfg.num_tiles,
         count=geom.per_channel,
+        rstd_offset=rstd_offset,
         ACC=_tl_acc(acc_dtype(x)),
         HAS_W=w is not None,
         HAS_DW=dw is not None,

@@ -135,6 +135,9 @@ def grad_sums_kernel(
     num_tiles,
     num_splits,  # programs sharing one channel block's tiles (grid axis 1)
     eps,  # acc-dtype scalar (see tile.acc_scalar)
+    scale_offset,  # SCALE's, SUM_DY_XHAT's and PART's first values, in elements: the eager plans
+    sum2_offset,  # pass one workspace as MEAN and SCALE, and one as SUM_DY, SUM_DY_XHAT and PART
+    part_offset,
     ACC: tl.constexpr,
     SCALE_IS_VAR: tl.constexpr,
     BLOCK_R: tl.constexpr,
@@ -153,6 +156,9 @@ def grad_sums_kernel(
 ):
     pid_c = tl.program_id(0)
     split = tl.program_id(1)
+    SCALE += scale_offset
+    SUM_DY_XHAT += sum2_offset
+    PART += part_offset
     c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     cm = c < C
     a = channel_scale(SCALE, W, c, cm, eps, ACC, SCALE_IS_VAR, HAS_W)  # weight * rstd: the recompute's scale
@@ -214,6 +220,8 @@ def grad_input_kernel(
     num_c_blocks,
     count,  # values per channel behind the sums: the m of the closed form (training)
     eps,  # acc-dtype scalar (see tile.acc_scalar)
+    scale_offset,  # SCALE's and SUM_DY_XHAT's first values, in elements (see grad_sums_kernel)
+    sum2_offset,
     ACC: tl.constexpr,
     HAS_W: tl.constexpr,
     BLOCK_R: tl.constexpr,
@@ -228,6 +236,7 @@ def grad_input_kernel(
     STORE_DZ: tl.constexpr = False,
     STORE_DX: tl.constexpr = True,
 ):
+    SCALE += scale_offset
     offs, mask, c, cm = elementwise_tile(
         num_c_blocks, R, C, S, stride_r, stride_c, BLOCK_R, BLOCK_C, BLOCK_S, CHANNELS_CONTIG, S_DIV
     )
@@ -244,7 +253,7 @@ def grad_input_kernel(
     if TRAINING:
         rstd = channel_values(SCALE, c, cm, ACC)
         sum_dy = channel_values(SUM_DY, c, cm, ACC)
-        sum_dy_xhat = channel_values(SUM_DY_XHAT, c, cm, ACC)
+        sum_dy_xhat = channel_values(SUM_DY_XHAT + sum2_offset, c, cm, ACC)
         dx = dx_train(dy, x, mean, rstd, a, sum_dy, sum_dy_xhat, count)
     else:
         dx = dy * a[None, :, None]

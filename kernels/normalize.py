@@ -112,6 +112,7 @@ def normalize_kernel(
     stride_c,
     num_c_blocks,
     eps,  # acc-dtype scalar (see tile.acc_scalar)
+    scale_offset,  # SCALE's first value, in elements (the eager plans pass one workspace as MEAN and SCALE)
     ACC: tl.constexpr,
     SCALE_IS_VAR: tl.constexpr,
     HAS_W: tl.constexpr,
@@ -124,6 +125,7 @@ def normalize_kernel(
     HAS_RESIDUAL: tl.constexpr = False,
     RELU: tl.constexpr = False,
 ):
+    SCALE += scale_offset
     offs, mask, c, cm = elementwise_tile(
         num_c_blocks, R, C, S, stride_r, stride_c, BLOCK_R, BLOCK_C, BLOCK_S, CHANNELS_CONTIG, S_DIV
     )

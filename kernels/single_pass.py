@@ -63,6 +63,7 @@ def forward_kernel(
     stride_c,
     num_tiles,  # tiles of the (R, S) plane: all of them belong to this program's channel block
     eps,  # acc-dtype scalar (see tile.acc_scalar)
+    rstd_offset,  # RSTD's first value, in elements (the eager plans pass one workspace as MEAN and RSTD)
     momentum,  # acc-dtype scalar
     stride_rm,
     stride_rv,
@@ -82,6 +83,7 @@ def forward_kernel(
     RELU: tl.constexpr = False,
 ):
     pid_c = tl.program_id(0)
+    RSTD += rstd_offset
     n, mean, m2 = block_stats(
         X, pid_c, 0, num_tiles, R, C, S, stride_r, stride_c,
         ACC, BLOCK_R, BLOCK_C, BLOCK_S, CHANNELS_CONTIG, S_DIV, UNIFORM_S,
@@ -130,6 +132,7 @@ def backward_kernel(
     stride_c,
     num_tiles,
     count,  # values per channel (R * S; an int64 when large)
+    rstd_offset,  # RSTD's first value, in elements (see forward_kernel)
     ACC: tl.constexpr,
     BLOCK_R: tl.constexpr,
     BLOCK_C: tl.constexpr,
@@ -145,6 +148,7 @@ def backward_kernel(
     STORE_DZ: tl.constexpr = False,
 ):
     pid_c = tl.program_id(0)
+    RSTD += rstd_offset
     c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     cm = c < C
     mean = channel_values(MEAN, c, cm, ACC)

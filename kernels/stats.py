@@ -177,6 +177,8 @@ def stats_kernel(
     num_tiles,  # tiles of the (R, S) plane
     num_splits,  # programs sharing one channel block's tiles (grid axis 1)
     eps,  # acc-dtype scalar (see tile.acc_scalar)
+    rstd_offset,  # RSTD's and PART's first values, in elements: the eager plans pass one workspace
+    part_offset,  # as MEAN, RSTD and PART
     momentum,  # acc-dtype scalar
     stride_rm,
     stride_rv,
@@ -195,6 +197,8 @@ def stats_kernel(
 ):
     pid_c = tl.program_id(0)
     split = tl.program_id(1)
+    RSTD += rstd_offset
+    PART += part_offset
     first, last = split_range(split, num_tiles, num_splits)
     n_s, mean_s, m2_s = block_stats(
         X, pid_c, first, last, R, C, S, stride_r, stride_c,
