@@ -16,26 +16,24 @@ from bench import stub
 _STUB_FILE = stub.__file__
 
 
-def python_calls(fn) -> int:
-    """Python function calls made by ``fn()`` (``fn`` itself and stub frames not counted)."""
-    calls = [0]
+def python_calls(fn, excluded=(_STUB_FILE,)) -> int:
+    """Python function calls made by ``fn()``: not ``fn``'s own frame, nor the frames of the files in
+    ``excluded`` (stand-ins) and what those call."""
+    calls, own = [0], fn.__code__
 
     def profiler(frame, event, arg):
-        if event != "call":
+        if event != "call" or frame.f_code is own or frame.f_code.co_filename in excluded:
             return
-        if frame.f_code.co_filename == _STUB_FILE:
-            return
-        back = frame.f_back
-        if back is not None and back.f_code.co_filename == _STUB_FILE:
-            return
-        calls[0] += 1
+        back = frame.f_back  # called by a stand-in: the stand-in's work
+        if back is None or back.f_code is own or back.f_code.co_filename not in excluded:
+            calls[0] += 1
 
     sys.setprofile(profiler)
     try:
         fn()
     finally:
         sys.setprofile(None)
-    return calls[0] - 1  # fn's own frame
+    return calls[0]
 
 
 def allocations(fn) -> int:

@@ -29,7 +29,9 @@ os.environ["TRITON_INTERPRET"] = "0"  # compiled kernels (JITFunctions), before 
 
 import torch  # noqa: E402
 
-CHECK_FILE = os.path.abspath(__file__)
+from bench import counts  # noqa: E402
+
+CHECK_FILE = __file__  # its stand-ins' Python is not counted
 SHAPE = (32, 64, 14, 14)
 
 
@@ -121,22 +123,6 @@ def _same(triton_call: tuple, direct_call: tuple, form_3_8: bool) -> list:
     return diffs
 
 
-def _python_calls_to_c(fn) -> int:
-    """Python calls made by ``fn()`` outside this file (its stand-ins), ``fn``'s own frame excluded."""
-    calls = [0]
-
-    def profiler(frame, event, arg):
-        if event == "call" and os.path.abspath(frame.f_code.co_filename) != CHECK_FILE:
-            calls[0] += 1
-
-    sys.setprofile(profiler)
-    try:
-        fn()
-    finally:
-        sys.setprofile(None)
-    return calls[0]
-
-
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--calls", type=int, default=20000, help="direct launches per timing loop")
@@ -169,7 +155,7 @@ def main(argv=None) -> int:
         for name, ln, pointers in _launches(device):
             ln(*pointers)  # Triton's own path: binds, compiles, launches through its CudaLauncher
             direct_before = _launcher.DIRECT_LAUNCHES[0]
-            calls = _python_calls_to_c(lambda ln=ln, pointers=pointers: ln(*pointers))
+            calls = counts.python_calls(lambda ln=ln, pointers=pointers: ln(*pointers), excluded=(CHECK_FILE,))
             if _launcher.DIRECT_LAUNCHES[0] != direct_before + 1:
                 print(f"  {name:16s} did not take the direct path")
                 failures += 1

@@ -24,7 +24,7 @@ def interpreting() -> bool:
 # Elements per tile. On a GPU 4096 elements is 16 KiB of fp32 per tile: 16 values per thread at
 # 8 warps, enough loads in flight to cover DRAM latency without spilling the (count, mean, M2) state.
 # The interpreter runs programs one after another in NumPy, where cost is per program, so it gets
-# big tiles (measured with triton 3.8: 831 ms for 65k elements at 64 per tile, 11 ms at 16384).
+# big tiles (docs/design.md has the timings).
 TILE_ELEMS_GPU = 4096
 TILE_ELEMS_INTERPRETER = 16384
 # Along the contiguous axis: 128 channels (channels_last) is 256-512 B per row, whole 128-B lines and
@@ -34,13 +34,10 @@ MAX_BLOCK_S = 1024
 # Reduction programs per SM: the grid aims at one wave of resident programs (a second, nearly empty
 # wave would cost a whole program's time). 3 programs of 8 warps fit an SM at up to 80 registers
 # (3 x 256 threads x 80 = 61440 of 65536; registers are allocated in steps of 8 per thread, so 88
-# would fit only 2). The statistics kernel is held to that (STATS_MAX_REGISTERS): left to itself
-# ptxas took 94 for fp32 NCHW 64@56 (1.45 waves of 2 per SM) and, with triton 3.8, 96 for the
-# pipelined 16-bit channels-contiguous loop (kernels/stats.py); capped at 80, no suite-v1 launch
-# spills, with triton 3.6 or 3.8 (sm_90, bench/inspect_sass.py). fp64 keeps ptxas's choice: it runs
-# for exactness, not speed. The gradient-sums kernel takes 64-80 without a cap. The partials stay
-# tiny ([SPLIT, C] floats). The interpreter gets few programs, but more than one split for small C
-# so that the partial merge runs on CPU too.
+# would fit only 2). The statistics kernel, which ptxas would give more, is held to that
+# (STATS_MAX_REGISTERS; no suite-v1 launch spills there: docs/design.md); fp64 keeps ptxas's
+# choice, it runs for exactness, not speed. The partials stay tiny ([SPLIT, C] floats). The
+# interpreter gets few programs, but more than one split for small C so that the merge runs on CPU too.
 PROGRAMS_PER_SM = 3
 STATS_MAX_REGISTERS = 80
 INTERPRETER_PROGRAMS = 8
@@ -54,11 +51,10 @@ RUNNING_BLOCK_C = 128
 # per channel block (the blocks alone fill a wave) and whose resident programs' blocks, x and dy
 # together (the backward's), fit in L2: the second read of each block then comes from L2, not DRAM.
 # 2048 x 7 x 7 at batch 256: 396 programs x 12544 values x 2 tensors x 4 B = 40 MB, under the 50 MB
-# of an H100's L2. The forward's tiles are half the split kernels': compiled for sm_90
-# (bench/inspect_sass.py, 2048@7 fp32) it takes 142 registers with 4096-value tiles, 1 program of 8
-# warps per SM, and 79 with 2048, 3 per SM. The backward keeps the split kernels' tiles: 108
-# registers, 2 per SM (with 2048: 48 registers, 5 per SM, whose blocks of x and dy, 66 MB in fp32,
-# would not stay in L2). So PROGRAMS_PER_SM bounds the resident programs of both.
+# of an H100's L2. The forward's tiles are half the split kernels' (at 4096 values it would fit one
+# program per SM, at 2048 three); the backward keeps the split kernels' (smaller ones would make
+# more programs resident than L2 holds). So PROGRAMS_PER_SM bounds the resident programs of both.
+# Register counts behind this: docs/design.md.
 SINGLE_PASS_TILE_ELEMS_GPU = 2048
 # SINGLE_PASS: None (the default) applies the rule above on a GPU and keeps the interpreter on the
 # split path (which most inputs take on a GPU, so the test suite exercises it; tests/test_single_pass.py

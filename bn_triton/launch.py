@@ -202,6 +202,12 @@ def _running(running: RunningSpec, has_running: bool, acc: torch.dtype) -> dict:
     )
 
 
+def _relu_grad(relu: bool, y, b, dz) -> dict:
+    """The fused ReLU's constexprs of the backward kernels (kernels/grad.py masked_dy): its mask from
+    y when y is given, else recomputed (with the bias when given); the masked dy stored to dz."""
+    return dict(RELU=relu, MASK_FROM_Y=y is not None, HAS_B=b is not None, STORE_DZ=dz is not None)
+
+
 def _options(cfg, **extra) -> dict:
     return dict(num_warps=cfg.num_warps, **{k: v for k, v in extra.items() if v is not None})
 
@@ -294,11 +300,8 @@ def grad_sums(geom, device, dtypes: tuple, eps: float, scale_is_var: bool, relu:
         BLOCK_P=cfg.block_p,
         HAS_DW=dw is not None,
         HAS_DB=db is not None,
-        RELU=relu,
-        MASK_FROM_Y=y is not None,
         HAS_W=w is not None,
-        HAS_B=b is not None,
-        STORE_DZ=dz is not None,
+        **_relu_grad(relu, y, b, dz),
         **_tiles(geom, cfg),
     )
     grid = (cfg.num_c_blocks, cfg.num_splits)
@@ -328,11 +331,8 @@ def grad_input(geom, device, dtypes: tuple, eps: float, training: bool, count: i
         ACC=_tl_acc(acc_dtype(x)),
         HAS_W=w is not None,
         TRAINING=training,
-        RELU=relu,
-        MASK_FROM_Y=y is not None,
-        HAS_B=b is not None,
-        STORE_DZ=dz is not None,
         STORE_DX=dx is not None,
+        **_relu_grad(relu, y, b, dz),
         **_tiles(geom, cfg),
     )
     grid = (cfg.num_tiles * cfg.num_c_blocks,)
@@ -387,10 +387,7 @@ def backward(geom, device, dtypes: tuple, relu: bool, rstd_offset=0):
         HAS_W=w is not None,
         HAS_DW=dw is not None,
         HAS_DB=db is not None,
-        RELU=relu,
-        MASK_FROM_Y=y is not None,
-        HAS_B=b is not None,
-        STORE_DZ=dz is not None,
+        **_relu_grad(relu, y, b, dz),
         **_tiles(geom, cfg),
     )
     grid = (cfg.num_c_blocks,)

@@ -18,10 +18,9 @@ results are those of the two-launch path, bitwise under the interpreter (compile
 contract the same arithmetic differently; on a GPU the forward's tiles are also smaller, see
 bn_triton/_config.py).
 
-One program per channel block, not a persistent grid walking several: compiled for sm_90, a loop
-over blocks around the two phases keeps their loop-invariant addresses (row offsets, the reduction's
-shared-memory slots) live throughout, 79 -> 116 registers for the forward and 48 -> 103 for the
-backward (bench/inspect_sass.py, 2048@7 fp32).
+One program per channel block, not a persistent grid walking several: a loop over blocks around
+the two phases would keep their loop-invariant addresses live throughout, and cost registers
+(docs/design.md).
 """
 
 import triton.language as tl

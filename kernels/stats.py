@@ -85,13 +85,9 @@ def block_stats(
         n = tl.zeros([BLOCK_R, 1, BLOCK_S], ACC)
     mean = tl.zeros([BLOCK_R, BLOCK_C, BLOCK_S], ACC)
     m2 = tl.zeros([BLOCK_R, BLOCK_C, BLOCK_S], ACC)
-    # The plain loop kept one tile (8 KB in 16 bits, 16 KB in fp32) in flight per program, and the
-    # statistics ran at 43-55% of copy bandwidth on the large ResNet-50 maps (bf16 channels_last,
-    # fp32 NCHW) and at 22-25% on fp32 2-D inputs (H200, bench/results: train_fwd less eval_fwd
-    # device time) beside the normalize pass's 91-99%. Three stages keep two more tiles in flight
-    # (16-byte cp.async through shared memory; 80 registers, the cap launch.batch_stats sets, no
-    # spills): where channels are contiguous, and in NCHW where rows are multiples of 16 values
-    # (S_DIV 16: 28x28 maps and larger). Pipelined at that cap, 14x14 maps spill with triton 3.6.
+    # One tile in flight per program leaves DRAM idle: three stages keep two more in flight (16-byte
+    # cp.async), where channels are contiguous and where NCHW rows are multiples of 16 values; at
+    # the register cap (_config.STATS_MAX_REGISTERS) 14x14 maps would spill. Numbers: docs/design.md.
     for tile in tl.range(first, last, num_stages=3 if CHANNELS_CONTIG or S_DIV == 16 else 1):
         offs, mask, _, rows, cols = tile_offsets(
             tile, pid_c, R, C, S, stride_r, stride_c, BLOCK_R, BLOCK_C, BLOCK_S, CHANNELS_CONTIG, S_DIV

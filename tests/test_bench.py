@@ -122,7 +122,7 @@ def test_classify_backend_names():
     assert c(["aten::batch_norm", "aten::_batch_norm_impl_index", "aten::cudnn_batch_norm"]) == "cudnn"
     assert c(["aten::cudnn_batch_norm_backward", "CudnnBatchNormBackward0"]) == "cudnn"
     assert c(["aten::batch_norm", "aten::native_batch_norm", "aten::native_batch_norm_backward"]) == "native"
-    assert c(["bn_triton::train_forward", "aten::empty"]) == "bn_triton"
+    assert c(["bn_triton::stats", "aten::empty"]) == "bn_triton"
     assert c(["Torch-Compiled Region: 0/0", "CompiledFunction", "triton_red_fused__native_batch_norm_0"]) == "inductor"
     # a compiled region that still dispatched torch's kernel (a fallback) shows both
     assert c(["Torch-Compiled Region: 0/0", "aten::_native_batch_norm_legit"]) == "inductor+native"
