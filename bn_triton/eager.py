@@ -8,7 +8,7 @@ makes two allocations (y and one workspace for the statistics and the reduction'
 one or two launches; its backward allocates dx, dweight, dbias and one workspace.
 
 ``BatchNormFunction`` is the autograd formula for this route: y = act((x - mean) * s * weight +
-bias + residual), its backward the closed form of bn_math (the statistics' paths included), and a
+bias + residual), its backward the closed form of docs/math.md (the statistics' paths included), and a
 differentiable backward (composite.py) under create_graph=True. The traced route (torch.compile,
 export, modes: bn_triton/ops.py) runs the same launches through the custom ops.
 """

@@ -190,3 +190,31 @@ def test_tickets_are_per_stream_and_fresh_inside_a_graph_capture(monkeypatch):
     c, d = launch.tickets(cuda, 3), launch.tickets(cuda, 3)
     assert c is not d and all(c is not t and d is not t for t in launch._TICKETS.values())
     assert int(c.count_nonzero()) == int(d.count_nonzero()) == 0
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="two CUDA streams need a GPU")
+def test_two_streams_at_once_give_the_serial_results():
+    """Reductions on two streams at the same time: each stream has its own tickets, so neither
+    merge sees the other's arrivals. Bitwise the results of the same calls one after another."""
+    torch.manual_seed(0)
+    xs = [torch.randn(64, 256, 28, 28, device="cuda") * (i + 1) for i in range(2)]
+    dys = [torch.randn_like(x) for x in xs]
+
+    def step(x, dy):
+        xg = x.clone().requires_grad_()
+        y = bn_triton.batch_norm(xg, None, None, training=True)
+        y.backward(dy)
+        return y, xg.grad
+
+    serial = [step(x, dy) for x, dy in zip(xs, dys, strict=True)]
+    streams = [torch.cuda.Stream() for _ in xs]
+    torch.cuda.synchronize()
+    out = [None, None]
+    for _ in range(10):  # several rounds, so that the two streams' launches overlap
+        for i, (s, x, dy) in enumerate(zip(streams, xs, dys, strict=True)):
+            with torch.cuda.stream(s):
+                out[i] = step(x, dy)
+    torch.cuda.synchronize()
+    for (y, dx), (y_s, dx_s) in zip(out, serial, strict=True):
+        torch.testing.assert_close(y, y_s, atol=0, rtol=0)
+        torch.testing.assert_close(dx, dx_s, atol=0, rtol=0)
