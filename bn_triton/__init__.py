@@ -1,15 +1,10 @@
 """bn_triton: batch normalization for PyTorch written in Triton.
 
-Layers of the stack, one module each:
-  bn_triton.kernels     @triton.jit kernels (the repo's kernels/ folder)
-  bn_triton._config     launch settings (tiles, split factor, warps)
-  bn_triton.launch      launchers: layouts, allocation, grids
-  bn_triton.ops         torch.library custom ops + autograd
-  bn_triton.functional  batch_norm (drop-in for torch.nn.functional.batch_norm)
-  bn_triton.modules     BatchNorm1d/2d/3d (drop-ins for torch.nn's)
-  bn_triton.convert     convert_batchnorm: a model's torch BatchNorm layers replaced by ours
-  bn_triton.reference   NumPy float64 reference (the three-path derivation of docs/math.md)
-  bn_triton.sync_batchnorm  SyncBatchNorm: global-batch statistics over torch.distributed
+The public names: ``batch_norm`` (a drop-in for torch.nn.functional.batch_norm), ``BatchNorm1d/2d/3d``
+and ``SyncBatchNorm`` (drop-ins for torch.nn's), ``convert_batchnorm`` and ``fuse`` (a model's
+BatchNorm layers replaced by ours; ``fuse`` also fuses them with the ReLUs and adds that follow),
+and ``reference`` (the float64 NumPy reference). The modules behind them, layer by layer:
+docs/design.md.
 
 The kernels are loaded first (bn_triton._loader): from bn_triton/kernels/ in an installed wheel, or
 from the kernels/ folder beside bn_triton/ in a clone, so that both commands run from a clone whether

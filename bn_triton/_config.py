@@ -51,10 +51,10 @@ RUNNING_BLOCK_C = 128
 # per channel block (the blocks alone fill a wave) and whose resident programs' blocks, x and dy
 # together (the backward's), fit in L2: the second read of each block then comes from L2, not DRAM.
 # 2048 x 7 x 7 at batch 256: 396 programs x 12544 values x 2 tensors x 4 B = 40 MB, under the 50 MB
-# of an H100's L2. The forward's tiles are half the split kernels' (at 4096 values it would fit one
-# program per SM, at 2048 three); the backward keeps the split kernels' (smaller ones would make
-# more programs resident than L2 holds). So PROGRAMS_PER_SM bounds the resident programs of both.
-# Register counts behind this: docs/design.md.
+# of an H100's L2. The forward's tiles are half the split kernels' (it takes more registers than the
+# split kernels, and fewer programs would fit an SM with bigger tiles); the backward keeps the split
+# kernels' (smaller ones would make more programs resident than L2 holds). So PROGRAMS_PER_SM bounds
+# the resident programs of both. Register counts behind this: docs/design.md.
 SINGLE_PASS_TILE_ELEMS_GPU = 2048
 # SINGLE_PASS: None (the default) applies the rule above on a GPU and keeps the interpreter on the
 # split path (which most inputs take on a GPU, so the test suite exercises it; tests/test_single_pass.py

@@ -1,30 +1,13 @@
-"""The op layer: batch norm's four steps, and the one autograd.Function built on them.
+"""The traced route: batch norm's steps as torch.library custom ops, and their autograd formula.
 
-The steps are torch's own split of batch norm (its SyncBatchNorm chains batch_norm_stats,
-batch_norm_elemt, batch_norm_backward_reduce and batch_norm_backward_elemt), one kernel launch each:
-
-* ``stats(x, running_mean?, running_var?, momentum?, num_batches_tracked?, eps, want_var)
-  -> (mean, rstd, var)``: batch statistics; also updates the running statistics in place and counts
-  the batch on num_batches_tracked (bn_triton/running.py)
-* ``normalize(x, mean, scale, weight?, bias?, eps, scale_is_var, residual?, relu) -> y``: the
-  elementwise pass, act((x - mean) * s * weight + bias + residual), s = scale or rsqrt(scale + eps)
-* ``grad_sums(dy, x, mean, scale, weight?, bias?, y?, eps, scale_is_var, relu, want_dw, want_db,
-  want_dz) -> (sum_dy, sum_dy_xhat, dweight, dbias, dz)``: the backward reduction
-* ``grad_input(dy, x, mean, scale, weight?, sum_dy?, sum_dy_xhat?, bias?, y?, eps, training, count,
-  relu, want_dx, want_dz) -> (dx, dz)``: the elementwise backward
-* ``update_running_stats(running_mean!, running_var!, mean, var, momentum?, count, num_batches?)``:
-  the running-stat update on its own, for statistics computed elsewhere (SyncBatchNorm)
-
-Each is a torch.library custom op (``bn_triton::<name>``, with a fake implementation) so that
-torch.compile, torch.export and make_fx see it as one opaque node; its implementation runs the
-launches of bn_triton/launch.py, the same as the eager plans'. ``step`` calls the implementation
-directly where nothing traces (SyncBatchNorm's eager steps). ``BatchNormFunction`` is the autograd
-formula of the whole layer on this route: mean and rstd are inputs to it (computed by ``stats``
-beforehand, as constants), and its backward's closed form carries the paths through them. The
-common eager call does not come here: bn_triton/eager.py plans it once per signature.
-
-Gradients not asked for are empty tensors from the ops and None from autograd. Without ReLU,
-d(residual) is dy itself (the add's gradient): no kernel.
+Each step (the statistics, the normalize pass, the backward's reduction and its elementwise pass,
+and the running-statistics update that SyncBatchNorm uses on its own) is a ``bn_triton::<name>``
+custom op with a fake implementation, so that torch.compile, torch.export, make_fx, dispatch modes
+and tensor subclasses see it as one opaque node; its implementation runs the launches of
+bn_triton/launch.py, as the eager plans do. ``BatchNormFunction`` is the layer's autograd formula on
+this route, and ``step`` calls a step's implementation directly where nothing traces (SyncBatchNorm's
+eager steps). The common eager call does not come here: bn_triton/eager.py plans it once per
+signature. How the pieces fit: docs/design.md.
 """
 
 from typing import Optional

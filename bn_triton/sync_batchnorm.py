@@ -1,64 +1,12 @@
 """SyncBatchNorm: batch statistics of the global batch across a torch.distributed process group.
 
 A drop-in for ``torch.nn.SyncBatchNorm`` (it subclasses it: constructor, parameters, buffers and
-state_dict keys are torch's) whose local work runs in our kernels. torch.distributed is the only
-transport (NCCL between GPUs, gloo on CPU or GPU tensors). Per training step, one collective in the
-forward and one in the backward:
-
-Forward
-  1. each rank: local mean and biased variance per channel (our stats kernel, fp32; fp64 inputs fp64)
-     and its local count n (the same for every channel);
-  2. one all_reduce (SUM) of the float64 payload ``[n_bad, n, h, h^2, S1[C], S2[C]]`` where, around
-     a pivot K that is identical on every rank, S1 = n (mean - K) and S2 = M2 + n (mean - K)^2 =
-     sum (x - K)^2; ``n_bad`` counts ranks whose input failed validation and h is a fingerprint of
-     K (both below);
-  3. every rank: global mean = K + S1/N, M2 = S2 - S1^2/N (in float64), running statistics with the
-     global count N (our running-stats kernel), and y with our normalize kernel.
-Backward
-  4. each rank: local sum(dy) and sum(dy * xhat) with the global mean/rstd (our reduction kernel);
-     these are also the local weight/bias grads, which stay local (DDP averages them, as with torch);
-  5. one all_reduce (SUM) of the 2C sums; our dx kernel with the global count N.
-
-Bytes per step (C channels, w ranks): forward 8 (2C + 4) bytes, backward 2C values of the
-accumulation dtype (8C bytes for fp32), so 24C + 32 bytes per rank in all whatever w is (a ring
-all_reduce moves about 2 (w - 1) / w times that per rank). torch's SyncBatchNorm all-gathers
-(2C + 1) fp32 values from every rank: 4 (2C + 1) w bytes received per rank, growing with w.
-
-Why shifted sums in float64 rather than an all_gather of (n, mean, M2) merged with Chan's formula:
-the all_gather is exact but its payload grows with the world size; shifted sums add up with a plain
-all_reduce. Their weak point is cancellation in S2 - S1^2/N, which loses about 2 log10(|mean - K| / std)
-significant digits. float64 carries ~16, so even with K = 0 and |mean| = 1e4 std (the first step of
-a badly centred input) M2 keeps ~8 digits, at least as many as the fp32 statistics of the plain
-BatchNorm; with a good K it loses none. The per-rank means are fp32 roundings, but that is harmless:
-a rank's (mean + delta, M2) are the exact statistics of its data shifted by delta, an error of order
-delta^2 in the variance.
-
-The pivot K must be identical on every rank, and agreeing on one would cost a collective. We use the
-global batch mean of this layer's previous synchronized step: an output of the previous all_reduce,
-so the same on every rank by construction, and the best guess of this batch's mean. The first step
-(and a change of channel count) uses K = 0. running_mean would be the other candidate, but it does
-not exist with track_running_stats=False, is 0 on the first step, lags the batch mean by about
-1/momentum steps, and is identical across ranks only while buffers are kept in sync. The pivot is a
-plain attribute, not a buffer: no part of the state_dict, and dropped by pickling and deepcopy, so a
-layer restored or copied starts again from K = 0 (the same on every rank that restores it).
-
-The pivot is right only while every rank has run the same synchronized steps on the layer (which
-the collectives require anyway). Should the ranks' pivots differ all the same, the statistics would
-be silently wrong, so each rank also sends h = sum_c K_c (1 + c/C) and h^2: every rank then sees the
-same sums A = sum h, B = sum h^2, and w B - A^2 = w^2 var(h) is ~0 exactly when all h agree. If not,
-every rank raises a RuntimeError instead of normalizing with a wrong mean.
-
-Bad input: every rank validates its input before any collective, and a rank whose input is invalid
-still takes part in the forward all_reduce, with n_bad = 1 and no statistics. Then every rank raises:
-the invalid ones their own error (torch's message), the others a RuntimeError naming how many ranks
-failed. No collective is left hanging and no state (running statistics, num_batches_tracked) moves.
-The payload is ``num_features`` wide on every rank, so an input whose channel count differs from
-num_features is refused even when the layer has no weight or running statistics (torch's would run).
-Failures that are not validation (out of memory in a kernel, a rank that skips the backward) still
-leave the other ranks waiting in the collective until the process group's timeout, as with torch.
-
-With no initialised process group, a world of one, or outside training, it behaves exactly as our
-plain BatchNorm (torch's does the same with its plain batch_norm).
+state_dict keys are torch's) whose local work runs in our kernels, with one all_reduce per pass:
+the forward sums float64 shifted sums of every rank's statistics (around a pivot every rank agrees
+on: the layer's previous global mean), the backward the two gradient sums. Every rank validates its
+input before the collective and, if any rank's input is bad, every rank raises and nothing moves.
+With no initialised process group, a world of one, or outside training, it is our plain BatchNorm.
+The payload, the pivot and its fingerprint, and the byte counts: docs/sync_batchnorm.md.
 """
 
 import torch
@@ -97,7 +45,7 @@ class SyncBatchNorm(TritonBatchNormMixin, torch.nn.SyncBatchNorm):
     """
 
     # Global batch mean (float64) of this layer's previous synchronized step: the shift of the next
-    # step's sums. Identical on all ranks; None until the first step (see the module docstring).
+    # step's sums. Identical on all ranks; None until the first step (docs/sync_batchnorm.md).
     _sync_pivot: Tensor | None = None
 
     def _sync_group(self):
@@ -226,7 +174,7 @@ class SyncBatchNorm(TritonBatchNormMixin, torch.nn.SyncBatchNorm):
         return None
 
     def __getstate__(self):
-        # Pickling and deepcopy drop the pivot (see the module docstring).
+        # Pickling and deepcopy drop the pivot (docs/sync_batchnorm.md).
         state = self.__dict__.copy()
         state.pop("_sync_pivot", None)
         return state

