@@ -29,14 +29,22 @@ def _no_launch(*args, **kwargs):
     return None
 
 
-class _Stub:
+class _Stub(dict):
+    """``stub[grid]`` is a dict lookup once a grid was seen: a launch then costs what a no-op call does."""
+
     def __init__(self, name, kernel, on_launch):
+        super().__init__()
         self.name, self.kernel, self.on_launch = name, kernel, on_launch
 
-    def __getitem__(self, grid):
-        if self.on_launch is None:  # nothing to record: a launch costs what a no-op call costs
-            return _no_launch
-        return lambda *args, **kwargs: self.on_launch(Launch(self.name, self.kernel, grid, args, kwargs))
+    def __missing__(self, grid):
+        if self.on_launch is None:  # nothing to record
+            launch = _no_launch
+        else:
+            launch = lambda *args, **kwargs: self.on_launch(Launch(self.name, self.kernel, grid, args, kwargs))
+        self[grid] = launch
+        return launch
+
+    __hash__ = object.__hash__  # kept by id (stubbed_kernels maps ids to stubs)
 
 
 @contextlib.contextmanager

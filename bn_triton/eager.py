@@ -38,6 +38,7 @@ class Plan:
         self.mask_from_y = relu and residual is not None  # the ReLU's backward mask (kernels/grad.py)
         self.pdtype = next((t.dtype for t in (weight, bias, running_mean) if t is not None), None)
         self.single = single = training and launch.single_pass(geom, x.device, x.element_size())
+        stats_copy = False
         self.backwards: dict = {}  # needs_input_grad -> the backward's launches
         C, acc = self.C, self.acc
         stats_out = (self.acc,) * 2
@@ -77,8 +78,7 @@ class Plan:
                     eps, False, relu, scale_offset=C,
                 )  # fmt: skip
         else:
-            self.rm_copy = not running_mean.is_contiguous()
-            self.rv_copy = not running_var.is_contiguous()
+            stats_copy = not (running_mean.is_contiguous() and running_var.is_contiguous())
             self.norm = launch.normalize(
                 geom, self.device,
                 (x.dtype, x.dtype, running_mean.dtype, running_var.dtype, *per_ch, x.dtype if self.has_res else None),
@@ -86,25 +86,18 @@ class Plan:
             )  # fmt: skip
             self.stat_dtype = running_mean.dtype
         self.autograd = autograd  # through BatchNormFunction (``apply``), else ``forward`` alone
+        self.relayout = self.x_copy or self.res_copy or self.w_copy or self.b_copy or (not training and stats_copy)
 
     # ---------------------------------------------------------------- forward
     def forward(self, x, weight, bias, residual, running_mean, running_var, num_batches_tracked):
         """(y, mean, scale, x as the kernels read it): mean and scale are the workspace in training
         (rstd at offset C), running_mean and running_var in eval."""
-        if self.x_copy:
-            x = launch.canonical_layout(x)
-        if self.res_copy:
-            residual = launch.like(residual, x)
-        if self.w_copy:
-            weight = weight.contiguous()
-        if self.b_copy:
-            bias = bias.contiguous()
+        if self.relayout:  # a tensor in a layout the kernels do not read: a copy of it
+            x, weight, bias, residual, running_mean, running_var = self.copies(
+                x, weight, bias, residual, running_mean, running_var
+            )
         y = torch.empty_like(x)
         if not self.training:
-            if self.rm_copy:
-                running_mean = running_mean.contiguous()
-            if self.rv_copy:
-                running_var = running_var.contiguous()
             self.norm(x, y, running_mean, running_var, weight, bias, residual)
             return y, running_mean, running_var, x
         if not self.has_running:
@@ -121,6 +114,23 @@ class Plan:
         self.stats(x, ws, t, ws, ws, None, running_mean, running_var, num_batches_tracked)
         self.norm(x, y, ws, ws, weight, bias, residual)
         return y, ws, ws, x
+
+    def copies(self, x, weight, bias, residual, running_mean, running_var) -> tuple:
+        """The tensors as the kernels read them: x canonical and aligned, the residual in x's strides,
+        the per-channel tensors contiguous (running statistics only in eval: training updates them
+        in place, through their strides)."""
+        if self.x_copy:
+            x = launch.canonical_layout(x)
+        if self.res_copy:
+            residual = launch.like(residual, x)
+        if self.w_copy:
+            weight = weight.contiguous()
+        if self.b_copy:
+            bias = bias.contiguous()
+        if not self.training:
+            running_mean = launch.vec(running_mean)
+            running_var = launch.vec(running_var)
+        return x, weight, bias, residual, running_mean, running_var
 
     def statistics(self, mean, scale) -> tuple:
         """The per-channel mean and scale as their own tensors (the workspace's views in training)."""
