@@ -248,8 +248,8 @@ class BatchNormFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, residual, call):
-        plan = call[0]
-        y, mean, scale, x = plan.forward(x, weight, bias, residual, *call[1:])
+        plan, running_mean, running_var, num_batches_tracked = call
+        y, mean, scale, x = plan.forward(x, weight, bias, residual, running_mean, running_var, num_batches_tracked)
         mask_y = y if plan.mask_from_y else None
         if plan.training:  # one workspace holds mean and rstd: saved once
             ctx.save_for_backward(x, weight, bias, mean, mask_y)

@@ -92,16 +92,17 @@ def batch_norm(
     pass, where ``activation`` is None or ``"relu"`` and ``residual`` (optional) has input's shape,
     dtype and device, in any layout. Differentiable in residual too.
     """
-    args = (input, running_mean, running_var, weight, bias, training, momentum, eps, activation, residual, None)
-    if torch.compiler.is_compiling():
-        return _general(None, None, *args)
-    key = None
-    try:
-        key = _signature(input, running_mean, running_var, weight, bias, residual, None,
-                         training, training.__class__, momentum, eps, activation)  # fmt: skip
-        plan = _PLANS[key]
-    except Exception:  # a signature not planned yet (or arguments no plan takes: validation says why)
-        return _general(key, None, *args)
+    key = plan = None
+    if not torch.compiler.is_compiling():  # traced: the general route
+        try:
+            key = _signature(input, running_mean, running_var, weight, bias, residual, None,
+                             training, training.__class__, momentum, eps, activation)  # fmt: skip
+            plan = _PLANS[key]
+        except Exception:  # a signature not planned yet (or arguments no plan takes: validation says why)
+            pass
+    if plan is None:
+        return _general(key, None, input, running_mean, running_var, weight, bias, training, momentum, eps,
+                        activation, residual, None)  # fmt: skip
     if plan.autograd:
         return eager.apply(input, weight, bias, residual, (plan, running_mean, running_var, None))
     return plan.forward(input, weight, bias, residual, running_mean, running_var, None)[0]
@@ -112,17 +113,18 @@ def layer(module, input: Tensor, residual, weight, bias, running_mean, running_v
     batch statistics in training (and in eval without running statistics), running statistics
     moved and the batch counted when tracked, momentum=None the cumulative average."""
     training, momentum, eps, activation = module.training, module.momentum, module.eps, module.activation
-    args = (input, running_mean, running_var, weight, bias, training, momentum, eps, activation, residual)
-    args += (num_batches_tracked,)
-    if torch.compiler.is_compiling():
-        return _general(None, module, *args)
-    key = None
-    try:
-        key = _signature(input, running_mean, running_var, weight, bias, residual, num_batches_tracked,
-                         module.__class__, training, momentum, eps, activation, module.track_running_stats)  # fmt: skip
-        plan = _PLANS[key]
-    except Exception:
-        return _general(key, module, *args)
+    key = plan = None
+    if not torch.compiler.is_compiling():
+        try:
+            key = _signature(input, running_mean, running_var, weight, bias, residual, num_batches_tracked,
+                             module.__class__, training, momentum, eps, activation,
+                             module.track_running_stats)  # fmt: skip
+            plan = _PLANS[key]
+        except Exception:
+            pass
+    if plan is None:
+        return _general(key, module, input, running_mean, running_var, weight, bias, training, momentum, eps,
+                        activation, residual, num_batches_tracked)  # fmt: skip
     if plan.autograd:
         return eager.apply(input, weight, bias, residual, (plan, running_mean, running_var, num_batches_tracked))
     return plan.forward(input, weight, bias, residual, running_mean, running_var, num_batches_tracked)[0]
