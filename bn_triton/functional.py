@@ -113,6 +113,7 @@ def layer(module, input: Tensor, residual, weight, bias, running_mean, running_v
     batch statistics in training (and in eval without running statistics), running statistics
     moved and the batch counted when tracked, momentum=None the cumulative average."""
     training, momentum, eps, activation = module.training, module.momentum, module.eps, module.activation
+    # batch_norm's lookup, written out again: a shared helper would cost every call a Python frame.
     key = plan = None
     if not torch.compiler.is_compiling():
         try:
