@@ -187,9 +187,7 @@ def _forget_oldest() -> None:
 
 def _plan(input, running: Running, weight, bias, residual, training: bool, eps: float, activation):
     """The eager plan of a validated call, or None where another route must serve it."""
-    if torch.compiler.is_compiling() or not _plain(
-        input, running.mean, running.var, weight, bias, residual, running.num_batches_tracked
-    ):
+    if not ops.plain_eager(input, running.mean, running.var, weight, bias, residual, running.num_batches_tracked):
         return None
     if not uses_triton(input) or input.numel() == 0:
         return None
@@ -199,13 +197,6 @@ def _plan(input, running: Running, weight, bias, residual, training: bool, eps: 
         input, weight, bias, residual, *running, training=training, eps=eps, relu=activation == "relu",
         autograd=autograd,
     )  # fmt: skip
-
-
-def _plain(*tensors) -> bool:
-    """No tracer, dispatch mode, transform or forward-AD level active, and no tensor subclass."""
-    if torch._C._len_torch_dispatch_stack() or peek_interpreter_stack() is not None or fwAD._current_level >= 0:
-        return False
-    return all(t is None or type(t) in _PLAIN for t in tensors)
 
 
 def _batch_norm(input, weight, bias, training, eps, running, *, activation=None, residual=None):

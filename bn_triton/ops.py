@@ -13,9 +13,10 @@ signature. How the pieces fit: docs/design.md.
 from typing import Optional
 
 import torch
+import torch.autograd.forward_ad as fwAD
 from torch import Tensor
 from torch._C._functorch import is_functorch_wrapped_tensor as _is_functorch_wrapped
-from torch.utils._python_dispatch import _get_current_dispatch_mode
+from torch._C._functorch import peek_interpreter_stack
 
 from bn_triton import composite, launch
 
@@ -247,10 +248,12 @@ _Parameter = torch.nn.Parameter
 
 
 def plain_eager(*args) -> bool:
-    """True when no tracer, mode, transform or tensor subclass needs to see our ops as ops.
-
-    On the eager hot path (each step asks): a plain loop, exact type tests first."""
-    if torch.compiler.is_compiling() or _get_current_dispatch_mode() is not None:
+    """True when no tracer, dispatch mode, torch.func transform or forward-AD level is active, and no
+    tensor in ``args`` is a subclass or a functorch wrapper: nothing needs to see our ops as ops, and
+    their implementations (or an eager plan) may run directly."""
+    if torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack():
+        return False
+    if peek_interpreter_stack() is not None or fwAD._current_level >= 0:
         return False
     for a in args:
         t = type(a)
