@@ -6,6 +6,7 @@ num_batches_tracked) moves. The eager route runs them on the first call of each 
 the same signature would pass them again, and a call with another signature is checked afresh.
 """
 
+import numbers
 from typing import Optional
 
 import torch
@@ -35,6 +36,12 @@ def check_arguments(input, weight, bias, running_mean, running_var, training, mo
             raise _type_error(name, position, "Tensor", t)
     if not isinstance(training, bool):
         raise _type_error("training", 6, "bool", training)
+    check_numbers(momentum, eps)
+
+
+def check_numbers(momentum, eps) -> None:
+    """torch's argument parser on batch_norm's two floats: any real number (Python's, NumPy's), or a
+    0-d tensor, which it reads as its number."""
     if not _is_float(momentum):
         raise _type_error("momentum", 7, "float", momentum)
     if not _is_float(eps):
@@ -42,9 +49,9 @@ def check_arguments(input, weight, bias, running_mean, running_var, training, mo
 
 
 def _is_float(v) -> bool:
-    if isinstance(v, Tensor):  # a 0-d tensor is read as its number, as torch's parser does
+    if isinstance(v, Tensor):
         return v.dim() == 0
-    return isinstance(v, (int, float))  # bool is an int
+    return isinstance(v, numbers.Real)  # bool is an int; NumPy registers its scalars as Reals
 
 
 def check_inputs(
@@ -63,10 +70,8 @@ def check_inputs(
     check_fused(input, activation, residual)
     if eps is not None:
         check_eps(eps, training)
-    if input.dtype not in SUPPORTED_DTYPES:
-        raise TypeError(
-            f"batch_norm: expected a floating-point input (float16, bfloat16, float32 or float64), got {input.dtype}"
-        )
+    if input.numel() == 0:  # torch's empty batch returns before its other checks (torch's batch_norm serves it)
+        return
     if (running_mean is None) != (running_var is None):
         raise ValueError("running_mean and running_var must either both be None or neither be None")
     if not training and running_mean is None:
@@ -96,6 +101,9 @@ def check_inputs(
                 f"The function 'native_batch_norm' is not differentiable with respect to argument '{name}'. "
                 "This input cannot have requires_grad True."
             )
+    if input.dtype not in SUPPORTED_DTYPES:  # torch's kernel dispatch, after its shape checks
+        name = input.new_empty(0).type().rpartition(".")[2].removesuffix("Tensor")  # "Long", "ComplexFloat"
+        raise NotImplementedError(f'"batch_norm" not implemented for \'{name}\'')
     check_dtypes(input, per_channel)
 
 

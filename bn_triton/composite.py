@@ -35,13 +35,14 @@ from bn_triton.running import NO_RUNNING
 
 
 def needed(*args) -> bool:
-    """True when a tensor in ``args`` is wrapped by a torch.func transform or carries a forward-AD tangent."""
+    """True when a tensor in ``args`` is wrapped by a torch.func transform, carries a forward-AD
+    tangent, or is a view whose values read negated (the negative bit: torch ops resolve it, a kernel
+    reading its memory would not)."""
     if torch.compiler.is_compiling():
         # Dynamo cannot trace the functorch queries below; the traced ops (ops.py) serve compile.
         return False
-    # A plain loop: this runs on every eager call (under a microsecond for six arguments).
     for a in args:
-        if isinstance(a, Tensor) and is_functorch_wrapped_tensor(a):
+        if isinstance(a, Tensor) and (is_functorch_wrapped_tensor(a) or a.is_neg()):
             return True
     # Read the module global each call: dual_level() rebinds it. -1 means no dual level is active,
     # so the common case never pays for unpack_dual.
@@ -74,6 +75,10 @@ def batch_norm(input, weight, bias, training, eps, running=NO_RUNNING, *, activa
     if input.numel() == 0:  # nothing to compute: torch's empty-batch rules, under every transform
         return torch_batch_norm(input, weight, bias, training, eps, running, activation=activation, residual=residual)
     running_mean, running_var, momentum, num_batches_tracked = running
+    if not training and _has_tangent(running_mean, running_var) and _has_tangent(input, weight, bias, residual):
+        raise RuntimeError(  # torch's forward-AD formula refuses them where they are used: in eval
+            "batch_norm is not differentiable wrt running_mean and running_var, they cannot have forward grad defined"
+        )
     if num_batches_tracked is not None:
         _count_batch(num_batches_tracked)
     acc = _acc_dtype(input.dtype)
@@ -94,6 +99,13 @@ def batch_norm(input, weight, bias, training, eps, running=NO_RUNNING, *, activa
     if activation == "relu":
         y = torch.relu(y)
     return y.to(input.dtype)
+
+
+def _has_tangent(*tensors) -> bool:
+    """Whether a tensor carries a forward-AD tangent at the current dual level."""
+    if fwAD._current_level < 0:
+        return False
+    return any(t is not None and fwAD.unpack_dual(t).tangent is not None for t in tensors)
 
 
 def torch_batch_norm(input, weight, bias, training, eps, running=NO_RUNNING, *, activation=None, residual=None):

@@ -263,7 +263,9 @@ class BatchNormFunction(torch.autograd.Function):
         x, weight, bias, mean, y, *scale = ctx.saved_tensors
         scale = scale[0] if scale else mean
         plan, needs = ctx.plan, ctx.needs_input_grad
-        if torch.is_grad_enabled():  # create_graph=True: a differentiable backward
+        # create_graph=True: a differentiable backward; a vmap-batched dy (is_grads_batched) has no
+        # memory for the kernels: plain torch ops serve it, under the batching rules.
+        if torch.is_grad_enabled() or not torch._C._has_storage(dy):
             wants = (needs[0], needs[1] and weight is not None, needs[2] and bias is not None, needs[3])
             mean, scale = plan.statistics(mean, scale)
             grads = composite.differentiable_backward(

@@ -53,17 +53,25 @@ _PLAIN = (Tensor, torch.nn.Parameter)
 
 
 def _signature(x, rm, rv, w, b, res, nbt, *flags) -> tuple:
-    """What a plan depends on, from attribute reads alone (each in C); a non-Tensor raises here."""
+    """What a plan depends on, from attribute reads alone (each in C); a non-Tensor raises here.
+
+    Every tensor argument gives the same attributes: class, shape, strides, dtype, device,
+    requires_grad and the negative bit (a view whose values are read negated); x and the residual,
+    which the kernels are specialized on the alignment of, also their address modulo 16. Layouts
+    without strides (sparse, mkldnn) raise in ``stride()``: validation then says what is wrong."""
     return (
-        x.__class__, x.shape, x.stride(), x.dtype, x.device, x.requires_grad,
+        x.__class__, x.shape, x.stride(), x.dtype, x.device, x.requires_grad, x.is_neg(),
         x.data_ptr() % 16 if x.__class__ in _PLAIN else None,  # a subclass's data_ptr may warn
-        None if rm is None else (rm.__class__, rm.shape, rm.stride(), rm.dtype, rm.device, rm.requires_grad),
-        None if rv is None else (rv.__class__, rv.shape, rv.stride(), rv.dtype, rv.device, rv.requires_grad),
-        None if w is None else (w.__class__, w.shape, w.stride(), w.dtype, w.device, w.requires_grad),
-        None if b is None else (b.__class__, b.shape, b.stride(), b.dtype, b.device, b.requires_grad),
-        None if res is None else (res.__class__, res.stride(), res.dtype, res.requires_grad,
-                                  res.data_ptr() % 16 if res.__class__ in _PLAIN else None),
-        None if nbt is None else (nbt.__class__, nbt.shape, nbt.dtype, nbt.device),
+        None if rm is None else (rm.__class__, rm.shape, rm.stride(), rm.dtype, rm.device, rm.requires_grad,
+                                 rm.is_neg()),
+        None if rv is None else (rv.__class__, rv.shape, rv.stride(), rv.dtype, rv.device, rv.requires_grad,
+                                 rv.is_neg()),
+        None if w is None else (w.__class__, w.shape, w.stride(), w.dtype, w.device, w.requires_grad, w.is_neg()),
+        None if b is None else (b.__class__, b.shape, b.stride(), b.dtype, b.device, b.requires_grad, b.is_neg()),
+        None if res is None else (res.__class__, res.shape, res.stride(), res.dtype, res.device, res.requires_grad,
+                                  res.is_neg(), res.data_ptr() % 16 if res.__class__ in _PLAIN else None),
+        None if nbt is None else (nbt.__class__, nbt.shape, nbt.stride(), nbt.dtype, nbt.device, nbt.requires_grad,
+                                  nbt.is_neg()),
         torch.is_grad_enabled(), torch._C._len_torch_dispatch_stack(), peek_interpreter_stack(),
         fwAD._current_level, torch._C._get_tracing_state(), *flags,
     )  # fmt: skip
@@ -141,12 +149,14 @@ def _general(key, module, input, running_mean, running_var, weight, bias, traini
     count, bn_training = None, training
     if module is None:
         checks.check_arguments(input, weight, bias, running_mean, running_var, training, momentum, eps)
-        if not (type(eps) in (float, int) and type(momentum) in (float, int, bool)):
-            key = None  # a 0-d tensor's value is read now: never a key
-        eps, momentum = float(eps), float(momentum)
     else:
         module._check_input_dim(input)
         checks.check_fused(input, activation, residual)
+        checks.check_numbers(0.0 if momentum is None else momentum, eps)  # torch's module hands them to F.batch_norm
+    if isinstance(eps, Tensor) or isinstance(momentum, Tensor):
+        key = None  # a 0-d tensor's value is read now, on every call: never a key
+    eps, momentum = float(eps), None if momentum is None else float(momentum)
+    if module is not None:
         # torch's module: batch statistics in eval too when it has no running statistics; running
         # statistics used (and moved, in training) only when tracked; the batch counted when tracked.
         bn_training = training or (running_mean is None and running_var is None)

@@ -249,8 +249,8 @@ _Parameter = torch.nn.Parameter
 
 def plain_eager(*args) -> bool:
     """True when no tracer, dispatch mode, torch.func transform or forward-AD level is active, and no
-    tensor in ``args`` is a subclass or a functorch wrapper: nothing needs to see our ops as ops, and
-    their implementations (or an eager plan) may run directly."""
+    tensor in ``args`` is a subclass, a functorch wrapper or a view with the negative bit: nothing needs
+    to see our ops as ops, and their implementations (or an eager plan) may read the tensors' memory."""
     if torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack():
         return False
     if peek_interpreter_stack() is not None or fwAD._current_level >= 0:
@@ -258,7 +258,7 @@ def plain_eager(*args) -> bool:
     for a in args:
         t = type(a)
         if t is Tensor or t is _Parameter:
-            if _is_functorch_wrapped(a):
+            if _is_functorch_wrapped(a) or a.is_neg():
                 return False
         elif isinstance(a, Tensor):  # a tensor subclass
             return False
@@ -300,7 +300,8 @@ class BatchNormFunction(torch.autograd.Function):
         want_dw, want_db = needs[1] and weight is not None, needs[2] and bias is not None
         wants = (want_dx, want_dw, want_db, want_dres)
         training, relu, eps = ctx.training, ctx.relu, ctx.eps
-        if torch.is_grad_enabled() and ctx.sync is None:  # create_graph=True: a differentiable backward
+        # create_graph=True, or a vmap-batched dy (is_grads_batched): plain torch ops (composite.py)
+        if (torch.is_grad_enabled() or not torch._C._has_storage(dy)) and ctx.sync is None:
             grads = composite.differentiable_backward(dy, x, weight, bias, mean, scale, y, training, eps, relu, wants)
             return (*grads, *(None,) * 7)
         dx = dw = db = dz = None

@@ -521,3 +521,71 @@ def test_double_backward_under_dispatch_mode_backward_graph(device):
         first = lambda dy: composite.backward_graph(dy, x, w, b, training=True, eps=EPS)[:1]
         got = _penalty_grads(first, x, w, b, dy)
     _check_penalty(got, expected)
+
+
+# ---------------------------------------------------------------- batched gradients (vmap over dy)
+@pytest.mark.parametrize("fusion", FUSIONS)
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_batched_gradients_match_torch(training, fusion, device):
+    """torch.autograd.grad(..., is_grads_batched=True) hands the backward a batched dy (no memory of
+    its own): the plain-op backward serves it. jacobian(vectorize=True) and gradcheck's batched-grad
+    check use it; results are torch's."""
+    activation, with_residual = FUSIONS[fusion]
+    x, w, b, r = (t.requires_grad_() for t in _inputs(device, SMALL))
+    r = r if with_residual else None
+    rm, rv = _running(device)
+    wrt = (x, w, b) if r is None else (x, w, b, r)
+    dys = torch.randn(3, *SMALL, dtype=F64, device=device)
+    got = torch.autograd.grad(
+        _ours(x, rm.clone(), rv.clone(), w, b, training, activation, r), wrt, dys, is_grads_batched=True
+    )
+    want = torch.autograd.grad(
+        _torch_bn(x, rm.clone(), rv.clone(), w, b, training, activation, r), wrt, dys, is_grads_batched=True
+    )
+    for i, (g, e) in enumerate(zip(got, want, strict=True)):
+        _close(g, e, f"grad {i}")
+        _nonzero(g, f"grad {i}")
+
+
+def test_vectorized_jacobian_and_batched_gradcheck(device):
+    x, w, b, _ = (t.requires_grad_() for t in _inputs(device, SMALL))
+    fn = lambda x, w, b: _ours(x, None, None, w, b, True)
+    got = torch.autograd.functional.jacobian(fn, (x, w, b), vectorize=True)
+    want = torch.autograd.functional.jacobian(lambda x, w, b: _torch_bn(x, None, None, w, b, True), (x, w, b))
+    for g, e in zip(got, want, strict=True):
+        _close(g, e, "jacobian")
+    assert torch.autograd.gradcheck(fn, (x, w, b), check_batched_grad=True)
+
+
+# ---------------------------------------------------------------- forward AD and the running statistics
+DUALS = [("input",), ("running_mean",), ("running_mean", "running_var"), ("input", "running_mean"),
+         ("input", "running_var"), ("weight", "running_mean"), ("input", "running_mean", "running_var")]  # fmt: skip
+
+
+@pytest.mark.parametrize("duals", DUALS, ids=["+".join(d) for d in DUALS])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_forward_ad_tangents_on_running_stats_like_torch(training, duals, device):
+    """torch's forward AD refuses tangents on running_mean/running_var where it uses them (eval) and
+    computes a tangent at all; elsewhere it runs. Ours does the same, with torch's message."""
+    x, w, b, _ = _inputs(device)
+    rm, rv = _running(device)
+    args = dict(input=x, running_mean=rm, running_var=rv, weight=w, bias=b)
+
+    def call(fn, args):
+        with fwAD.dual_level():
+            a = {k: fwAD.make_dual(v.clone(), torch.ones_like(v)) if k in duals else v.clone() for k, v in args.items()}
+            try:
+                return fwAD.unpack_dual(fn(**a, training=training)), None
+            except RuntimeError as e:
+                return None, e
+
+    want, err = call(F.batch_norm, args)
+    got, ours = call(bn_triton.batch_norm, args)
+    if err is not None:
+        assert ours is not None and str(ours) == str(err), f"{ours!r} where torch raised {err!r}"
+        return
+    assert ours is None, ours
+    _close(got.primal, want.primal, "primal")
+    assert (got.tangent is None) == (want.tangent is None)
+    if want.tangent is not None:
+        _close(got.tangent, want.tangent, "tangent")

@@ -15,7 +15,12 @@ CASES = [
     # (name, build(device) -> kwargs, error type, message pattern)
     # torch counts no channels in a 1-D input: the running statistics must then be empty.
     ("rank 1", lambda d: dict(input=torch.randn(3, device=d)), RuntimeError, "should contain 0 elements not 3"),
-    ("integer input", lambda d: dict(input=torch.ones(4, 3, device=d, dtype=torch.int32)), TypeError, "floating-point"),
+    (
+        "integer input",
+        lambda d: dict(input=torch.ones(4, 3, device=d, dtype=torch.int32)),
+        NotImplementedError,
+        "\"batch_norm\" not implemented for 'Int'",
+    ),
     (
         "weight of other size",
         lambda d: dict(weight=torch.ones(4, device=d)),

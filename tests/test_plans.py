@@ -218,3 +218,125 @@ def test_two_streams_at_once_give_the_serial_results():
     for (y, dx), (y_s, dx_s) in zip(out, serial, strict=True):
         torch.testing.assert_close(y, y_s, atol=0, rtol=0)
         torch.testing.assert_close(dx, dx_s, atol=0, rtol=0)
+
+
+# ---------------------------------------------------------------- what a plan's key holds
+class _Subclass(torch.Tensor):
+    """A tensor subclass that adds nothing: its values are a plain tensor's."""
+
+
+def _misaligned(t: torch.Tensor) -> torch.Tensor:
+    """t's values in t's strides, starting 4 bytes past a 16-byte boundary (storage offset 1)."""
+    base = torch.empty(t.numel() + 1, dtype=t.dtype, device=t.device)[1:]
+    return base.as_strided(t.shape, t.stride()).copy_(t).requires_grad_(t.requires_grad)
+
+
+def _transposed(t: torch.Tensor) -> torch.Tensor:
+    """t's values, in other strides than its own (the same shape)."""
+    if t.dim() < 2:
+        return torch.empty(2 * t.numel(), dtype=t.dtype, device=t.device)[::2].copy_(t).requires_grad_(t.requires_grad)
+    return t.detach().transpose(0, -1).contiguous().transpose(0, -1).requires_grad_(t.requires_grad)
+
+
+# One change of each attribute a tensor argument has: a call with it must do what it does on a
+# fresh process, whatever was planned before.
+ATTRIBUTES = {
+    "shape_fewer_rows_same_strides": lambda t: t.detach()[:1].requires_grad_(t.requires_grad) if t.dim() > 1 else None,
+    "shape_other": lambda t: t.detach()[:-1].requires_grad_(t.requires_grad),
+    "strides": _transposed,
+    "dtype": lambda t: t.detach().double().requires_grad_(t.requires_grad),
+    "device": lambda t: torch.empty_like(t, device="meta").requires_grad_(t.requires_grad),
+    "storage_offset_alignment": _misaligned,
+    "requires_grad": lambda t: t.detach().clone().requires_grad_(not t.requires_grad),
+    "layout": lambda t: t.detach().to_sparse(),
+    "subclass": lambda t: t.detach().as_subclass(_Subclass).requires_grad_(t.requires_grad),
+    "negative_bit": lambda t: torch._neg_view(t.detach().neg()).requires_grad_(t.requires_grad),
+}
+ARGUMENTS = ("input", "running_mean", "running_var", "weight", "bias", "residual")
+
+
+def _call_args(device) -> dict:
+    """A planned call's arguments, fresh tensors each time (the same values)."""
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(4, 3, 5, generator=g).to(device).requires_grad_()
+    w, b = (torch.randn(3, generator=g).to(device).requires_grad_() for _ in range(2))
+    rm, rv = torch.randn(3, generator=g).to(device), torch.rand(3, generator=g).to(device) + 0.5
+    r = torch.randn(4, 3, 5, generator=g).to(device).requires_grad_()
+    return dict(input=x, running_mean=rm, running_var=rv, weight=w, bias=b, residual=r)
+
+
+def _outcome(args: dict, training: bool, activation) -> tuple:
+    """(output, running statistics, gradients) of one call and its backward, or the exception's type."""
+    try:
+        y = bn_triton.batch_norm(**args, training=training, activation=activation)
+        wrt = [t for t in args.values() if t.requires_grad]
+        grads = torch.autograd.grad(y, wrt, torch.ones_like(y)) if wrt and y.requires_grad else ()
+    except Exception as e:  # noqa: BLE001 - the outcome is the exception's type
+        return type(e)
+    values = (y, args["running_mean"], args["running_var"], *grads)
+    return tuple(v.detach().to_dense() if v.layout != torch.strided else v.detach() for v in values)
+
+
+def _same_outcome(got, want, what: str) -> None:
+    if isinstance(want, type) or isinstance(got, type):
+        assert got is want, f"{what}: {got} after a planned call, {want} on a fresh one"
+        return
+    assert len(got) == len(want), what
+    for g, w in zip(got, want, strict=True):
+        if w.device.type == "meta":
+            assert g.device.type == "meta" and g.shape == w.shape and g.dtype == w.dtype, what
+        else:
+            torch.testing.assert_close(g, w, atol=0, rtol=0, equal_nan=True, msg=lambda m: f"{what}: {m}")
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("name", ARGUMENTS)
+def test_a_plan_never_serves_a_call_it_does_not_fit(name, training, device):
+    """Every attribute of every tensor argument, changed after a planned call: the call does exactly
+    what it does when nothing was planned (its result, or its error), never what the plan did."""
+    for attribute, change in ATTRIBUTES.items():
+        args = _call_args(device)
+        changed = change(args[name])
+        if changed is None:
+            continue
+
+        def run(replace=True, change=change):
+            a = _call_args(device)
+            if replace:
+                a[name] = change(a[name])
+            return _outcome(a, training, "relu")
+
+        launch.clear_plans()
+        fresh = run()
+        launch.clear_plans()
+        run(replace=False), run(replace=False)  # planned, and served by the plan
+        _same_outcome(run(), fresh, f"{name}: {attribute}")
+
+
+def test_a_plan_never_serves_another_counter(device):
+    """A module's num_batches_tracked in another dtype or on another device, after a planned call: the
+    call does what it does when nothing was planned."""
+    changes = {
+        "dtype": lambda t: t.double(),
+        "device": lambda t: torch.empty_like(t, device="meta"),
+        "shape": lambda t: t.view(1),
+        "subclass": lambda t: t.as_subclass(_Subclass),
+    }
+    x = make((4, 3, 5), torch.float32, device, seed=8)
+
+    def run(change):
+        m = bn_triton.BatchNorm1d(3, momentum=None).to(device)
+        if change is not None:
+            m.num_batches_tracked = change(m.num_batches_tracked.detach().clone())
+        try:
+            m(x), m(x)
+        except Exception as e:  # noqa: BLE001
+            return type(e)
+        return (m.running_mean.detach(), m.running_var.detach(), m.num_batches_tracked.detach())
+
+    for attribute, change in changes.items():
+        launch.clear_plans()
+        fresh = run(change)
+        launch.clear_plans()
+        run(None)
+        _same_outcome(run(change), fresh, f"num_batches_tracked: {attribute}")

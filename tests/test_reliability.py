@@ -575,3 +575,45 @@ def test_last_program_finalize_is_bitwise_reproducible(fmt, many_splits, device)
     for run in results[1:]:
         for a, r in zip(results[0], run, strict=True):
             assert torch.equal(a, r)
+
+
+@pytest.mark.parametrize("which", ["momentum", "eps"])
+def test_module_reads_a_0d_tensor_hyperparameter_on_every_call(which, device):
+    """A module whose momentum or eps is a 0-d tensor, changed in place between calls: each call reads
+    its value then, as torch's module does (a plan never keeps the first value)."""
+    x = make((4, 3, 5), torch.float32, device, seed=140)
+    ours, ref = bn_triton.BatchNorm1d(3).to(device), torch.nn.BatchNorm1d(3)
+    t_ours, t_ref = torch.tensor(0.1), torch.tensor(0.1)
+    setattr(ours, which, t_ours)
+    setattr(ref, which, t_ref)
+    for value in (0.1, 0.9, 0.5):
+        t_ours.fill_(value)
+        t_ref.fill_(value)
+        for training in (True, False):
+            ours.train(training), ref.train(training)
+            y, y_t = ours(x), ref(x.cpu())
+            assert_close(y, np64(y_t), torch.float32, what=f"y, {which}={value}")
+            assert_close(ours.running_mean, np64(ref.running_mean), torch.float32, what="running_mean")
+            assert_close(ours.running_var, np64(ref.running_var), torch.float32, what="running_var")
+
+
+@pytest.mark.parametrize("name", ["input", "running_mean", "running_var", "weight", "bias", "residual"])
+def test_views_with_the_negative_bit_give_torchs_result(name, device):
+    """A view whose values read negated (``z.conj().imag``): torch resolves the bit, and so do we (its
+    memory holds the other sign, so no kernel reads it)."""
+    g = torch.Generator().manual_seed(141)
+    args = dict(
+        input=torch.randn(4, 3, 5, generator=g), running_mean=torch.randn(3, generator=g),
+        running_var=torch.rand(3, generator=g) + 0.5, weight=torch.randn(3, generator=g),
+        bias=torch.randn(3, generator=g), residual=torch.randn(4, 3, 5, generator=g),
+    )  # fmt: skip
+    for training in (True, False):
+        ref = {k: v.clone() for k, v in args.items()}
+        ours = {k: v.clone().to(device) for k, v in args.items()}
+        ours[name] = torch._neg_view(ours[name].neg())  # the same values, read through the negative bit
+        assert ours[name].is_neg()
+        res = ref.pop("residual")
+        y_t = torch.relu(F.batch_norm(**ref, training=training) + res)
+        y = bn_triton.batch_norm(**ours, training=training, activation="relu")
+        assert_close(y, np64(y_t), torch.float32, what=f"y, {name}")
+        assert_close(ours["running_mean"], np64(ref["running_mean"]), torch.float32, what="running_mean")

@@ -26,6 +26,7 @@ import types
 import unittest
 from functools import cache
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -528,6 +529,10 @@ ARG_CASES = [
     ("momentum_int_1", lambda d: dict(momentum=1), None, None),
     ("momentum_int_0", lambda d: dict(momentum=0), None, None),
     ("momentum_bool", lambda d: dict(momentum=True), None, None),
+    ("eps_np_float32", lambda d: dict(eps=np.float32(1e-3)), None, None),
+    ("eps_np_float64_eval", lambda d: dict(eps=np.float64(1e-3), training=False), None, None),
+    ("momentum_np_int64", lambda d: dict(momentum=np.int64(0)), None, None),
+    ("momentum_np_float32", lambda d: dict(momentum=np.float32(0.3)), None, None),
     ("momentum_0d_tensor", lambda d: dict(momentum=torch.tensor(0.3)), None, None),
 ]
 
@@ -583,6 +588,58 @@ def test_rank_0_and_1_inputs(name, shape, C, training, exc, pattern, device):
     rm, rv = (None, None) if C is None else _stats(C, device)
     x = make(shape, f32, device, seed=16) if shape else torch.tensor(0.5, device=device)
     _functional_parity(dict(input=x, running_mean=rm, running_var=rv, training=training), exc, pattern)
+
+
+# ---------------------------------------------------------------- 5. dtypes torch has no batch_norm for, empty batches
+OTHER_DTYPES = [torch.int64, torch.int32, torch.uint8, torch.bool, torch.complex64, torch.float8_e4m3fn]
+
+
+@pytest.mark.parametrize("dtype", OTHER_DTYPES, ids=str)
+@TRAIN_EVAL
+def test_inputs_of_other_dtypes_are_not_implemented_like_torch(dtype, training, device):
+    """torch has no batch_norm kernel for integer, bool, complex or float8 inputs: NotImplementedError
+    ('"batch_norm" not implemented for 'Long''), after its shape checks; an empty one runs."""
+    x = torch.ones(4, 3, 5).to(dtype)
+    rm, rv = _stats(3, device)
+    kw = dict(input=x.to(device), running_mean=rm, running_var=rv, training=training)
+    _functional_parity(kw, NotImplementedError, r'"batch_norm" not implemented for \'\w+\'')
+    bad_size = dict(kw, running_mean=rm[:2], running_var=rv[:2])
+    _functional_parity(bad_size, RuntimeError, "running_mean should contain 3 elements not 2")
+    _functional_parity(dict(kw, input=torch.ones(0, 3, 5).to(dtype).to(device)))
+
+
+EMPTY_BATCHES = {
+    # id: overrides of a float32 call on an empty (0, 3, 2, 2) batch that torch runs regardless
+    "float64_input": lambda d: dict(input=torch.randn(0, 3, 2, 2, dtype=f64, device=d)),
+    "running_stats_of_other_size": lambda d: dict(running_mean=torch.zeros(5, device=d), running_var=torch.ones(5)),
+    "running_stats_not_1d": lambda d: dict(running_mean=torch.zeros(1, 3, device=d), running_var=torch.ones(1, 3)),
+    "float16_weight": lambda d: dict(weight=torch.ones(3, dtype=torch.float16, device=d)),
+    "eval_without_running_stats": lambda d: dict(running_mean=None, running_var=None, training=False),
+}
+
+
+@pytest.mark.parametrize("case", EMPTY_BATCHES)
+def test_empty_batches_return_before_other_checks_like_torch(case, device):
+    """torch's empty-batch exit comes before its dtype, size and rank checks: an empty output."""
+    kw = dict(_kwargs(device), input=torch.randn(0, 3, 2, 2, device=device))
+    _functional_parity({**kw, **EMPTY_BATCHES[case](device)})
+
+
+def test_module_empty_batch_of_another_dtype_like_torch(device):
+    ref, ours = _module_pair("BatchNorm2d", (3,), {}, device)
+    x = torch.randn(0, 3, 2, 2, dtype=f64)
+    y, y_t = ours(x.to(device)), ref(x)
+    assert y.shape == y_t.shape and y.dtype == y_t.dtype
+    _assert_module_matches(ours, ref, y, y_t)
+
+
+def test_module_numpy_hyperparameters_like_torch(device):
+    """NumPy scalars as a module's eps and momentum, as torch's argument parser takes any real number."""
+    ref, ours = _module_pair("BatchNorm1d", (3,), dict(eps=np.float32(1e-3), momentum=np.int64(1)), device)
+    x = make((6, 3), f32, device, seed=17)
+    for training in (True, False):
+        ref.train(training), ours.train(training)
+        _assert_module_matches(ours, ref, ours(x), ref(x.cpu()))
 
 
 # ---------------------------------------------------------------- 6. PyTorch's OpInfo and ModuleInfo corpus
