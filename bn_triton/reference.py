@@ -2,8 +2,11 @@
 
 Independent of the kernels on purpose: ``backward`` follows the three-path derivation of
 docs/math.md ("Backward: the derivation, three paths") step by step — dL/dvar, then dL/dmean, then
-dL/dx along the numerator, variance and mean paths — and not the closed form the kernels use.
+dL/dx along the numerator, variance and mean paths — and not the closed form the kernels use; the
+activations are their textbook formulas, not the kernels' rearrangements of them.
 """
+
+import math
 
 import numpy as np
 
@@ -87,3 +90,73 @@ def running_stats(running_mean, running_var, batch_mean, batch_var, count, momen
         count / (count - 1)
     )
     return rm, rv
+
+
+# ---------------------------------------------------------------- activations
+_erf = np.vectorize(math.erf, otypes=[np.float64])
+
+
+def activation(v, name: str, param: float = 0.0) -> np.ndarray:
+    """act(v) for the fused epilogue's activations (kernels/activation.py's names; "" is none).
+    ``param`` is leaky_relu's negative_slope or elu's alpha. NaN and +-inf give what torch gives,
+    NaN included where a formula meets inf * 0 (silu, mish, the gelus and hardswish at -inf)."""
+    v = np.asarray(v, dtype=np.float64)
+    with np.errstate(all="ignore"):  # exp overflow and inf * 0 are part of the definitions
+        if name == "":
+            return v.copy()
+        if name == "relu":
+            return np.where(v < 0, 0.0, v)
+        if name == "relu6":
+            return np.where(v < 0, 0.0, np.where(v > 6, 6.0, v))
+        if name == "leaky_relu":
+            return np.where(v > 0, v, param * v)
+        if name == "elu":
+            return np.where(v > 0, v, param * np.expm1(v))
+        if name == "silu":
+            return v / (1 + np.exp(-v))
+        if name == "hardswish":
+            return v * np.clip(v + 3, 0, 6) / 6
+        if name == "gelu":
+            return 0.5 * v * (1 + _erf(v / math.sqrt(2)))
+        if name == "gelu_tanh":
+            return 0.5 * v * (1 + np.tanh(math.sqrt(2 / math.pi) * (v + 0.044715 * v**3)))
+        if name == "mish":
+            return v * np.tanh(np.logaddexp(0, v))
+    raise ValueError(f"unknown activation {name!r}")
+
+
+def activation_grad(dy, v, name: str, param: float = 0.0) -> np.ndarray:
+    """dy * act'(v) at the pre-activation v, with torch's backward at the kinks (relu and relu6: 0
+    at 0 and 6; leaky_relu: the slope at 0; elu: alpha at 0; hardswish: 0 at -3, 1 at 3) and at NaN
+    (where torch's CUDA kernels and scalar CPU loop pass dy: relu, relu6, elu, hardswish)."""
+    v = np.asarray(v, dtype=np.float64)
+    dy = np.asarray(dy, dtype=np.float64)
+    with np.errstate(all="ignore"):
+        if name == "":
+            return dy.copy()
+        if name == "relu":
+            return np.where(v <= 0, 0.0, dy)
+        if name == "relu6":
+            return np.where((v <= 0) | (v >= 6), 0.0, dy)
+        if name == "leaky_relu":
+            return np.where(v > 0, dy, param * dy)
+        if name == "elu":
+            return np.where(v <= 0, param * np.exp(v) * dy, dy)
+        if name == "silu":
+            s = 1 / (1 + np.exp(-v))
+            return dy * s * (1 + v * (1 - s))
+        if name == "hardswish":
+            return np.where(v <= -3, 0.0, np.where(v < 3, dy * (2 * v + 3) / 6, dy))
+        if name == "gelu":
+            cdf = 0.5 * (1 + _erf(v / math.sqrt(2)))
+            pdf = np.exp(-0.5 * v * v) / math.sqrt(2 * math.pi)
+            return dy * (cdf + v * pdf)
+        if name == "gelu_tanh":
+            k = math.sqrt(2 / math.pi)
+            t = np.tanh(k * (v + 0.044715 * v**3))
+            return dy * (0.5 * (1 + t) + 0.5 * v * (1 - t * t) * k * (1 + 3 * 0.044715 * v * v))
+        if name == "mish":
+            t = np.tanh(np.logaddexp(0, v))
+            s = 1 / (1 + np.exp(-v))
+            return dy * (t + v * s * (1 - t * t))
+    raise ValueError(f"unknown activation {name!r}")

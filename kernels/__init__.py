@@ -16,6 +16,8 @@ Files, one job each:
   grad.py       sum(dy), sum(dy * xhat) in one launch (dweight, dbias); dx
   single_pass.py  the training forward and backward in one launch each, where one program owns a
                 channel block (many channels, small maps): the same code as the above, one split
+  activation.py the fused epilogue's activations and their derivatives, one table under one ACT
+                constexpr, with torch's values at the kinks, NaN and +-inf
 
 Reductions are deterministic: partials are merged by one program in a fixed order, and the only
 atomic is an integer ticket that picks that program.
