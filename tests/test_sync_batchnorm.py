@@ -44,7 +44,7 @@ def _spawn(fn, world, device="cpu"):
 
 
 # ---------------------------------------------------------------- one case, run on every rank
-def _close(actual, expected, atol, rtol, what):
+def _close(actual, expected, atol, rtol, what, equal_nan=False):
     torch.testing.assert_close(
         actual.detach().to("cpu", torch.float64),
         expected.detach().to("cpu", torch.float64)
@@ -52,6 +52,7 @@ def _close(actual, expected, atol, rtol, what):
         else torch.as_tensor(np.asarray(expected), dtype=torch.float64),
         atol=atol,
         rtol=rtol,
+        equal_nan=equal_nan,
         msg=lambda m: f"rank {dist.get_rank()}, {what}: {m}",
     )
 
@@ -305,6 +306,89 @@ def test_two_ranks_gloo(device):
 
 def test_three_ranks_gloo_with_an_empty_rank(device):
     _spawn(_world3, 3, device)
+
+
+# ---------------------------------------------------------------- a bad batch leaves no trace
+def _finite_or_nan(t):
+    t = t.detach().to("cpu", torch.float64)
+    return torch.where(torch.isfinite(t), t, torch.nan)
+
+
+def _check_after_bad_batch(rank, device, counts, tail, spoilt, dtype=torch.float32, **kwargs):
+    """Training steps whose global batch ``spoilt[step]`` changes, as (sample, channel, value) or
+    None, each against torch's BatchNorm in float64 over the same global batches. A step's statistics
+    come from its own batch alone, so every step after a spoilt one is exact. In a step whose global
+    batch holds a non-finite value in channel c, channel c's y, dx, dweight and dbias are not compared
+    (NaN in both); running statistics are, with non-finite values as NaN (torch's stay non-finite in
+    that channel for good too). fp16 inputs have float32 weights and buffers (autocast's BatchNorm)."""
+    C = tail[0]
+    pdtype = torch.float64 if dtype == torch.float64 else torch.float32
+    gen = torch.Generator().manual_seed(11)
+    mod = bn_triton.SyncBatchNorm(C, eps=EPS, **kwargs).to(device, pdtype)
+    ref = torch.nn.BatchNorm1d(C, eps=EPS, **kwargs).double()
+    with torch.no_grad():
+        mod.weight.copy_(torch.randn(C, generator=gen))
+        mod.bias.copy_(torch.randn(C, generator=gen))
+        ref.weight.copy_(mod.weight)
+        ref.bias.copy_(mod.bias)
+    start, stop = sum(counts[:rank]), sum(counts[: rank + 1])
+    atol = rtol = TOL[dtype]
+    grad_atol = {torch.float16: 1e-2, torch.float32: 1e-4, torch.float64: 1e-9}[dtype]
+    for step, spoil in enumerate(spoilt):
+        X = torch.randn((sum(counts), *tail), generator=gen, dtype=torch.float64) * 2
+        if spoil is not None:
+            sample, channel, value = spoil
+            X[(sample, channel) + (0,) * (len(tail) - 1)] = value
+        X = X.to(dtype)  # fp16: 7e4 overflows to Inf, as under autocast
+        dY = torch.randn(X.shape, generator=gen, dtype=torch.float64).to(dtype)
+        x = X[start:stop].to(device).requires_grad_(True)
+        y = mod(x)
+        y.backward(dY[start:stop].to(device))
+        xr = X.double().requires_grad_(True)
+        yr = ref(xr)
+        yr.backward(dY.double())
+
+        what = f"{dtype} counts={counts} step {step} after {spoilt[:step]}"
+        keep = torch.isfinite(X.double()).transpose(0, 1).reshape(C, -1).all(1)
+        _close(y[:, keep], yr[start:stop][:, keep], atol, rtol, f"y, {what}")
+        _close(x.grad[:, keep], xr.grad[start:stop][:, keep], atol, rtol, f"dx, {what}")
+        grads = torch.stack([mod.weight.grad, mod.bias.grad])
+        dist.all_reduce(grads)
+        _close(grads[0][keep], ref.weight.grad[keep], grad_atol, 2e-5, f"sum of dweight, {what}")
+        _close(grads[1][keep], ref.bias.grad[keep], grad_atol, 2e-5, f"sum of dbias, {what}")
+        mod.weight.grad = mod.bias.grad = ref.weight.grad = ref.bias.grad = None
+        for name in ("running_mean", "running_var"):
+            ours, theirs = (_finite_or_nan(getattr(m, name)) for m in (mod, ref))
+            _close(ours, theirs, 1e-4, 1e-5, f"{name}, {what}", equal_nan=True)
+        assert int(mod.num_batches_tracked) == int(ref.num_batches_tracked) == step + 1, what
+
+
+def _nonfinite_batches(rank, world, device):
+    counts = (3, 2) if world == 2 else (2, 0, 1)
+    # An Inf in channel 1 on the first rank, then a NaN in channel 2 on the last, then clean steps.
+    spoilt = [None, (0, 1, float("inf")), (-1, 2, float("nan")), None, None]
+    _check_after_bad_batch(rank, device, counts, (3, 5), spoilt)
+    # fp16 (autocast): a value past fp16's range (65504) is an Inf, momentum=None (cumulative).
+    spoilt = [None, (0, 1, 7e4), (-1, 2, float("nan")), None]
+    _check_after_bad_batch(rank, device, counts, (3, 5), spoilt, dtype=torch.float16, momentum=None)
+
+
+def _outlier_batches(rank, world, device):
+    counts = (3, 2) if world == 2 else (2, 0, 1)
+    # One huge but finite value in channel 1. 1e20 in float64 only: in float32 its square overflows,
+    # and that step's variance is Inf in the plain BatchNorm too.
+    for dtype, value in ((torch.float32, 1e12), (torch.float64, 1e12), (torch.float64, 1e20)):
+        _check_after_bad_batch(rank, device, counts, (3, 5), [None, (0, 1, value), None, None], dtype=dtype)
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_nonfinite_batch_leaves_later_steps_exact(device, world):
+    _spawn(_nonfinite_batches, world, device)
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_outlier_batch_leaves_later_steps_exact(device, world):
+    _spawn(_outlier_batches, world, device)
 
 
 # ---------------------------------------------------------------- single process
