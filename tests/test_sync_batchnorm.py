@@ -435,7 +435,8 @@ def test_world_of_one_is_plain_batchnorm(device, torch_bn_forbidden, monkeypatch
 
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1, timeout=TIMEOUT)
     try:
-        monkeypatch.setattr(dist, "all_reduce", no_collective)
+        for name in ("all_gather", "all_reduce"):
+            monkeypatch.setattr(dist, name, no_collective)
         _same_as_plain(*_pair(bn_triton.SyncBatchNorm, 4), device)
     finally:
         dist.destroy_process_group()
