@@ -1,12 +1,14 @@
 """SyncBatchNorm: batch statistics of the global batch across a torch.distributed process group.
 
 A drop-in for ``torch.nn.SyncBatchNorm`` (it subclasses it: constructor, parameters, buffers and
-state_dict keys are torch's) whose local work runs in our kernels, with one all_reduce per pass:
-the forward sums float64 shifted sums of every rank's statistics (around a pivot every rank agrees
-on: the layer's previous global mean), the backward the two gradient sums. Every rank validates its
-input before the collective and, if any rank's input is bad, every rank raises and nothing moves.
-With no initialised process group, a world of one, or outside training, it is our plain BatchNorm.
-The payload, the pivot and its fingerprint, and the byte counts: docs/sync_batchnorm.md.
+state_dict keys are torch's) whose local work runs in our kernels, with one collective per pass:
+the forward all-gathers every rank's (count, mean, M2) per channel in float64 and merges them
+(Chan et al.'s formula), the backward all-reduces the two gradient sums. A step's statistics come
+from that step's inputs alone: the layer carries nothing from one step to the next but torch's
+running statistics. Every rank validates its input before the collective and, if any rank's input
+is bad, every rank raises and nothing moves. With no initialised process group, a world of one, or
+outside training, it is our plain BatchNorm. The record, the merge and the byte counts:
+docs/sync_batchnorm.md.
 """
 
 import torch
@@ -17,8 +19,8 @@ from bn_triton import checks, functional, launch, modules, ops
 from bn_triton.convert import convert_layer
 from bn_triton.modules import TritonBatchNormMixin, fx_leaf
 
-# Payload head: [n_bad, n, h, h^2], then S1[C], S2[C].
-_HEAD = 4
+# One rank's record (float64): [invalid, n], then mean[C], M2[C] (M2: n times the biased variance).
+_HEAD = 2
 
 
 def _all_reduce_sums(group):
@@ -33,8 +35,26 @@ def _all_reduce_sums(group):
     return sync
 
 
+def _merge(records: Tensor, N: int) -> tuple[Tensor, Tensor]:
+    """Global mean and biased variance (float64, per channel) of the ranks' records, ``[w, 2 + 2C]``.
+
+    Chan et al.'s merge of partial (count, mean, M2), for all ranks at once rather than pairwise:
+    mean = sum(n_r mean_r) / N and M2 = sum(M2_r + n_r (mean_r - mean)^2). Every term of M2 is
+    non-negative, so nothing cancels, and the launches do not grow with the world size. Every rank
+    merges the same gathered records with the same ops, so every rank gets the same statistics.
+    """
+    C = (records.shape[1] - _HEAD) // 2
+    n = records[:, 1:2]
+    means, m2s = records[:, _HEAD : _HEAD + C], records[:, _HEAD + C :]
+    mean = (means * n).sum(0).div_(N)
+    dev = means - mean
+    # (dev * n) * dev: an empty rank (n = 0, mean 0) adds exactly 0 even where dev^2 would overflow.
+    m2 = (dev * n).mul_(dev).add_(m2s).sum(0)
+    return mean, m2.div_(N)
+
+
 class SyncBatchNorm(TritonBatchNormMixin, torch.nn.SyncBatchNorm):
-    """torch.nn.SyncBatchNorm computed by bn_triton's kernels, one all_reduce per pass.
+    """torch.nn.SyncBatchNorm computed by bn_triton's kernels, one collective per pass.
 
     Same constructor as torch's: ``SyncBatchNorm(num_features, eps=1e-5, momentum=0.1, affine=True,
     track_running_stats=True, process_group=None)``. In training with an initialised process group of
@@ -43,10 +63,6 @@ class SyncBatchNorm(TritonBatchNormMixin, torch.nn.SyncBatchNorm):
     with Triton's interpreter on (gloo). Like our plain layers it also takes keyword-only
     ``activation=None | "relu"`` and ``forward(input, residual=None)``: act(BN(input) + residual).
     """
-
-    # Global batch mean (float64) of this layer's previous synchronized step: the shift of the next
-    # step's sums. Identical on all ranks; None until the first step (docs/sync_batchnorm.md).
-    _sync_pivot: Tensor | None = None
 
     def _sync_group(self):
         """The process group to synchronize over, or None when no synchronization is needed."""
@@ -66,7 +82,7 @@ class SyncBatchNorm(TritonBatchNormMixin, torch.nn.SyncBatchNorm):
         return self._sync_forward(input, residual, group)
 
     # torch.compile runs this part eagerly (a graph break around the layer), and must: the global
-    # count is read on the host after the all_reduce (it decides, on every rank alike, whether to
+    # count is read on the host after the all_gather (it decides, on every rank alike, whether to
     # raise and how to unbias running_var), and the backward's all_reduce runs inside the autograd
     # formula, where a compiled graph would have to trace a collective with a data-dependent guard.
     @torch.compiler.disable
@@ -76,41 +92,32 @@ class SyncBatchNorm(TritonBatchNormMixin, torch.nn.SyncBatchNorm):
         error = self._validate(input, running_mean, running_var, residual)
         C = self.num_features
         acc = launch.acc_dtype(input.dtype) if error is None else torch.float32
-        payload = torch.zeros(_HEAD + 2 * C, dtype=torch.float64, device=self._payload_device(input))
-        pivot = self._pivot(C, payload.device)
-        h = torch.dot(pivot, torch.arange(C, dtype=torch.float64, device=payload.device).div_(C).add_(1.0))
-        payload[2:4] = torch.stack((h, h * h))
-        x, geom, n = input, None, 0
+        record = torch.zeros(_HEAD + 2 * C, dtype=torch.float64, device=self._payload_device(input))
+        x = input
         if error is not None:
-            payload[0] = 1.0
+            record[0] = 1.0
         else:
             x, geom = launch.canonical(input)
             n = geom.per_channel
             if n > 0:
                 local_mean, _rstd, local_var = ops.step("stats", x, None, None, 0.0, None, self.eps, True)
-                d = local_mean.to(torch.float64) - pivot
-                payload[1] = float(n)
-                torch.mul(d, n, out=payload[_HEAD : _HEAD + C])
-                torch.mul(torch.addcmul(local_var.to(torch.float64), d, d), n, out=payload[_HEAD + C :])
+                record[1] = float(n)
+                record[_HEAD : _HEAD + C] = local_mean
+                torch.mul(local_var.to(torch.float64), n, out=record[_HEAD + C :])
 
-        dist.all_reduce(payload, op=dist.ReduceOp.SUM, group=group)
+        records = record.new_empty(dist.get_world_size(group), record.numel())
+        dist.all_gather(list(records.unbind(0)), record, group=group)
         # One host sync: the global count sets the unbiasing of running_var and the 1/N of dx, and
         # both counts decide, identically on every rank, whether to raise.
-        n_bad, N, h_sum, h2_sum = payload[:_HEAD].tolist()
-        n_bad, N = int(n_bad), int(N)
+        heads = records[:, :_HEAD].tolist()
+        n_bad = sum(int(invalid) for invalid, _ in heads)
+        N = sum(int(n) for _, n in heads)
         if error is not None:
             raise error
         if n_bad:
             raise RuntimeError(
                 f"SyncBatchNorm: the input on {n_bad} other rank(s) of the process group was invalid "
                 "(see the error raised there); nothing was computed"
-            )
-        w = dist.get_world_size(group)
-        if w * h2_sum - h_sum * h_sum > 1e-9 * w * h2_sum:
-            raise RuntimeError(
-                "SyncBatchNorm: the ranks disagree on this layer's history (the shift of its sums "
-                "differs), so its statistics cannot be combined; every rank must run the same "
-                "synchronized steps on the layer (one restored or copied on some ranks only?)"
             )
         if N == 1:
             raise ValueError(
@@ -119,15 +126,11 @@ class SyncBatchNorm(TritonBatchNormMixin, torch.nn.SyncBatchNorm):
             )
 
         if N > 0:
-            s1, s2 = payload[_HEAD : _HEAD + C], payload[_HEAD + C :]
-            d = s1 / N
-            mean64 = pivot + d
-            var64 = ((s2 - s1 * d) / N).clamp_(min=0.0)
+            mean64, var64 = _merge(records, N)
             mean, var = mean64.to(acc), var64.to(acc)
             rstd = torch.rsqrt(var64 + self.eps).to(acc)
-            self._sync_pivot = mean64
         else:  # every rank is empty: nothing to normalize, running statistics stay (as torch's do)
-            mean = rstd = var = torch.zeros(C, dtype=acc, device=payload.device)
+            mean = rstd = var = torch.zeros(C, dtype=acc, device=records.device)
 
         if self.track_running_stats and self.num_batches_tracked is not None:
             self.num_batches_tracked.add_(1)
@@ -173,12 +176,6 @@ class SyncBatchNorm(TritonBatchNormMixin, torch.nn.SyncBatchNorm):
             return e
         return None
 
-    def __getstate__(self):
-        # Pickling and deepcopy drop the pivot (docs/sync_batchnorm.md).
-        state = self.__dict__.copy()
-        state.pop("_sync_pivot", None)
-        return state
-
     def _payload_device(self, input: Tensor) -> torch.device:
         # The layer's own device, so that even a rank whose input sits on the wrong device sends a
         # payload the backend accepts (NCCL takes CUDA tensors only).
@@ -186,12 +183,6 @@ class SyncBatchNorm(TritonBatchNormMixin, torch.nn.SyncBatchNorm):
             if t is not None:
                 return t.device
         return input.device
-
-    def _pivot(self, C: int, device: torch.device) -> Tensor:
-        pivot = self._sync_pivot
-        if pivot is None or pivot.numel() != C:
-            return torch.zeros(C, dtype=torch.float64, device=device)
-        return pivot.to(device)
 
     @classmethod
     def convert_sync_batchnorm(cls, module: torch.nn.Module, process_group=None) -> torch.nn.Module:

@@ -10,7 +10,6 @@ spawn runs many cases in a row; the interpreter (TRITON_INTERPRET, set by confte
 import copy
 import datetime
 import os
-import pickle
 import re
 import tempfile
 
@@ -45,7 +44,7 @@ def _spawn(fn, world, device="cpu"):
 
 
 # ---------------------------------------------------------------- one case, run on every rank
-def _close(actual, expected, atol, rtol, what):
+def _close(actual, expected, atol, rtol, what, equal_nan=False):
     torch.testing.assert_close(
         actual.detach().to("cpu", torch.float64),
         expected.detach().to("cpu", torch.float64)
@@ -53,6 +52,7 @@ def _close(actual, expected, atol, rtol, what):
         else torch.as_tensor(np.asarray(expected), dtype=torch.float64),
         atol=atol,
         rtol=rtol,
+        equal_nan=equal_nan,
         msg=lambda m: f"rank {dist.get_rank()}, {what}: {m}",
     )
 
@@ -73,14 +73,12 @@ def _check_case(
     dtype=torch.float32,
     atol=None,
     grad_atol=1e-4,
-    first_atol=None,
     **kwargs,
 ):
     """SyncBatchNorm on this rank's slice of a global batch of sum(counts) samples of shape ``tail``,
     for ``steps`` training steps, then one eval step: y, dx, summed dweight/dbias, running stats.
     Weight, bias and running statistics are float32 (the AMP case for fp16 inputs), float64 for
-    float64 inputs (the per-channel tensors share the input's dtype or float32). ``first_atol``:
-    the first step's tolerance for y and dx (10x for the weight/bias grads), when it differs."""
+    float64 inputs (the per-channel tensors share the input's dtype or float32)."""
     C = tail[0]
     atol = TOL[dtype] if atol is None else atol
     rtol = TOL[dtype]
@@ -110,18 +108,15 @@ def _check_case(
         dx_ref, dw_ref, db_ref = reference.backward(dYd, Xd, w, EPS)
         what = f"{layout} {dtype} counts={counts} step {step}"
         assert y.dtype == x.grad.dtype == dtype, what
-        step_atol, step_grad_atol = atol, grad_atol
-        if step == 0 and first_atol is not None:
-            step_atol, step_grad_atol = first_atol, 10 * first_atol
-        _close(y, y_ref[start:stop], step_atol, rtol, f"y, {what}")
-        _close(x.grad, dx_ref[start:stop], step_atol, rtol, f"dx, {what}")
+        _close(y, y_ref[start:stop], atol, rtol, f"y, {what}")
+        _close(x.grad, dx_ref[start:stop], atol, rtol, f"dx, {what}")
         if layout == "channels_last" and x.numel():
             assert y.is_contiguous(memory_format=torch.channels_last), what
         if mod.affine:
             grads = torch.stack([mod.weight.grad, mod.bias.grad])
             dist.all_reduce(grads)  # weight/bias grads stay local: their sum is the global grad
-            _close(grads[0], dw_ref, step_grad_atol, 2e-5, f"sum of dweight, {what}")
-            _close(grads[1], db_ref, step_grad_atol, 2e-5, f"sum of dbias, {what}")
+            _close(grads[0], dw_ref, grad_atol, 2e-5, f"sum of dweight, {what}")
+            _close(grads[1], db_ref, grad_atol, 2e-5, f"sum of dbias, {what}")
             mod.weight.grad = mod.bias.grad = None
         if mod.track_running_stats:
             momentum = 1.0 / (step + 1) if mod.momentum is None else mod.momentum
@@ -171,11 +166,11 @@ def _check_bad_input(rank, world, device):
     # The ranks are still in step: a valid call completes everywhere.
     mod(good).sum().backward()
     assert int(mod.num_batches_tracked) == 1
-    # A layer copied on rank 0 only: its pivot (the previous global mean) is dropped there and kept
-    # elsewhere, so combining the shifted sums would be wrong. Every rank refuses, nothing moves.
+    # A layer copied on rank 0 only synchronizes with the originals elsewhere: a step's statistics
+    # depend on nothing but that step's inputs.
     layer = copy.deepcopy(mod) if rank == 0 else mod
-    _expect_error(lambda: layer(good), RuntimeError, "disagree on this layer's history")
-    assert int(layer.num_batches_tracked) == 1
+    layer(good).sum().backward()
+    assert int(layer.num_batches_tracked) == 2
 
 
 def _check_ddp_step(rank, world, device):
@@ -253,18 +248,17 @@ def _check_compiled(rank, device):
 
 
 def _world2(rank, world, device):
-    # Uneven batches, momentum=None, two steps (the second one shifted by the first one's mean).
+    # Uneven batches, momentum=None, two steps.
     _check_case(rank, device, (3, 2), (3, 5, 4), steps=2, momentum=None)
     # fp16 input with float32 weights and buffers (autocast's BatchNorm).
     _check_case(rank, device, (2, 1), (3, 7), dtype=torch.float16, grad_atol=1e-2)
-    # channels_last, one sample on rank 0, data offset by 1e4: no E[x^2] cancellation on the first
-    # step (pivot 0) nor later: running_var keeps its tight tolerance. y, dx and dweight are limited
+    # channels_last, one sample on rank 0, data offset by 1e4: no E[x^2] cancellation in the local
+    # statistics nor in the merge: running_var keeps its tight tolerance. y, dx and dweight are limited
     # by the fp32 rounding of the mean (ulp(1e4)/2 = 5e-4, times rstd = 0.5, times sum |dy| for dw),
     # as with the plain BatchNorm.
     _check_case(rank, device, (1, 2), (4, 3, 3), "channels_last", steps=2, offset=1e4, atol=2e-3, grad_atol=1e-2)
-    # The pivot at work: float64 data offset by 1e6 (std 2). Step 1 shifts by 0 and the float64 sums
-    # lose ~2 log10(1e6 / 2) = 11 of their 16 digits (measured: y off by 3e-5); step 2 shifts by
-    # step 1's global mean and keeps them (measured: 3e-11). Weight grads are stored in float32.
+    # float64 data offset by 1e6 (std 2), both steps to 1e-9: each rank's (mean, M2) and their merge
+    # keep the float64 digits at any offset. Weight grads are stored in float32.
     _check_case(
         rank,
         device,
@@ -276,7 +270,6 @@ def _world2(rank, world, device):
         dtype=torch.float64,
         atol=1e-9,
         grad_atol=1e-5,
-        first_atol=1e-4,
     )
     _check_fused_epilogue(rank, device)
     _check_compiled(rank, device)
@@ -313,6 +306,89 @@ def test_two_ranks_gloo(device):
 
 def test_three_ranks_gloo_with_an_empty_rank(device):
     _spawn(_world3, 3, device)
+
+
+# ---------------------------------------------------------------- a bad batch leaves no trace
+def _finite_or_nan(t):
+    t = t.detach().to("cpu", torch.float64)
+    return torch.where(torch.isfinite(t), t, torch.nan)
+
+
+def _check_after_bad_batch(rank, device, counts, tail, spoilt, dtype=torch.float32, **kwargs):
+    """Training steps whose global batch ``spoilt[step]`` changes, as (sample, channel, value) or
+    None, each against torch's BatchNorm in float64 over the same global batches. A step's statistics
+    come from its own batch alone, so every step after a spoilt one is exact. In a step whose global
+    batch holds a non-finite value in channel c, channel c's y, dx, dweight and dbias are not compared
+    (NaN in both); running statistics are, with non-finite values as NaN (torch's stay non-finite in
+    that channel for good too). fp16 inputs have float32 weights and buffers (autocast's BatchNorm)."""
+    C = tail[0]
+    pdtype = torch.float64 if dtype == torch.float64 else torch.float32
+    gen = torch.Generator().manual_seed(11)
+    mod = bn_triton.SyncBatchNorm(C, eps=EPS, **kwargs).to(device, pdtype)
+    ref = torch.nn.BatchNorm1d(C, eps=EPS, **kwargs).double()
+    with torch.no_grad():
+        mod.weight.copy_(torch.randn(C, generator=gen))
+        mod.bias.copy_(torch.randn(C, generator=gen))
+        ref.weight.copy_(mod.weight)
+        ref.bias.copy_(mod.bias)
+    start, stop = sum(counts[:rank]), sum(counts[: rank + 1])
+    atol = rtol = TOL[dtype]
+    grad_atol = {torch.float16: 1e-2, torch.float32: 1e-4, torch.float64: 1e-9}[dtype]
+    for step, spoil in enumerate(spoilt):
+        X = torch.randn((sum(counts), *tail), generator=gen, dtype=torch.float64) * 2
+        if spoil is not None:
+            sample, channel, value = spoil
+            X[(sample, channel) + (0,) * (len(tail) - 1)] = value
+        X = X.to(dtype)  # fp16: 7e4 overflows to Inf, as under autocast
+        dY = torch.randn(X.shape, generator=gen, dtype=torch.float64).to(dtype)
+        x = X[start:stop].to(device).requires_grad_(True)
+        y = mod(x)
+        y.backward(dY[start:stop].to(device))
+        xr = X.double().requires_grad_(True)
+        yr = ref(xr)
+        yr.backward(dY.double())
+
+        what = f"{dtype} counts={counts} step {step} after {spoilt[:step]}"
+        keep = torch.isfinite(X.double()).transpose(0, 1).reshape(C, -1).all(1)
+        _close(y[:, keep], yr[start:stop][:, keep], atol, rtol, f"y, {what}")
+        _close(x.grad[:, keep], xr.grad[start:stop][:, keep], atol, rtol, f"dx, {what}")
+        grads = torch.stack([mod.weight.grad, mod.bias.grad])
+        dist.all_reduce(grads)
+        _close(grads[0][keep], ref.weight.grad[keep], grad_atol, 2e-5, f"sum of dweight, {what}")
+        _close(grads[1][keep], ref.bias.grad[keep], grad_atol, 2e-5, f"sum of dbias, {what}")
+        mod.weight.grad = mod.bias.grad = ref.weight.grad = ref.bias.grad = None
+        for name in ("running_mean", "running_var"):
+            ours, theirs = (_finite_or_nan(getattr(m, name)) for m in (mod, ref))
+            _close(ours, theirs, 1e-4, 1e-5, f"{name}, {what}", equal_nan=True)
+        assert int(mod.num_batches_tracked) == int(ref.num_batches_tracked) == step + 1, what
+
+
+def _nonfinite_batches(rank, world, device):
+    counts = (3, 2) if world == 2 else (2, 0, 1)
+    # An Inf in channel 1 on the first rank, then a NaN in channel 2 on the last, then clean steps.
+    spoilt = [None, (0, 1, float("inf")), (-1, 2, float("nan")), None, None]
+    _check_after_bad_batch(rank, device, counts, (3, 5), spoilt)
+    # fp16 (autocast): a value past fp16's range (65504) is an Inf, momentum=None (cumulative).
+    spoilt = [None, (0, 1, 7e4), (-1, 2, float("nan")), None]
+    _check_after_bad_batch(rank, device, counts, (3, 5), spoilt, dtype=torch.float16, momentum=None)
+
+
+def _outlier_batches(rank, world, device):
+    counts = (3, 2) if world == 2 else (2, 0, 1)
+    # One huge but finite value in channel 1. 1e20 in float64 only: in float32 its square overflows,
+    # and that step's variance is Inf in the plain BatchNorm too.
+    for dtype, value in ((torch.float32, 1e12), (torch.float64, 1e12), (torch.float64, 1e20)):
+        _check_after_bad_batch(rank, device, counts, (3, 5), [None, (0, 1, value), None, None], dtype=dtype)
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_nonfinite_batch_leaves_later_steps_exact(device, world):
+    _spawn(_nonfinite_batches, world, device)
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_outlier_batch_leaves_later_steps_exact(device, world):
+    _spawn(_outlier_batches, world, device)
 
 
 # ---------------------------------------------------------------- single process
@@ -359,7 +435,8 @@ def test_world_of_one_is_plain_batchnorm(device, torch_bn_forbidden, monkeypatch
 
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1, timeout=TIMEOUT)
     try:
-        monkeypatch.setattr(dist, "all_reduce", no_collective)
+        for name in ("all_gather", "all_reduce"):
+            monkeypatch.setattr(dist, name, no_collective)
         _same_as_plain(*_pair(bn_triton.SyncBatchNorm, 4), device)
     finally:
         dist.destroy_process_group()
@@ -372,15 +449,6 @@ def test_errors_match_torch(device):
             theirs(bad)
         with pytest.raises(ValueError, match=re.escape(str(expected.value))):
             ours(bad)
-
-
-def test_pivot_is_not_copied_or_pickled():
-    """The pivot is per-process history: copies and unpickled layers start again from 0."""
-    mod = bn_triton.SyncBatchNorm(3)
-    mod._sync_pivot = torch.ones(3, dtype=torch.float64)
-    for other in (copy.deepcopy(mod), pickle.loads(pickle.dumps(mod))):
-        assert other._sync_pivot is None and list(other.state_dict()) == list(mod.state_dict())
-    assert mod._sync_pivot is not None
 
 
 def test_convert_sync_batchnorm_keeps_state():
