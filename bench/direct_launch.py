@@ -87,23 +87,28 @@ def _launches(device) -> list:
     w, b, rm, rv = (torch.randn(C) for _ in range(4))
     mean, rstd, sums = torch.zeros(C), torch.ones(C), torch.zeros(2, C)
     out = []
+    rs = dict(RUNNING_MEAN=rm, RUNNING_VAR=rv)
     stats = launch.stats(
-        geom, device, (f32, acc, i32, acc, acc, None, f32, f32, None), 1e-5, launch.RunningSpec(1, 1, 0.1)
-    )
+        geom, device, launch.dtypes(X=f32, PART=acc, COUNTER=i32, MEAN=acc, RSTD=acc, **rs), 1e-5,
+        launch.RunningSpec(1, 1, 0.1),
+    )  # fmt: skip
     parts, tickets = torch.empty(stats.parts), torch.zeros(stats.tickets, dtype=i32)
-    out.append(("stats", stats, (x_, parts, tickets, mean, rstd, None, rm, rv, None)))
-    norm = launch.normalize(geom, device, (f32,) * 4 + (f32, f32, None), 1e-5, False, False)
-    out.append(("normalize", norm, (x_, torch.empty_like(x_), mean, rstd, w, b, None)))
-    gs = launch.grad_sums(geom, device, (f32, f32, acc, acc, acc, i32, acc, acc, f32, f32, None, f32, None, None),
-                          1e-5, False, False)  # fmt: skip
-    parts = torch.empty(gs.parts)
-    out.append(("grad_sums", gs, (x_, x_, mean, rstd, parts, tickets, sums[0], sums[1], w, b, None, w, None, None)))
-    gi = launch.grad_input(
-        geom, device, (f32, f32, f32, acc, acc, f32, acc, acc, None, None, None), 1e-5, True, 0, False
-    )
-    out.append(("grad_input", gi, (x_, x_, torch.empty_like(x_), mean, rstd, w, sums[0], sums[1], None, None, None)))
-    ev = launch.normalize(geom, device, (f32,) * 4 + (f32, f32, None), 1e-5, True, False)
-    out.append(("eval normalize", ev, (x_, torch.empty_like(x_), rm, rv, w, b, None)))
+    out.append(("stats", stats, dict(X=x_, PART=parts, COUNTER=tickets, MEAN=mean, RSTD=rstd, **rs)))
+    normalize = dict(X=x_, Y=torch.empty_like(x_), MEAN=mean, SCALE=rstd, W=w, B=b)
+    norm = launch.normalize(geom, device, launch.dtypes(**normalize), 1e-5, False, None)
+    out.append(("normalize", norm, normalize))
+    grad_sums = dict(DY=x_, X=x_, MEAN=mean, SCALE=rstd, SUM_DY=sums[0], SUM_DY_XHAT=sums[1], DW=w, DB=b, W=w)
+    gs = launch.grad_sums(
+        geom, device, launch.dtypes(PART=acc, COUNTER=i32, **grad_sums), 1e-5, False, None, False
+    )  # fmt: skip
+    out.append(("grad_sums", gs, dict(PART=torch.empty(gs.parts), COUNTER=tickets, **grad_sums)))
+    grad_input = dict(DY=x_, X=x_, DX=torch.empty_like(x_), MEAN=mean, SCALE=rstd, W=w, SUM_DY=sums[0],
+                      SUM_DY_XHAT=sums[1])  # fmt: skip
+    gi = launch.grad_input(geom, device, launch.dtypes(**grad_input), 1e-5, True, 0, None, False)
+    out.append(("grad_input", gi, grad_input))
+    evaluate = dict(X=x_, Y=torch.empty_like(x_), MEAN=rm, SCALE=rv, W=w, B=b)
+    ev = launch.normalize(geom, device, launch.dtypes(**evaluate), 1e-5, True, None)
+    out.append(("eval normalize", ev, evaluate))
     return out
 
 
@@ -153,9 +158,9 @@ def main(argv=None) -> int:
     try:
         _config._cuda_target.cache_clear()
         for name, ln, pointers in _launches(device):
-            ln(*pointers)  # Triton's own path: binds, compiles, launches through its CudaLauncher
+            ln(**pointers)  # Triton's own path: binds, compiles, launches through its CudaLauncher
             direct_before = _launcher.DIRECT_LAUNCHES[0]
-            calls = counts.python_calls(lambda ln=ln, pointers=pointers: ln(*pointers), excluded=(CHECK_FILE,))
+            calls = counts.python_calls(lambda ln=ln, pointers=pointers: ln(**pointers), excluded=(CHECK_FILE,))
             if _launcher.DIRECT_LAUNCHES[0] != direct_before + 1:
                 print(f"  {name:16s} did not take the direct path")
                 failures += 1
@@ -164,7 +169,7 @@ def main(argv=None) -> int:
             diffs = _same(triton_call, direct_call, ln.form_3_8)
             t0 = time.perf_counter()
             for _ in range(args.calls):
-                ln(*pointers)
+                ln(**pointers)
             us = (time.perf_counter() - t0) / args.calls * 1e6
             ok = not diffs and calls <= 2
             failures += not ok

@@ -2,13 +2,15 @@
 
 A ``Launch`` holds a kernel, its grid, its compile options and the values of every parameter after
 the leading pointers (bn_triton's kernels take their pointers first: kernels/tile.py ``launched``).
-A call passes the pointers only. The first call goes through Triton's own ``fn[grid](...)``, which
-compiles the kernel if needed and returns it; on the Triton versions whose launch path was read and
-checked (3.5, 3.6, 3.8) the later calls hand the same arguments straight to the compiled kernel's C
-launcher, as ``JITFunction.run`` would: no binding, no specialization key, no Python per argument.
-That is valid because everything Triton specializes on is fixed by the plan that owns the launch:
-the dtypes and alignment of the big tensors (the plans pass them 16-byte aligned), the per-channel
-pointers (never specialized on alignment), None-ness, the ints and the constexprs.
+A call passes the pointers only, by the kernel's names for them (``launch(X=x, Y=y)``); one not
+named is None. Their order is then written once, in the kernel's signature. The first call goes
+through Triton's own ``fn[grid](...)``, which compiles the kernel if needed and returns it; on the
+Triton versions whose launch path was read and checked (3.5, 3.6, 3.8) the later calls hand the same
+arguments straight to the compiled kernel's C launcher, as ``JITFunction.run`` would: no binding, no
+specialization key, no Python per argument. That is valid because everything Triton specializes on
+is fixed by the plan that owns the launch: the dtypes and alignment of the big tensors (the plans
+pass them 16-byte aligned), the per-channel pointers (never specialized on alignment), None-ness,
+the ints and the constexprs.
 
 Triton's own path is taken instead wherever it must decide: the interpreter, stubbed kernels, other
 Triton versions, a launch hook (a profiler), kernels that need scratch memory, a current CUDA device
@@ -17,6 +19,7 @@ other than the tensors'. ``BN_TRITON_DIRECT_LAUNCH=0`` turns the direct path off
 
 import collections
 import inspect
+import operator
 import os
 
 import torch
@@ -68,14 +71,20 @@ class Launch:
         if inspect.Parameter.empty in self.tail:
             raise AssertionError(f"{name}: no value for {[p.name for p in params if p.name not in fixed]}")
         self.name, self.fn, self.grid, self.options = name, fn, tuple(grid), options
+        self.absent = dict.fromkeys(pointers)  # every pointer None unless named
+        self.order = operator.itemgetter(*pointers)
         self.cuda = device.type == "cuda"
         self.index = (device.index if device.index is not None else torch.cuda.current_device()) if self.cuda else -1
         self.c_launch = None  # the compiled kernel's C launcher, once known
         g = (*self.grid, 1, 1)
         self.g0, self.g1, self.g2 = g[0], g[1], g[2]
 
-    def __call__(self, *pointers) -> None:
+    def __call__(self, **named) -> None:
         LAUNCHES[self.name] += 1
+        given = {**self.absent, **named}
+        if len(given) != len(self.absent):
+            raise TypeError(f"{self.name}: no pointers {sorted(set(named) - set(self.absent))}")
+        pointers = self.order(given)
         c_launch = self.c_launch
         hooks = _RUNTIME  # a launch hook (a profiler's) is called by Triton's own path only
         if (

@@ -12,8 +12,9 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from bn_triton import activations
+
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-ACTIVATIONS = (None, "relu")
 # torch.batch_norm's arguments, in its argument parser's order (its TypeErrors name these positions).
 _TENSOR_ARGS = (("weight", 2), ("bias", 3), ("running_mean", 4), ("running_var", 5))
 
@@ -148,22 +149,27 @@ def check_eps(eps: float, training: bool) -> None:
         raise ValueError(f"batch_norm eps must be non-negative, but got {eps}")
 
 
-def check_fused(input: Tensor, activation: Optional[str], residual: Optional[Tensor]) -> None:
-    """Validate the fused-epilogue arguments: a known activation, a residual exactly like input."""
-    if activation not in ACTIVATIONS:
-        raise ValueError(f"batch_norm: unknown activation {activation!r}; expected None or 'relu'")
+def check_fused(input: Tensor, activation, residual: Optional[Tensor]) -> Optional[str]:
+    """Validate the fused-epilogue arguments; returns the activation's canonical string
+    (bn_triton/activations.py). The residual has the input's shape and device, in any floating dtype:
+    it is read in its own dtype, the sum taken in the accumulation dtype, and the output keeps the
+    input's dtype, as ``BN(x) += residual`` does."""
+    activation = activations.canonical(activation)
     if residual is None:
-        return
+        return activation
     if not isinstance(residual, Tensor):
         raise TypeError(f"batch_norm: residual must be a Tensor or None, got {type(residual).__name__}")
     if residual.shape != input.shape:
         raise RuntimeError(
             f"batch_norm: residual must have the input's shape {tuple(input.shape)}, got {tuple(residual.shape)}"
         )
-    if residual.dtype != input.dtype:
-        raise TypeError(f"batch_norm: residual must have the input's dtype ({input.dtype}), got {residual.dtype}")
+    if residual.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(
+            f"batch_norm: residual must be float16, bfloat16, float32 or float64, got {residual.dtype}"
+        )
     if residual.device != input.device:
         raise RuntimeError(
             "Expected all tensors to be on the same device, but found input on "
             f"{input.device} and residual on {residual.device}"
         )
+    return activation

@@ -31,6 +31,7 @@ from torch._C._functorch import (
     push_dynamic_layer_stack,
 )
 
+from bn_triton import activations
 from bn_triton.running import NO_RUNNING
 
 
@@ -49,6 +50,15 @@ def needed(*args) -> bool:
     if fwAD._current_level < 0:
         return False
     return any(isinstance(a, Tensor) and fwAD.unpack_dual(a).tangent is not None for a in args)
+
+
+def needed_in_backward(dy: Tensor) -> bool:
+    """True when a backward must build its gradients from torch ops: under create_graph=True (a
+    differentiable backward), or for a dy with no memory of its own (vmap-batched, from
+    ``autograd.grad(..., is_grads_batched=True)``), which no kernel can read."""
+    if torch.is_grad_enabled():
+        return True
+    return not torch.compiler.is_compiling() and not torch._C._has_storage(dy)
 
 
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -96,9 +106,7 @@ def batch_norm(input, weight, bias, training, eps, running=NO_RUNNING, *, activa
     y = _affine(x, mean, torch.rsqrt(var + eps), weight, bias)
     if residual is not None:
         y = y + residual.to(acc)
-    if activation == "relu":
-        y = torch.relu(y)
-    return y.to(input.dtype)
+    return activations.apply(y, activation).to(input.dtype)
 
 
 def _has_tangent(*tensors) -> bool:
@@ -123,9 +131,11 @@ def torch_batch_norm(input, weight, bias, training, eps, running=NO_RUNNING, *, 
 
 
 def epilogue(y: Tensor, activation: Optional[str], residual: Optional[Tensor]) -> Tensor:
-    """act(y + residual) with torch ops: the fused epilogue where torch's batch_norm did the rest."""
-    y = y if residual is None else y + residual
-    return torch.relu(y) if activation == "relu" else y
+    """act(y + residual) with torch ops, in y's dtype as ``y += residual`` gives: the fused epilogue
+    where torch's batch_norm did the rest."""
+    if residual is not None:
+        y = (y + residual).to(y.dtype)
+    return activations.apply(y, activation)
 
 
 def _affine(x: Tensor, mean: Tensor, rstd: Tensor, weight: Optional[Tensor], bias: Optional[Tensor]) -> Tensor:
@@ -136,14 +146,6 @@ def _affine(x: Tensor, mean: Tensor, rstd: Tensor, weight: Optional[Tensor], bia
     if bias is not None:
         y = y + _per_channel(bias, x, x.dtype)
     return y
-
-
-def relu_keep(x, weight, bias, mean, scale, eps, training) -> Tensor:
-    """Where a fused ReLU passed the gradient, recomputed from x (scale: rstd in training, running_var
-    in eval), rounded to x's dtype first as the kernels do: for the differentiable backward."""
-    acc = _acc_dtype(x.dtype)
-    rstd = scale.to(acc) if training else torch.rsqrt(scale.to(acc) + eps)
-    return _affine(x.to(acc), mean.to(acc), rstd, weight, bias).to(x.dtype) > 0
 
 
 # ---------------------------------------------------------------- running statistics
@@ -220,22 +222,24 @@ def backward_graph(
     training: bool,
     eps: float,
     mean_var: Optional[tuple[Tensor, Tensor]] = None,
-    relu_mask: Optional[Tensor] = None,
+    activation: Optional[str] = None,
+    y: Optional[Tensor] = None,
+    residual: Optional[Tensor] = None,
 ) -> tuple[Tensor, Optional[Tensor], Optional[Tensor], Tensor]:
     """(dx, dweight, dbias, dz) of ``act(BN(x) * weight + bias + residual)`` from differentiable ops.
 
-    For double backward: called with grad mode on, the results carry a graph back to dy, x and
-    weight. ``mean_var`` is (running_mean, running_var) in eval (constants, as in torch); in training
-    the batch statistics are recomputed from x, so that dx's dependence on them is in the graph.
-    ``relu_mask`` (bool, x's shape) is where the fused ReLU passed; it is a constant (relu'' = 0).
-    dz is the gradient at the pre-activation, i.e. of the residual. dweight/dbias are None when
-    weight/bias is None.
+    For double backward: called with grad mode on, the results carry a graph back to dy, x, weight,
+    bias and the residual. ``mean_var`` is (running_mean, running_var) in eval (constants, as in
+    torch); in training the batch statistics are recomputed from x, so that dx's dependence on them
+    is in the graph. dz = dy * act'(pre) is the gradient at the pre-activation, i.e. of the residual:
+    act' is read from the output ``y`` where given (ReLU: y > 0, a constant, relu'' = 0), else taken
+    by autograd of the activation's torch ops at the pre-activation recomputed from x, the
+    parameters and ``residual``, rounded to x's dtype as the kernels round it. dweight/dbias are
+    None when weight/bias is None.
     """
     acc = _acc_dtype(x.dtype)
     xa = x.to(acc)
     dims = _reduce_dims(xa)
-    g = dy if relu_mask is None else torch.where(relu_mask, dy, torch.zeros((), dtype=dy.dtype, device=dy.device))
-    ga = g.to(acc)
     if training:
         mean = xa.mean(dims)
         rstd = torch.rsqrt(xa.var(dims, correction=0) + eps)
@@ -243,6 +247,15 @@ def backward_graph(
         running_mean, running_var = mean_var
         mean = running_mean.detach().to(acc)
         rstd = torch.rsqrt(running_var.detach().to(acc) + eps)
+    g = dy
+    if activation is not None and y is not None:
+        g = torch.where(y <= 0, torch.zeros((), dtype=dy.dtype, device=dy.device), dy)
+    elif activation is not None:
+        pre = _affine(xa, mean, rstd, weight, bias)
+        if residual is not None:
+            pre = pre + residual.to(acc)
+        g = _activation_vjp(pre.to(x.dtype).to(acc), dy.to(acc), activation).to(dy.dtype)
+    ga = g.to(acc)
     xhat = (xa - _per_channel(mean, xa, acc)) * _per_channel(rstd, xa, acc)
     sum_g = ga.sum(dims)
     sum_g_xhat = (ga * xhat).sum(dims)
@@ -260,14 +273,22 @@ def backward_graph(
     return dx.to(x.dtype), dweight, dbias, g
 
 
-def differentiable_backward(dy, x, weight, bias, mean, scale, y, training, eps, relu, wants) -> tuple:
+def _activation_vjp(pre: Tensor, dy: Tensor, activation: str) -> Tensor:
+    """dy * act'(pre) by autograd of the activation's torch ops: torch's own backward formula, itself
+    differentiable (in pre and dy) where the caller's grad mode builds a graph."""
+    create_graph = torch.is_grad_enabled()
+    with torch.enable_grad():
+        leaf = pre if pre.requires_grad else pre.detach().requires_grad_()
+        (g,) = torch.autograd.grad(activations.apply(leaf, activation), leaf, dy, create_graph=create_graph)
+    return g
+
+
+def differentiable_backward(dy, x, weight, bias, mean, scale, y, residual, training, eps, activation, wants) -> tuple:
     """The fast path's four gradients (dx, dweight, dbias, d(residual)) as a differentiable graph, for
-    a backward under create_graph=True; None where ``wants`` says not wanted. ``y`` is the output
-    saved for the ReLU's mask (with a residual), else the mask is recomputed from x."""
-    mask = None
-    if relu:
-        mask = (y > 0) if y is not None else relu_keep(x, weight, bias, mean, scale, eps, training)
+    a backward under create_graph=True (or with a vmap-batched dy); None where ``wants`` says not
+    wanted. ``y`` or ``residual``: what the forward saved for act' (bn_triton/planner.py ``saved``)."""
     grads = backward_graph(
-        dy, x, weight, bias, training=training, eps=eps, mean_var=None if training else (mean, scale), relu_mask=mask
-    )
+        dy, x, weight, bias, training=training, eps=eps, mean_var=None if training else (mean, scale),
+        activation=activation, y=y, residual=residual,
+    )  # fmt: skip
     return tuple(g if w else None for w, g in zip(wants, grads, strict=True))

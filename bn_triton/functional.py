@@ -21,7 +21,7 @@ import torch.autograd.forward_ad as fwAD
 from torch import Tensor
 from torch._C._functorch import peek_interpreter_stack
 
-from bn_triton import _loader, checks, composite, eager, launch, ops
+from bn_triton import _loader, activations, checks, composite, eager, launch, ops, planner
 from bn_triton._config import interpreting
 from bn_triton.running import Running
 
@@ -87,7 +87,7 @@ def batch_norm(
     momentum: float = 0.1,
     eps: float = 1e-5,
     *,
-    activation: Optional[str] = None,
+    activation=None,
     residual: Optional[Tensor] = None,
 ) -> Tensor:
     """Batch normalization over the channel axis (dim 1); same signature and semantics as torch's.
@@ -97,9 +97,13 @@ def batch_norm(
     In eval, normalizes with running_mean/running_var. Differentiable in input, weight and bias.
 
     Fused epilogue (keyword-only): returns ``act(BN(input) + residual)`` computed in the normalize
-    pass, where ``activation`` is None or ``"relu"`` and ``residual`` (optional) has input's shape,
-    dtype and device, in any layout. Differentiable in residual too.
+    pass. ``activation``: None, a name ("silu", "relu6", "leaky_relu(0.2)" with a parameter ...) or an
+    instance of torch's activation module (the table: bn_triton/activations.py). ``residual`` (optional) has input's shape
+    and device, any floating dtype and layout; the output keeps input's dtype, as ``BN(input) +=
+    residual`` does. Differentiable in residual too.
     """
+    if activation.__class__ is not str and activation is not None:  # a module: its value, read now
+        activation = activations.canonical(activation)
     key = plan = None
     if not torch.compiler.is_compiling():  # traced: the general route
         try:
@@ -151,8 +155,8 @@ def _general(key, module, input, running_mean, running_var, weight, bias, traini
         checks.check_arguments(input, weight, bias, running_mean, running_var, training, momentum, eps)
     else:
         module._check_input_dim(input)
-        checks.check_fused(input, activation, residual)
         checks.check_numbers(0.0 if momentum is None else momentum, eps)  # torch's module hands them to F.batch_norm
+    activation = checks.check_fused(input, activation, residual)
     if isinstance(eps, Tensor) or isinstance(momentum, Tensor):
         key = None  # a 0-d tensor's value is read now, on every call: never a key
     eps, momentum = float(eps), None if momentum is None else float(momentum)
@@ -204,9 +208,8 @@ def _plan(input, running: Running, weight, bias, residual, training: bool, eps: 
     grads = (t is not None and t.requires_grad for t in (input, weight, bias, residual))
     autograd = torch.is_grad_enabled() and any(grads)
     return eager.Plan(
-        input, weight, bias, residual, *running, training=training, eps=eps, relu=activation == "relu",
-        autograd=autograd,
-    )  # fmt: skip
+        input, weight, bias, residual, *running, training=training, eps=eps, activation=activation, autograd=autograd
+    )
 
 
 def _batch_norm(input, weight, bias, training, eps, running, *, activation=None, residual=None):
@@ -219,11 +222,10 @@ def _batch_norm(input, weight, bias, training, eps, running, *, activation=None,
     if not uses_triton(input) or input.numel() == 0:
         args = (input, weight, bias, training, eps, running)
         return composite.torch_batch_norm(*args, activation=activation, residual=residual)
-    relu = activation == "relu"
-    if training:
+    if planner.forward(training, single=False) == "split":  # the traced route has no single-pass op
         # One launch: statistics, running statistics and num_batches_tracked. Detached: the
         # statistics are constants to BatchNormFunction, whose backward carries their gradients.
         mean, scale, _ = ops.step("stats", input.detach(), *running, eps, False)
     else:
         mean, scale = running.mean, running.var
-    return ops.batch_norm(input, weight, bias, residual, mean, scale, eps, training, relu)
+    return ops.batch_norm(input, weight, bias, residual, mean, scale, eps, training, activation)

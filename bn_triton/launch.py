@@ -2,12 +2,13 @@
 
 Nothing here is differentiable or validates user input (functional.py and checks.py do that). A
 builder below takes everything a launch depends on: the geometry (``canonical``), the device, the
-dtype of every pointer (None for an absent one), the flags and the floats. It picks the tiles and
-the grid (bn_triton/_config.py) and returns a ``_launcher.Launch`` that a call gives its pointers
-only, in the kernel's order. Builders are cached (bounded), so a signature seen before costs a
-dictionary lookup; the callers allocate the outputs and workspaces (the eager plans one workspace
-per call: bn_triton/eager.py). Launches per call: one per kernel; no torch kernels (fills, copies)
-unless a tensor must change layout, or a reduction runs inside a CUDA-graph capture (its tickets).
+dtype of every pointer by the kernel's name for it (``dtypes``; an absent pointer is None), the
+flags, the activation and the floats. It picks the tiles and the grid (bn_triton/_config.py) and
+returns a ``_launcher.Launch`` that a call gives its pointers only, by the same names. Builders are
+cached (bounded), so a signature seen before costs a dictionary lookup; the callers allocate the
+outputs and workspaces (the eager plans one workspace per call: bn_triton/eager.py). Launches per
+call: one per kernel; no torch kernels (fills, copies) unless a tensor must change layout, or a
+reduction runs inside a CUDA-graph capture (its tickets).
 """
 
 import functools
@@ -16,7 +17,7 @@ from typing import NamedTuple
 
 import torch
 
-from bn_triton import _config, kernels
+from bn_triton import _config, activations, kernels
 from bn_triton._config import RUNNING_BLOCK_C, Geometry, launch_config
 from bn_triton._launcher import LAUNCHES, Launch  # noqa: F401  (LAUNCHES: tests count launches here)
 
@@ -152,13 +153,17 @@ def tickets(device: torch.device, n: int) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------- launches
-# A builder's ``dtypes`` are those of the tensors its launch is given, one per pointer of the
-# kernel, in order, None for a pointer passed as None: a compiled kernel is specialized on them.
+# A launch's pointers are named as its kernel's parameters (X, Y, MEAN, ...): a builder takes their
+# dtypes by name (``dtypes``), and a call passes the tensors by name; a pointer not named is None.
+# A compiled kernel is specialized on the dtypes and on which pointers are None.
 
 
-def dtypes(*tensors) -> tuple:
-    """The ``dtypes`` of a launch given these tensors (or None)."""
-    return tuple(None if t is None else t.dtype for t in tensors)
+def dtypes(**pointers) -> tuple:
+    """A builder's ``dtypes``: each named pointer's dtype (given as a tensor or a dtype), None ones
+    left out; hashable, so that the builders' caches key on it."""
+    return tuple(
+        sorted((name, t if isinstance(t, torch.dtype) else t.dtype) for name, t in pointers.items() if t is not None)
+    )
 
 
 class RunningSpec(NamedTuple):
@@ -202,14 +207,35 @@ def _running(running: RunningSpec, has_running: bool, acc: torch.dtype) -> dict:
     )
 
 
-def _relu_grad(relu: bool, y, b, dz) -> dict:
-    """The fused ReLU's constexprs of the backward kernels (kernels/grad.py masked_dy): its mask from
-    y when y is given, else recomputed (with the bias when given); the masked dy stored to dz."""
-    return dict(RELU=relu, MASK_FROM_Y=y is not None, HAS_B=b is not None, STORE_DZ=dz is not None)
+def _activation(activation, acc: torch.dtype) -> dict:
+    """The activation's constexpr and parameter (kernels/activation.py) from its canonical string."""
+    name, param = activations.parse(activation)
+    return dict(ACT=name, act_param=scalar(param, acc))
+
+
+def _activation_grad(activation, grad_from_y: bool, d: dict, acc: torch.dtype) -> dict:
+    """The backward kernels' activation constexprs (kernels/grad.py act_dy): act' at y (``grad_from_y``)
+    or at the pre-activation recomputed with the bias and residual where given; g stored to DZ."""
+    return dict(
+        **_activation(activation, acc),
+        GRAD_FROM_Y=grad_from_y,
+        HAS_RESIDUAL="RES" in d,
+        HAS_B="B" in d,
+        STORE_DZ="DZ" in d,
+    )
 
 
 def _options(cfg, **extra) -> dict:
     return dict(num_warps=cfg.num_warps, **{k: v for k, v in extra.items() if v is not None})
+
+
+def _named(kind: str, dtypes: tuple, pointers: tuple) -> dict:
+    """``dtypes`` as a dict, checked against the kernel's pointers."""
+    d = dict(dtypes)
+    unknown = set(d) - set(pointers)
+    if unknown:
+        raise AssertionError(f"{kind}: no pointers {sorted(unknown)}")
+    return d
 
 
 STATS = ("X", "PART", "COUNTER", "MEAN", "RSTD", "VAR", "RUNNING_MEAN", "RUNNING_VAR", "NUM_BATCHES")
@@ -219,15 +245,15 @@ STATS = ("X", "PART", "COUNTER", "MEAN", "RSTD", "VAR", "RUNNING_MEAN", "RUNNING
 def stats(
     geom: Geometry, device: torch.device, dtypes: tuple, eps: float, running: RunningSpec, rstd_offset=0, part_offset=0
 ):
-    """The statistics launch: ``(x, parts, tickets, mean, rstd, var?, running_mean?, running_var?,
-    num_batches_tracked?)``, with ``parts`` of ``.parts`` acc values and ``.tickets`` tickets.
-    mean, rstd (and the biased variance when var is given) are written in the acc dtype; the
-    running statistics updated and the batch counted as ``running`` says, in the same launch.
-    ``rstd_offset``, ``part_offset``: where rstd and the partials start in the tensors given for them
-    (the eager plans give one workspace for mean, rstd and parts)."""
+    """The statistics launch, pointers X, PART (``.parts`` acc values), COUNTER (``.tickets``
+    tickets), MEAN, RSTD, VAR?, RUNNING_MEAN?, RUNNING_VAR?, NUM_BATCHES?. mean, rstd (and the biased
+    variance when VAR is given) are written in the acc dtype; the running statistics updated and the
+    batch counted as ``running`` says, in the same launch. ``rstd_offset``, ``part_offset``: where
+    rstd and the partials start in the tensors given for them (the eager plans give one workspace
+    for mean, rstd and parts)."""
+    d = _named("stats", dtypes, STATS)
     cfg = launch_config(geom, device)
-    x, var, rm = dtypes[0], dtypes[5], dtypes[6]
-    acc = acc_dtype(x)
+    acc = acc_dtype(d["X"])
     fixed = dict(
         num_tiles=cfg.num_tiles,
         num_splits=cfg.num_splits,
@@ -237,11 +263,11 @@ def stats(
         ACC=_tl_acc(acc),
         BLOCK_P=cfg.block_p,
         UNIFORM_S=cfg.uniform_s,
-        HAS_VAR=var is not None,
-        **_running(running, rm is not None, acc),
+        HAS_VAR="VAR" in d,
+        **_running(running, "RUNNING_MEAN" in d, acc),
         **_tiles(geom, cfg),
     )
-    maxnreg = _config.STATS_MAX_REGISTERS if x != torch.float64 else None
+    maxnreg = _config.STATS_MAX_REGISTERS if d["X"] != torch.float64 else None
     grid = (cfg.num_c_blocks, cfg.num_splits)
     launch = Launch("stats", kernels.stats_kernel, grid, STATS, fixed, _options(cfg, maxnreg=maxnreg), device)
     launch.parts, launch.tickets = 3 * cfg.num_splits * geom.C, cfg.num_c_blocks + 1
@@ -252,42 +278,47 @@ NORMALIZE = ("X", "Y", "MEAN", "SCALE", "W", "B", "RES")
 
 
 @cached
-def normalize(geom, device, dtypes: tuple, eps: float, scale_is_var: bool, relu: bool, scale_offset=0):
-    """The elementwise pass: ``(x, y, mean, scale, weight?, bias?, residual?)`` ->
-    y = act((x - mean) * s * weight + bias + residual), s = scale (rstd) or rsqrt(scale + eps), the
-    scale starting ``scale_offset`` values into its tensor."""
+def normalize(geom, device, dtypes: tuple, eps: float, scale_is_var: bool, activation, scale_offset=0):
+    """The elementwise pass, pointers X, Y, MEAN, SCALE, W?, B?, RES?: y = act((x - mean) * s * weight
+    + bias + residual), s = scale (rstd) or rsqrt(scale + eps), the scale starting ``scale_offset``
+    values into its tensor; ``activation`` canonical (bn_triton/activations.py) or None."""
+    d = _named("normalize", dtypes, NORMALIZE)
     cfg = launch_config(geom, device)
-    x, w, b, res = dtypes[0], dtypes[4], dtypes[5], dtypes[6]
+    acc = acc_dtype(d["X"])
     fixed = dict(
         num_c_blocks=cfg.num_c_blocks,
-        eps=scalar(eps, x),
+        eps=scalar(eps, acc),
         scale_offset=scale_offset,
-        ACC=_tl_acc(acc_dtype(x)),
+        ACC=_tl_acc(acc),
         SCALE_IS_VAR=scale_is_var,
-        HAS_W=w is not None,
-        HAS_B=b is not None,
-        HAS_RESIDUAL=res is not None,
-        RELU=relu,
+        HAS_W="W" in d,
+        HAS_B="B" in d,
+        HAS_RESIDUAL="RES" in d,
+        **_activation(activation, acc),
         **_tiles(geom, cfg),
     )
     grid = (cfg.num_tiles * cfg.num_c_blocks,)
     return Launch("normalize", kernels.normalize_kernel, grid, NORMALIZE, fixed, _options(cfg), device)
 
 
-GRAD_SUMS = ("DY", "X", "MEAN", "SCALE", "PART", "COUNTER", "SUM_DY", "SUM_DY_XHAT", "DW", "DB", "Y", "W", "B", "DZ")
+GRAD_SUMS = (
+    "DY", "X", "MEAN", "SCALE", "PART", "COUNTER", "SUM_DY", "SUM_DY_XHAT", "DW", "DB", "Y", "W", "B", "RES", "DZ",
+)  # fmt: skip
 
 
 @cached
-def grad_sums(geom, device, dtypes: tuple, eps: float, scale_is_var: bool, relu: bool, offsets=(0, 0, 0)):
-    """The backward reduction: ``(dy, x, mean, scale, parts, tickets, sum_dy, sum_dy_xhat, dweight?,
-    dbias?, y?, weight?, bias?, dz?)``: sum(g) and sum(g * xhat) per channel in the acc dtype, also
-    to dweight/dbias when given, with g = dy masked by the fused ReLU (``relu``: y > 0 when y is
-    given, else recomputed from x, weight and bias), stored to dz when given. ``offsets``: where scale,
-    sum_dy_xhat and the partials start in the tensors given for them (the eager plans give one
+def grad_sums(
+    geom, device, dtypes: tuple, eps: float, scale_is_var: bool, activation, grad_from_y: bool, offsets=(0, 0, 0)
+):
+    """The backward reduction, pointers DY, X, MEAN, SCALE, PART, COUNTER, SUM_DY, SUM_DY_XHAT, DW?,
+    DB?, Y?, W?, B?, RES?, DZ?: sum(g) and sum(g * xhat) per channel in the acc dtype, also to
+    dweight/dbias when given, with g = dy * act'(pre) (act' at Y with ``grad_from_y``, else at the
+    pre-activation recomputed from x, weight, B and RES), stored to DZ when given. ``offsets``: where
+    scale, sum_dy_xhat and the partials start in the tensors given for them (the eager plans give one
     workspace for mean and scale, one for the sums and parts)."""
+    d = _named("grad_sums", dtypes, GRAD_SUMS)
     cfg = launch_config(geom, device)
-    x, dw, db, y, w, b, dz = dtypes[1], dtypes[8], dtypes[9], dtypes[10], dtypes[11], dtypes[12], dtypes[13]
-    acc = acc_dtype(x)
+    acc = acc_dtype(d["X"])
     fixed = dict(
         num_tiles=cfg.num_tiles,
         num_splits=cfg.num_splits,
@@ -298,10 +329,10 @@ def grad_sums(geom, device, dtypes: tuple, eps: float, scale_is_var: bool, relu:
         ACC=_tl_acc(acc),
         SCALE_IS_VAR=scale_is_var,
         BLOCK_P=cfg.block_p,
-        HAS_DW=dw is not None,
-        HAS_DB=db is not None,
-        HAS_W=w is not None,
-        **_relu_grad(relu, y, b, dz),
+        HAS_DW="DW" in d,
+        HAS_DB="DB" in d,
+        HAS_W="W" in d,
+        **_activation_grad(activation, grad_from_y, d, acc),
         **_tiles(geom, cfg),
     )
     grid = (cfg.num_c_blocks, cfg.num_splits)
@@ -310,29 +341,32 @@ def grad_sums(geom, device, dtypes: tuple, eps: float, scale_is_var: bool, relu:
     return launch
 
 
-GRAD_INPUT = ("DY", "X", "DX", "MEAN", "SCALE", "W", "SUM_DY", "SUM_DY_XHAT", "Y", "B", "DZ")
+GRAD_INPUT = ("DY", "X", "DX", "MEAN", "SCALE", "W", "SUM_DY", "SUM_DY_XHAT", "Y", "B", "RES", "DZ")
 
 
 @cached
-def grad_input(geom, device, dtypes: tuple, eps: float, training: bool, count: int, relu: bool, offsets=(0, 0)):
-    """The elementwise backward: ``(dy, x, dx?, mean, scale, weight?, sum_dy?, sum_dy_xhat?, y?,
-    bias?, dz?)``. Training: dx from the two sums over ``count`` values per channel (0: this
-    tensor's own); eval: dx = dy * weight * rsqrt(scale + eps). With ``relu`` dy is masked first
-    (y > 0 when y is given, else recomputed), and stored to dz when given. ``offsets``: where scale
-    and sum_dy_xhat start in their tensors (as in ``grad_sums``)."""
+def grad_input(
+    geom, device, dtypes: tuple, eps: float, training: bool, count: int, activation, grad_from_y: bool, offsets=(0, 0)
+):
+    """The elementwise backward, pointers DY, X, DX?, MEAN, SCALE, W?, SUM_DY?, SUM_DY_XHAT?, Y?, B?,
+    RES?, DZ?. Training: dx from the two sums over ``count`` values per channel (0: this tensor's
+    own); eval: dx = dy * weight * rsqrt(scale + eps). With an ``activation`` dy becomes g = dy *
+    act'(pre) first (as in ``grad_sums``), stored to DZ when given. ``offsets``: where scale and
+    sum_dy_xhat start in their tensors (as in ``grad_sums``)."""
+    d = _named("grad_input", dtypes, GRAD_INPUT)
     cfg = launch_config(geom, device)
-    x, dx, w, y, b, dz = dtypes[1], dtypes[2], dtypes[5], dtypes[8], dtypes[9], dtypes[10]
+    acc = acc_dtype(d["X"])
     fixed = dict(
         num_c_blocks=cfg.num_c_blocks,
         count=count or geom.per_channel,
-        eps=scalar(eps, x),
+        eps=scalar(eps, acc),
         scale_offset=offsets[0],
         sum2_offset=offsets[1],
-        ACC=_tl_acc(acc_dtype(x)),
-        HAS_W=w is not None,
+        ACC=_tl_acc(acc),
+        HAS_W="W" in d,
         TRAINING=training,
-        STORE_DX=dx is not None,
-        **_relu_grad(relu, y, b, dz),
+        STORE_DX="DX" in d,
+        **_activation_grad(activation, grad_from_y, d, acc),
         **_tiles(geom, cfg),
     )
     grid = (cfg.num_tiles * cfg.num_c_blocks,)
@@ -343,25 +377,24 @@ FORWARD = ("X", "Y", "MEAN", "RSTD", "TICKET", "W", "B", "RES", "RUNNING_MEAN", 
 
 
 @cached
-def forward(geom, device, dtypes: tuple, eps: float, running: RunningSpec, relu: bool, rstd_offset=0):
-    """The training forward in one launch, where one program owns a channel block (kernels/single_pass.py):
-    ``(x, y, mean, rstd, tickets, weight?, bias?, residual?, running_mean?, running_var?,
-    num_batches_tracked?)``; the statistics as in ``stats`` (rstd ``rstd_offset`` values into its
-    tensor), y as in ``normalize``."""
+def forward(geom, device, dtypes: tuple, eps: float, running: RunningSpec, activation, rstd_offset=0):
+    """The training forward in one launch, where one program owns a channel block (kernels/single_pass.py),
+    pointers X, Y, MEAN, RSTD, TICKET, W?, B?, RES?, RUNNING_MEAN?, RUNNING_VAR?, NUM_BATCHES?; the
+    statistics as in ``stats`` (rstd ``rstd_offset`` values into its tensor), y as in ``normalize``."""
+    d = _named("forward", dtypes, FORWARD)
     cfg = _config.single_pass_config(geom, device)
-    x, w, b, res, rm = dtypes[0], dtypes[5], dtypes[6], dtypes[7], dtypes[8]
-    acc = acc_dtype(x)
+    acc = acc_dtype(d["X"])
     fixed = dict(
         num_tiles=cfg.num_tiles,
         eps=scalar(eps, acc),
         rstd_offset=rstd_offset,
         ACC=_tl_acc(acc),
         UNIFORM_S=cfg.uniform_s,
-        HAS_W=w is not None,
-        HAS_B=b is not None,
-        HAS_RESIDUAL=res is not None,
-        RELU=relu,
-        **_running(running, rm is not None, acc),
+        HAS_W="W" in d,
+        HAS_B="B" in d,
+        HAS_RESIDUAL="RES" in d,
+        **_activation(activation, acc),
+        **_running(running, "RUNNING_MEAN" in d, acc),
         **_tiles(geom, cfg),
     )
     launch = Launch("forward", kernels.forward_kernel, (cfg.num_c_blocks,), FORWARD, fixed, _options(cfg), device)
@@ -369,25 +402,26 @@ def forward(geom, device, dtypes: tuple, eps: float, running: RunningSpec, relu:
     return launch
 
 
-BACKWARD = ("DY", "X", "DX", "MEAN", "RSTD", "W", "DW", "DB", "Y", "B", "DZ")
+BACKWARD = ("DY", "X", "DX", "MEAN", "RSTD", "W", "DW", "DB", "Y", "B", "RES", "DZ")
 
 
 @cached
-def backward(geom, device, dtypes: tuple, relu: bool, rstd_offset=0):
-    """The training backward in one launch (kernels/single_pass.py): ``(dy, x, dx, mean, rstd,
-    weight?, dweight?, dbias?, y?, bias?, dz?)``; the gradients as ``grad_sums`` then ``grad_input``
-    (rstd ``rstd_offset`` values into its tensor)."""
+def backward(geom, device, dtypes: tuple, activation, grad_from_y: bool, rstd_offset=0):
+    """The training backward in one launch (kernels/single_pass.py), pointers DY, X, DX, MEAN, RSTD,
+    W?, DW?, DB?, Y?, B?, RES?, DZ?; the gradients as ``grad_sums`` then ``grad_input`` (rstd
+    ``rstd_offset`` values into its tensor)."""
+    d = _named("backward", dtypes, BACKWARD)
     cfg = launch_config(geom, device)  # the split kernels' tiles (see _config.SINGLE_PASS_TILE_ELEMS_GPU)
-    x, w, dw, db, y, b, dz = dtypes[1], dtypes[5], dtypes[6], dtypes[7], dtypes[8], dtypes[9], dtypes[10]
+    acc = acc_dtype(d["X"])
     fixed = dict(
         num_tiles=cfg.num_tiles,
         count=geom.per_channel,
         rstd_offset=rstd_offset,
-        ACC=_tl_acc(acc_dtype(x)),
-        HAS_W=w is not None,
-        HAS_DW=dw is not None,
-        HAS_DB=db is not None,
-        **_relu_grad(relu, y, b, dz),
+        ACC=_tl_acc(acc),
+        HAS_W="W" in d,
+        HAS_DW="DW" in d,
+        HAS_DB="DB" in d,
+        **_activation_grad(activation, grad_from_y, d, acc),
         **_tiles(geom, cfg),
     )
     grid = (cfg.num_c_blocks,)
@@ -399,9 +433,10 @@ RUNNING_UPDATE = ("RUNNING_MEAN", "RUNNING_VAR", "MEAN", "VAR", "NUM_BATCHES")
 
 @cached
 def running_update(C: int, device, dtypes: tuple, running: RunningSpec, count: int):
-    """The running-statistics update on its own, for statistics computed elsewhere (SyncBatchNorm):
-    ``(running_mean, running_var, mean, var, num_batches_tracked?)``, over ``count`` values."""
-    acc = dtypes[2]
+    """The running-statistics update on its own, for statistics computed elsewhere (SyncBatchNorm),
+    pointers RUNNING_MEAN, RUNNING_VAR, MEAN, VAR, NUM_BATCHES?, over ``count`` values."""
+    d = _named("running_update", dtypes, RUNNING_UPDATE)
+    acc = d["MEAN"]
     fixed = dict(
         C=C,
         momentum=scalar(running.momentum, acc),

@@ -5,7 +5,8 @@ state_dict keys, ``_check_input_dim`` and isinstance checks are torch's. Only ``
 validation comes before ``num_batches_tracked`` moves, and momentum=None reads the cumulative factor
 1 / num_batches_tracked on the device (torch calls ``.item()``, a host sync and a graph break).
 
-Fused epilogue: ``activation="relu"`` in the constructor and ``forward(input, residual=None)`` give
+Fused epilogue: ``activation=`` in the constructor (a name such as "silu", or an instance of
+torch's activation module: bn_triton/activations.py) and ``forward(input, residual=None)`` give
 ``act(BN(input) + residual)`` in one normalize pass. ``activation`` is a plain attribute, not a
 parameter or buffer, so state_dicts stay torch's; with the defaults the modules are exact drop-ins.
 
@@ -16,7 +17,7 @@ the tracer's leaf rule. TorchScript is refused with an error that names what to 
 import torch
 from torch import Tensor
 
-from bn_triton import checks, functional
+from bn_triton import activations, functional
 
 
 class TritonBatchNormMixin:
@@ -25,10 +26,18 @@ class TritonBatchNormMixin:
     activation = None  # class default: instances unpickled from before the fused epilogue existed
 
     def __init__(self, *args, activation=None, **kwargs):
-        """torch's constructor arguments, plus keyword-only ``activation`` (None or "relu")."""
-        checks.check_fused(torch.empty(0), activation, None)  # unknown names fail at construction
+        """torch's constructor arguments, plus keyword-only ``activation`` (None, a name, or an instance
+        of torch's activation module; bn_triton/activations.py)."""
+        activation = activations.canonical(activation)  # unsupported ones fail at construction
         super().__init__(*args, **kwargs)
         self.activation = activation
+
+    def __setattr__(self, name, value):
+        # ``activation`` is kept as its canonical string, however it is set (a module would otherwise
+        # become a child and change what the layer holds).
+        if name == "activation":
+            value = activations.canonical(value)
+        super().__setattr__(name, value)
 
     def extra_repr(self) -> str:
         base = super().extra_repr()

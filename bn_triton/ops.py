@@ -18,7 +18,7 @@ from torch import Tensor
 from torch._C._functorch import is_functorch_wrapped_tensor as _is_functorch_wrapped
 from torch._C._functorch import peek_interpreter_stack
 
-from bn_triton import composite, launch
+from bn_triton import composite, launch, planner
 
 _IMPL: dict = {}  # the ops' Python implementations by name: the eager route
 _OPS: dict = {}  # the custom ops by name: the traced route
@@ -45,10 +45,10 @@ def _none(x: Tensor) -> Tensor:
     return x.new_empty((0,))
 
 
-def _workspace(x: Tensor, launch_) -> tuple[Tensor, Tensor]:
-    """A reduction's partials (acc dtype) and tickets."""
+def _workspace(x: Tensor, launch_) -> dict:
+    """A reduction's partials (acc dtype) and tickets, by the kernels' names for them."""
     parts = torch.empty(launch_.parts, dtype=launch.acc_dtype(x.dtype), device=x.device)
-    return parts, launch.tickets(x.device, launch_.tickets)
+    return dict(PART=parts, COUNTER=launch.tickets(x.device, launch_.tickets))
 
 
 # ---------------------------------------------------------------- the steps
@@ -70,12 +70,13 @@ def stats(
     strides = (running_mean.stride(0), running_var.stride(0)) if has_running else (0, 0)
     momentum = 0.0 if momentum is None else momentum
     running = launch.RunningSpec(*strides, momentum, cumulative, num_batches_tracked is not None)
-    mean, rstd, var = _stat(x), _stat(x), _stat(x) if want_var else None
-    rest = (mean, rstd, var, running_mean, running_var, num_batches_tracked)
-    acc = mean.dtype
-    launch_ = launch.stats(geom, x.device, (x.dtype, acc, torch.int32, *launch.dtypes(*rest)), eps, running)
-    launch_(x_, *_workspace(x, launch_), *rest)
-    return mean, rstd, var if want_var else _none(mean)
+    out = dict(MEAN=_stat(x), RSTD=_stat(x), VAR=_stat(x) if want_var else None)
+    rs = dict(RUNNING_MEAN=running_mean, RUNNING_VAR=running_var, NUM_BATCHES=num_batches_tracked)
+    acc = out["MEAN"].dtype
+    types = launch.dtypes(X=x, PART=acc, COUNTER=torch.int32, **out, **rs)
+    launch_ = launch.stats(geom, x.device, types, eps, running)
+    launch_(X=x_, **_workspace(x, launch_), **out, **rs)
+    return out["MEAN"], out["RSTD"], out["VAR"] if want_var else _none(out["MEAN"])
 
 
 @stats.register_fake
@@ -93,31 +94,35 @@ def normalize(
     eps: float,
     scale_is_var: bool,
     residual: Optional[Tensor],
-    relu: bool,
+    activation: Optional[str],
 ) -> Tensor:
+    """act((x - mean) * s * weight + bias + residual), s = scale or rsqrt(scale + eps) (``scale_is_var``);
+    ``activation`` canonical (bn_triton/activations.py) or None."""
     x_, geom = launch.canonical(x)
     y = torch.empty_like(x_)
     if x_.numel() == 0:  # an empty rank of SyncBatchNorm: no grid to launch
         return y
     res = None if residual is None else launch.like(residual, x_)
-    pointers = (x_, y, launch.vec(mean), launch.vec(scale), launch.vec(weight), launch.vec(bias), res)
-    launch.normalize(geom, x.device, launch.dtypes(*pointers), eps, scale_is_var, relu)(*pointers)
+    pointers = dict(X=x_, Y=y, MEAN=launch.vec(mean), SCALE=launch.vec(scale), W=launch.vec(weight),
+                    B=launch.vec(bias), RES=res)  # fmt: skip
+    launch.normalize(geom, x.device, launch.dtypes(**pointers), eps, scale_is_var, activation)(**pointers)
     return y
 
 
 @normalize.register_fake
-def _(x, mean, scale, weight, bias, eps, scale_is_var, residual, relu):
+def _(x, mean, scale, weight, bias, eps, scale_is_var, residual, activation):
     return launch.empty_canonical(x)
 
 
-def _relu_mask(relu: bool, y, bias, x_) -> tuple:
-    """The backward launches' Y and B: the fused ReLU's mask from y (in x_'s strides) when given,
-    else recomputed from x and the bias."""
-    if not relu:
-        return None, None
-    if y is not None:
-        return launch.like(y, x_), None
-    return None, launch.vec(bias)
+def _activation_inputs(activation, grad_from_y: bool, x_, y, bias, residual) -> dict:
+    """What a backward launch reads act' from (the caller passes what planner.Backward says): Y, or
+    the bias (B) and the residual (RES) of the recompute, in x_'s strides; nothing without an
+    activation."""
+    if activation is None:
+        return {}
+    if grad_from_y:
+        return dict(Y=launch.like(y, x_))
+    return dict(B=launch.vec(bias), RES=None if residual is None else launch.like(residual, x_))
 
 
 @_op()
@@ -129,35 +134,40 @@ def grad_sums(
     weight: Optional[Tensor],
     bias: Optional[Tensor],
     y: Optional[Tensor],
+    residual: Optional[Tensor],
     eps: float,
     scale_is_var: bool,
-    relu: bool,
+    activation: Optional[str],
+    grad_from_y: bool,
     want_dw: bool,
     want_db: bool,
     want_dz: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """sum(dy), sum(dy * xhat) (acc dtype), dweight and dbias (their dtypes), and with ``relu`` the
-    masked dy (``want_dz``: d(residual)); the mask is y > 0 when ``y`` is given, else recomputed."""
+    """sum(g), sum(g * xhat) (acc dtype), dweight and dbias (their dtypes), and g = dy * act'(pre)
+    (``want_dz``: it is d(residual)); act' at ``y`` with ``grad_from_y``, else at the pre-activation
+    recomputed from x, weight, bias and ``residual``."""
     x_, geom = launch.canonical(x)
     dw, db = _param_grads(x, weight, bias, want_dw, want_db)
     dz = torch.empty_like(x_) if want_dz else None
     if x_.numel() == 0:  # an empty rank of SyncBatchNorm contributes zeros
         zeros = (x.new_zeros((geom.C,), dtype=launch.acc_dtype(x.dtype)) for _ in range(2))
         return *zeros, dw.zero_(), db.zero_(), _none(x) if dz is None else dz
-    sum_dy, sum_dy_xhat = _stat(x), _stat(x)
-    y_, b_ = _relu_mask(relu, y, bias, x_)
-    head = (launch.like(dy, x_), x_, launch.vec(mean), launch.vec(scale))
-    rest = (sum_dy, sum_dy_xhat, dw if want_dw else None, db if want_db else None, y_, launch.vec(weight), b_)
-    rest += (dz if relu else None,)
-    acc = sum_dy.dtype
-    types = (*launch.dtypes(*head), acc, torch.int32, *launch.dtypes(*rest))
-    launch_ = launch.grad_sums(geom, x.device, types, eps, scale_is_var, relu)
-    launch_(*head, *_workspace(x, launch_), *rest)
-    return sum_dy, sum_dy_xhat, dw, db, _none(x) if dz is None else dz
+    sums = dict(SUM_DY=_stat(x), SUM_DY_XHAT=_stat(x))
+    pointers = dict(
+        DY=launch.like(dy, x_), X=x_, MEAN=launch.vec(mean), SCALE=launch.vec(scale), W=launch.vec(weight),
+        DW=dw if want_dw else None, DB=db if want_db else None, DZ=dz, **sums,
+        **_activation_inputs(activation, grad_from_y, x_, y, bias, residual),
+    )  # fmt: skip
+    acc = sums["SUM_DY"].dtype
+    types = launch.dtypes(PART=acc, COUNTER=torch.int32, **pointers)
+    launch_ = launch.grad_sums(geom, x.device, types, eps, scale_is_var, activation, grad_from_y)
+    launch_(**_workspace(x, launch_), **pointers)
+    return sums["SUM_DY"], sums["SUM_DY_XHAT"], dw, db, _none(x) if dz is None else dz
 
 
 @grad_sums.register_fake
-def _(dy, x, mean, scale, weight, bias, y, eps, scale_is_var, relu, want_dw, want_db, want_dz):
+def _(dy, x, mean, scale, weight, bias, y, residual, eps, scale_is_var, activation, grad_from_y, want_dw, want_db,
+      want_dz):  # fmt: skip
     dw, db = _param_grads(x, weight, bias, want_dw, want_db)
     dz = launch.empty_canonical(x) if want_dz else _none(x)
     return _stat(x), _stat(x), dw, db, dz
@@ -182,31 +192,36 @@ def grad_input(
     sum_dy_xhat: Optional[Tensor],
     bias: Optional[Tensor],
     y: Optional[Tensor],
+    residual: Optional[Tensor],
     eps: float,
     training: bool,
     count: int,
-    relu: bool,
+    activation: Optional[str],
+    grad_from_y: bool,
     want_dx: bool,
     want_dz: bool,
 ) -> tuple[Tensor, Tensor]:
     """dx (training: from the sums, with ``count`` values per channel behind them, 0 meaning x's own;
-    eval: dy * weight * rsqrt(scale + eps)), and with ``relu`` the masked dy (``want_dz``)."""
+    eval: dy * weight * rsqrt(scale + eps)) of g = dy * act'(pre) (as in ``grad_sums``), and g
+    (``want_dz``)."""
     x_, geom = launch.canonical(x)
     dx = torch.empty_like(x_) if want_dx else None
     dz = torch.empty_like(x_) if want_dz else None
     if x_.numel() != 0:
-        y_, b_ = _relu_mask(relu, y, bias, x_)
-        pointers = (
-            launch.like(dy, x_), x_, dx, launch.vec(mean), launch.vec(scale), launch.vec(weight),
-            launch.vec(sum_dy) if training else None, launch.vec(sum_dy_xhat) if training else None,
-            y_, b_, dz if relu else None,
+        pointers = dict(
+            DY=launch.like(dy, x_), X=x_, DX=dx, MEAN=launch.vec(mean), SCALE=launch.vec(scale), W=launch.vec(weight),
+            SUM_DY=launch.vec(sum_dy) if training else None, SUM_DY_XHAT=launch.vec(sum_dy_xhat) if training else None,
+            DZ=dz,
+            **_activation_inputs(activation, grad_from_y, x_, y, bias, residual),
         )  # fmt: skip
-        launch.grad_input(geom, x.device, launch.dtypes(*pointers), eps, training, count, relu)(*pointers)
+        types = launch.dtypes(**pointers)
+        launch.grad_input(geom, x.device, types, eps, training, count, activation, grad_from_y)(**pointers)
     return _none(x) if dx is None else dx, _none(x) if dz is None else dz
 
 
 @grad_input.register_fake
-def _(dy, x, mean, scale, weight, sum_dy, sum_dy_xhat, bias, y, eps, training, count, relu, want_dx, want_dz):
+def _(dy, x, mean, scale, weight, sum_dy, sum_dy_xhat, bias, y, residual, eps, training, count, activation,
+      grad_from_y, want_dx, want_dz):  # fmt: skip
     full = lambda want: launch.empty_canonical(x) if want else _none(x)
     return full(want_dx), full(want_dz)
 
@@ -227,15 +242,15 @@ def update_running_stats(
     running = launch.RunningSpec(
         running_mean.stride(0), running_var.stride(0), 0.0 if cumulative else momentum, cumulative
     )
-    pointers = (
-        running_mean,
-        running_var,
-        launch.vec(mean),
-        launch.vec(var),
-        num_batches_tracked if cumulative else None,
+    pointers = dict(
+        RUNNING_MEAN=running_mean,
+        RUNNING_VAR=running_var,
+        MEAN=launch.vec(mean),
+        VAR=launch.vec(var),
+        NUM_BATCHES=num_batches_tracked if cumulative else None,
     )
     C = running_mean.numel()
-    launch.running_update(C, mean.device, launch.dtypes(*pointers), running, count)(*pointers)
+    launch.running_update(C, mean.device, launch.dtypes(**pointers), running, count)(**pointers)
 
 
 @update_running_stats.register_fake
@@ -265,11 +280,11 @@ def plain_eager(*args) -> bool:
     return True
 
 
-def step(name: str, *args):
+def step(name: str, *args, **kwargs):
     """Run step ``name``: its implementation directly in plain eager mode, else the custom op."""
-    if plain_eager(*args):
-        return _IMPL[name](*args)
-    return _OPS[name](*args)
+    if plain_eager(*args, *kwargs.values()):
+        return _IMPL[name](*args, **kwargs)
+    return _OPS[name](*args, **kwargs)
 
 
 class BatchNormFunction(torch.autograd.Function):
@@ -280,105 +295,66 @@ class BatchNormFunction(torch.autograd.Function):
     the backward's closed form carries the paths through them, so they take no gradient here.
     Eval: mean and scale are running_mean and running_var (s = rsqrt(scale + eps)). ``sync``, when
     given, all-reduces the two gradient sums in place between the backward's reduction and its dx
-    pass (SyncBatchNorm), on every rank.
+    pass (SyncBatchNorm), on every rank. The launches are bn_triton/planner.py's decisions.
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, residual, mean, scale, eps, training, relu, count, sync):
-        y = step("normalize", x, mean, scale, weight, bias, eps, not training, residual, relu)
-        # The ReLU's backward mask: from y with a residual (y > 0), else recomputed from x and bias.
-        mask_y = y if relu and residual is not None else None
-        ctx.save_for_backward(x, weight, bias, mean, scale, mask_y)
-        ctx.eps, ctx.training, ctx.relu, ctx.count, ctx.sync = eps, training, relu, count, sync
+    def forward(ctx, x, weight, bias, residual, mean, scale, eps, training, activation, count, sync):
+        y = step("normalize", x, mean, scale, weight, bias, eps, not training, residual, activation)
+        keep = planner.saved(activation, residual is not None)  # y or the residual, for act'
+        ctx.save_for_backward(x, weight, bias, mean, scale, y if keep.y else residual if keep.residual else None)
+        ctx.eps, ctx.training, ctx.activation, ctx.count, ctx.sync = eps, training, activation, count, sync
+        ctx.has_residual = residual is not None
         return y
 
     @staticmethod
     def backward(ctx, dy):
-        x, weight, bias, mean, scale, y = ctx.saved_tensors
-        needs = ctx.needs_input_grad
-        want_dx, want_dres = needs[0], needs[3]
-        want_dw, want_db = needs[1] and weight is not None, needs[2] and bias is not None
-        wants = (want_dx, want_dw, want_db, want_dres)
-        training, relu, eps = ctx.training, ctx.relu, ctx.eps
-        # create_graph=True, or a vmap-batched dy (is_grads_batched): plain torch ops (composite.py)
-        if (torch.is_grad_enabled() or not torch._C._has_storage(dy)) and ctx.sync is None:
-            grads = composite.differentiable_backward(dy, x, weight, bias, mean, scale, y, training, eps, relu, wants)
-            return (*grads, *(None,) * 7)
-        dx = dw = db = dz = None
-        # With a residual and ReLU, the reduction writes the masked dy g (it is d(residual)), and
-        # the dx pass then reads g instead of dy and y.
-        store_g = relu and y is not None
-        if want_dw or want_db or (training and want_dx):
-            sum_dy, sum_dy_xhat, dw, db, g = step(
-                "grad_sums",
-                dy,
-                x,
-                mean,
-                scale,
-                weight,
-                bias,
-                y,
-                eps,
-                not training,
-                relu,
-                want_dw,
-                want_db,
-                store_g and (want_dres or want_dx),
+        x, weight, bias, mean, scale, aux = ctx.saved_tensors
+        training, activation, eps, needs = ctx.training, ctx.activation, ctx.eps, ctx.needs_input_grad
+        s = planner.backward(training, activation, ctx.has_residual, weight is not None, bias is not None, needs, False)
+        wants = (s.dx, s.dweight, s.dbias, s.dresidual is not None)
+        y = aux if s.grad_from_y else None
+        res = aux if s.read_residual else None
+        if composite.needed_in_backward(dy) and ctx.sync is None:  # create_graph=True, or a vmap-batched dy
+            grads = composite.differentiable_backward(
+                dy, x, weight, bias, mean, scale, y, res, training, eps, activation, wants
             )
+            return (*grads, *(None,) * 7)
+        act = dict(activation=s.activation, grad_from_y=s.grad_from_y, bias=bias, y=y, residual=res)
+        no_act = dict(activation=None, grad_from_y=False, bias=None, y=None, residual=None)
+        dx = dw = db = g = None
+        if s.kind == "split":
+            sum_dy, sum_dy_xhat, dw, db, g = step(
+                "grad_sums", dy, x, mean, scale, weight, eps=eps, scale_is_var=not training, want_dw=s.dweight,
+                want_db=s.dbias, want_dz=s.store_g, **act,
+            )  # fmt: skip
             if ctx.sync is not None:
                 ctx.sync(sum_dy, sum_dy_xhat)
-            if want_dx:  # from g (already masked) when the reduction wrote it, else from dy and the mask
+            if s.dx:  # from g when the reduction wrote it, else from dy and act'
+                dx_act = no_act if s.store_g else act
                 dx, _ = step(
-                    "grad_input",
-                    g if store_g else dy,
-                    x,
-                    mean,
-                    scale,
-                    weight,
-                    sum_dy,
-                    sum_dy_xhat,
-                    bias,
-                    None if store_g else y,
-                    eps,
-                    training,
-                    ctx.count,
-                    relu and not store_g,
-                    True,
-                    False,
-                )
-            dz = g if store_g else None
-        elif want_dx or (relu and want_dres):  # eval, elementwise only: dx and/or d(residual)
-            dx, dz = step(
-                "grad_input",
-                dy,
-                x,
-                mean,
-                scale,
-                weight,
-                None,
-                None,
-                bias,
-                y,
-                eps,
-                False,
-                0,
-                relu,
-                want_dx,
-                relu and want_dres,
-            )
-        if want_dres and not relu:
-            dz = dy
-        return _grads(wants, dx, dw, db, dz)
+                    "grad_input", g if s.store_g else dy, x, mean, scale, weight, sum_dy, sum_dy_xhat, eps=eps,
+                    training=training, count=ctx.count, want_dx=True, want_dz=False, **dx_act,
+                )  # fmt: skip
+        elif s.kind == "elementwise":
+            dx, g = step(
+                "grad_input", dy, x, mean, scale, weight, None, None, eps=eps, training=training, count=0, want_dx=s.dx,
+                want_dz=s.store_g, **act,
+            )  # fmt: skip
+        dres = dy if s.dresidual == "dy" else g
+        return _grads(wants, dx, dw, db, dres)
 
 
 def _grads(wants, dx, dw, db, dz) -> tuple:
     """BatchNormFunction.backward's return: the four gradients asked for (else None), then None for
-    mean, scale, eps, training, relu, count and sync."""
+    mean, scale, eps, training, activation, count and sync."""
     return tuple(g if w else None for w, g in zip(wants, (dx, dw, db, dz), strict=True)) + (None,) * 7
 
 
-def batch_norm(x, weight, bias, residual, mean, scale, eps, training, relu, count=0, sync=None):
+def batch_norm(x, weight, bias, residual, mean, scale, eps, training, activation, count=0, sync=None):
     """The layer's output through ``BatchNormFunction`` when autograd needs it, else one normalize."""
+    if residual is x:  # one tensor as two inputs of an autograd.Function: Dynamo cannot trace it, a view it can
+        residual = x.view_as(x)
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias, residual)):
-        return BatchNormFunction.apply(x, weight, bias, residual, mean, scale, eps, training, relu, count, sync)
-    return step("normalize", x, mean, scale, weight, bias, eps, not training, residual, relu)
+        return BatchNormFunction.apply(x, weight, bias, residual, mean, scale, eps, training, activation, count, sync)
+    return step("normalize", x, mean, scale, weight, bias, eps, not training, residual, activation)

@@ -61,7 +61,8 @@ class SyncBatchNorm(TritonBatchNormMixin, torch.nn.SyncBatchNorm):
     more than one rank, statistics are those of the global batch (ranks may hold different batch
     sizes, including none); otherwise it is our plain BatchNorm. Inputs: CUDA tensors, or CPU tensors
     with Triton's interpreter on (gloo). Like our plain layers it also takes keyword-only
-    ``activation=None | "relu"`` and ``forward(input, residual=None)``: act(BN(input) + residual).
+    ``activation`` (bn_triton/activations.py) and ``forward(input, residual=None)``:
+    act(BN(input) + residual).
     """
 
     def _sync_group(self):
@@ -148,9 +149,8 @@ class SyncBatchNorm(TritonBatchNormMixin, torch.nn.SyncBatchNorm):
                 )
         # The plain layers' autograd formula and kernels, fused epilogue included, with the global
         # statistics and count, and the backward's sums all-reduced between its two passes.
-        relu = self.activation == "relu"
         return ops.batch_norm(
-            x, self.weight, self.bias, residual, mean, rstd, self.eps, True, relu, N, _all_reduce_sums(group)
+            x, self.weight, self.bias, residual, mean, rstd, self.eps, True, self.activation, N, _all_reduce_sums(group)
         )
 
     def _validate(self, input, running_mean, running_var, residual) -> Exception | None:

@@ -7,59 +7,72 @@ With those two sums (they are dbias and dweight) the training dx is elementwise:
 recomputed, so the forward saves only mean and rstd. In eval mode the statistics are constants and
 dx = dy * weight * rsqrt(running_var + eps): ``grad_input_kernel`` with ``TRAINING=False``.
 
-Fused ReLU (``RELU``): every formula above runs on g = dy masked by the ReLU, g = where(keep, dy, 0),
-which is also d(residual). ``keep`` comes either from the stored output y (``MASK_FROM_Y``: y > 0) or
-from the pre-activation recomputed from x (bn_affine, the forward's own code) when there is no
-residual. Why, in bytes moved (B = one full tensor in the input dtype, E = its element count):
+Fused activation (``ACT``): every formula above runs on g = dy * act'(pre), which is also
+d(residual) (kernels/activation.py ``activation_grad``). act' is taken either at the stored output y
+(``GRAD_FROM_Y``: ReLU with a residual, where y > 0 exactly where pre > 0), or at the pre-activation
+recomputed from x (bn_affine, the forward's own code) plus the residual, re-read (``HAS_RESIDUAL``),
+rounded to the output's dtype as the stored y was, so that a mask agrees bit for bit with one taken
+from y. Never a full-size pre-activation. Bytes moved, B = one full tensor in the input dtype (the
+per-activation table: docs/math.md):
 
   no residual, training:  recompute costs 0 (x is read by both passes anyway): 5B, as plain BN.
-                          A mask from y would add 2B (one read per pass); a 1-byte mask +2E.
-  residual, training:     pass 1 reads dy, x, y and writes g (it is d(residual), wanted anyway);
-                          pass 2 reads g and x and writes dx: 4B + 3B = 7B. Recomputing instead
-                          needs the residual in pass 1, the same 7B. A saved 1-byte mask would move
-                          6B + E in backward (+E written in forward): equal for fp16/bf16 (E = B/2),
-                          0.5B less of 11B for fp32, at E more bytes of saved activations per layer;
-                          y costs no memory, autograd keeps it (the next layer saves its input). A
-                          1-bit mask (6B + E/8, +E/8 in forward) would move least; not done here.
-  eval (dx only):         residual: dy, y in; dx, g out: 4B (recompute: 5B). No residual: dy, x
-                          in, dx out: 3B (y instead of x: the same).
-Never a full-size pre-activation. A user writing into y in place makes backward raise (autograd's
-version check), as with torch's own relu, which also saves its output.
+  residual, training:     pass 1 reads dy, x and y (ReLU) or the residual (others) and writes g (it
+                          is d(residual), wanted anyway); pass 2 reads g and x and writes dx: 7B.
+  eval (dx only):         ReLU with a residual: dy, y in; dx, g out: 4B. Others with a residual:
+                          dy, x, residual in; dx, g out: 5B. No residual: dy, x in, dx out: 3B.
+A user writing into y in place makes backward raise (autograd's version check), as with torch's own
+relu, which also saves its output.
 """
 
 import triton
 import triton.language as tl
 
-from .normalize import bn_affine, channel_scale, channel_values, relu_keep
-from .tile import elementwise_tile, last_to_arrive, launched, load_partials, split_range, sum_rs, tile_offsets
+from .activation import activation_grad
+from .normalize import bn_affine, channel_scale, channel_values
+from .tile import (
+    acc_scalar,
+    elementwise_tile,
+    last_to_arrive,
+    launched,
+    load_partials,
+    split_range,
+    sum_rs,
+    tile_offsets,
+)
 
 
 @triton.jit
-def masked_dy(
+def act_dy(
     DY,
     X,
     Y,
+    RES,
     offs,
     mask,
     mean,
     a,
     b,
+    act_param,
     ACC: tl.constexpr,
     HAS_B: tl.constexpr,
-    RELU: tl.constexpr,
-    MASK_FROM_Y: tl.constexpr,
+    ACT: tl.constexpr,
+    GRAD_FROM_Y: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr,
 ):
-    """One tile of x and of g = dy masked by the fused ReLU (dy itself without it), in ACC. The mask
-    is y > 0 (``MASK_FROM_Y``), or the pre-activation recomputed from x, mean, a = rstd * weight and
-    bias (see the module doc)."""
+    """One tile of x and of g = dy * act'(pre) (dy itself without an activation), in ACC. act' at the
+    stored output (``GRAD_FROM_Y``), or at the pre-activation recomputed from x, mean, a = rstd *
+    weight, bias and the residual, rounded as the stored output was (see the module doc)."""
     dy = tl.load(DY + offs, mask=mask, other=0.0).to(ACC)
     x = tl.load(X + offs, mask=mask, other=0.0).to(ACC)
-    if RELU:
-        if MASK_FROM_Y:
-            keep = tl.load(Y + offs, mask=mask, other=0.0).to(ACC) > 0
+    if ACT != "":
+        if GRAD_FROM_Y:
+            pre = tl.load(Y + offs, mask=mask, other=0.0).to(ACC)
         else:
-            keep = relu_keep(bn_affine(x, mean, a, b, HAS_B), X.dtype.element_ty)
-        dy = tl.where(keep, dy, 0.0)
+            pre = bn_affine(x, mean, a, b, HAS_B)
+            if HAS_RESIDUAL:
+                pre = pre + tl.load(RES + offs, mask=mask, other=0.0).to(ACC)
+            pre = pre.to(X.dtype.element_ty).to(ACC)
+        dy = activation_grad(dy, pre, ACT, act_param)
     return dy, x
 
 
@@ -76,21 +89,21 @@ def dx_train(g, x, mean, rstd, a, sum_g, sum_g_xhat, count):
 
 @triton.jit
 def block_grad_sums(
-    DY, X, Y, DZ, pid_c, first, last, mean, rstd, a, b, R, C, S, stride_r, stride_c,
+    DY, X, Y, RES, DZ, pid_c, first, last, mean, rstd, a, b, act_param, R, C, S, stride_r, stride_c,
     ACC: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
-    CHANNELS_CONTIG: tl.constexpr, S_DIV: tl.constexpr, HAS_B: tl.constexpr, RELU: tl.constexpr,
-    MASK_FROM_Y: tl.constexpr, STORE_DZ: tl.constexpr,
+    CHANNELS_CONTIG: tl.constexpr, S_DIV: tl.constexpr, HAS_B: tl.constexpr, ACT: tl.constexpr,
+    GRAD_FROM_Y: tl.constexpr, HAS_RESIDUAL: tl.constexpr, STORE_DZ: tl.constexpr,
 ):  # fmt: skip
-    """sum(g) and sum(g * xhat) per channel of block ``pid_c`` over tiles [first, last), g the masked
-    dy (``masked_dy``; stored to DZ when STORE_DZ). Per-lane sums, reduced once after the loop: no
-    cross-lane work holds up the next load."""
+    """sum(g) and sum(g * xhat) per channel of block ``pid_c`` over tiles [first, last), g = dy *
+    act'(pre) (``act_dy``; stored to DZ when STORE_DZ). Per-lane sums, reduced once after the loop:
+    no cross-lane work holds up the next load."""
     acc_g = tl.zeros([BLOCK_R, BLOCK_C, BLOCK_S], ACC)
     acc_g_xhat = tl.zeros([BLOCK_R, BLOCK_C, BLOCK_S], ACC)
     for tile in range(first, last):
         offs, mask, _, _, _ = tile_offsets(
             tile, pid_c, R, C, S, stride_r, stride_c, BLOCK_R, BLOCK_C, BLOCK_S, CHANNELS_CONTIG, S_DIV
         )
-        g, x = masked_dy(DY, X, Y, offs, mask, mean, a, b, ACC, HAS_B, RELU, MASK_FROM_Y)
+        g, x = act_dy(DY, X, Y, RES, offs, mask, mean, a, b, act_param, ACC, HAS_B, ACT, GRAD_FROM_Y, HAS_RESIDUAL)
         if STORE_DZ:
             tl.store(DZ + offs, g.to(DZ.dtype.element_ty), mask=mask)
         acc_g += g
@@ -123,10 +136,11 @@ def grad_sums_kernel(
     SUM_DY_XHAT,  # [C] out, acc dtype
     DW,  # [C] out in the weight's dtype: sum(dy * xhat) (when HAS_DW)
     DB,  # [C] out in the bias's dtype: sum(dy) (when HAS_DB)
-    Y,  # forward output, same strides as X (read when MASK_FROM_Y)
-    W,  # [C] weight, bias: to recompute the pre-activation (RELU and not MASK_FROM_Y)
+    Y,  # forward output, same strides as X (read when GRAD_FROM_Y)
+    W,  # [C] weight, bias: to recompute the pre-activation (an ACT, not GRAD_FROM_Y)
     B,
-    DZ,  # out, same strides as X: the masked dy (when STORE_DZ)
+    RES,  # residual, same strides as X, any float dtype: re-read for the pre-activation (when HAS_RESIDUAL)
+    DZ,  # out, same strides as X: g = dy * act'(pre) (when STORE_DZ)
     R,
     C,
     S,
@@ -138,6 +152,7 @@ def grad_sums_kernel(
     scale_offset,  # SCALE's, SUM_DY_XHAT's and PART's first values, in elements: the eager plans
     sum2_offset,  # pass one workspace as MEAN and SCALE, and one as SUM_DY, SUM_DY_XHAT and PART
     part_offset,
+    act_param,  # acc-dtype scalar: the activation's parameter (kernels/activation.py)
     ACC: tl.constexpr,
     SCALE_IS_VAR: tl.constexpr,
     BLOCK_R: tl.constexpr,
@@ -148,8 +163,9 @@ def grad_sums_kernel(
     S_DIV: tl.constexpr,
     HAS_DW: tl.constexpr = False,
     HAS_DB: tl.constexpr = False,
-    RELU: tl.constexpr = False,
-    MASK_FROM_Y: tl.constexpr = False,
+    ACT: tl.constexpr = "",
+    GRAD_FROM_Y: tl.constexpr = False,
+    HAS_RESIDUAL: tl.constexpr = False,
     HAS_W: tl.constexpr = False,
     HAS_B: tl.constexpr = False,
     STORE_DZ: tl.constexpr = False,
@@ -167,8 +183,9 @@ def grad_sums_kernel(
     b = channel_values(B, c, cm, ACC) if HAS_B else a
     first, last = split_range(split, num_tiles, num_splits)
     sum_g, sum_g_xhat = block_grad_sums(
-        DY, X, Y, DZ, pid_c, first, last, mean, rstd, a, b, R, C, S, stride_r, stride_c,
-        ACC, BLOCK_R, BLOCK_C, BLOCK_S, CHANNELS_CONTIG, S_DIV, HAS_B, RELU, MASK_FROM_Y, STORE_DZ,
+        DY, X, Y, RES, DZ, pid_c, first, last, mean, rstd, a, b, acc_scalar(act_param, ACC), R, C, S, stride_r,
+        stride_c, ACC, BLOCK_R, BLOCK_C, BLOCK_S, CHANNELS_CONTIG, S_DIV, HAS_B, ACT, GRAD_FROM_Y, HAS_RESIDUAL,
+        STORE_DZ,
     )  # fmt: skip
     plane = num_splits * C
     out = split * C + c
@@ -209,9 +226,10 @@ def grad_input_kernel(
     W,  # [C] weight (unused unless HAS_W)
     SUM_DY,  # [C] from grad_sums_kernel (training)
     SUM_DY_XHAT,  # [C]
-    Y,  # forward output (read when MASK_FROM_Y)
+    Y,  # forward output (read when GRAD_FROM_Y)
     B,  # [C] bias (recompute of the pre-activation)
-    DZ,  # out: the masked dy, d(residual) (when STORE_DZ)
+    RES,  # residual, any float dtype: re-read for the pre-activation (when HAS_RESIDUAL)
+    DZ,  # out: g = dy * act'(pre), d(residual) (when STORE_DZ)
     R,
     C,
     S,
@@ -222,6 +240,7 @@ def grad_input_kernel(
     eps,  # acc-dtype scalar (see tile.acc_scalar)
     scale_offset,  # SCALE's and SUM_DY_XHAT's first values, in elements (see grad_sums_kernel)
     sum2_offset,
+    act_param,  # acc-dtype scalar: the activation's parameter (kernels/activation.py)
     ACC: tl.constexpr,
     HAS_W: tl.constexpr,
     BLOCK_R: tl.constexpr,
@@ -230,8 +249,9 @@ def grad_input_kernel(
     CHANNELS_CONTIG: tl.constexpr,
     S_DIV: tl.constexpr,
     TRAINING: tl.constexpr = True,  # False: dx = dy * weight * rsqrt(running_var + eps)
-    RELU: tl.constexpr = False,
-    MASK_FROM_Y: tl.constexpr = False,
+    ACT: tl.constexpr = "",
+    GRAD_FROM_Y: tl.constexpr = False,
+    HAS_RESIDUAL: tl.constexpr = False,
     HAS_B: tl.constexpr = False,
     STORE_DZ: tl.constexpr = False,
     STORE_DX: tl.constexpr = True,
@@ -243,19 +263,21 @@ def grad_input_kernel(
     a = channel_scale(SCALE, W, c, cm, eps, ACC, not TRAINING, HAS_W)
     mean = channel_values(MEAN, c, cm, ACC)
     b = channel_values(B, c, cm, ACC) if HAS_B else a
-    if TRAINING or not MASK_FROM_Y:  # xhat needs x, and so does a recomputed ReLU mask
-        dy, x = masked_dy(DY, X, Y, offs, mask, mean, a, b, ACC, HAS_B, RELU, MASK_FROM_Y)
-    else:  # eval with a residual: the mask from y, no x read at all
+    p = acc_scalar(act_param, ACC)
+    if TRAINING or (ACT != "" and not GRAD_FROM_Y):  # xhat needs x, and so does a recomputed pre-activation
+        dy, x = act_dy(DY, X, Y, RES, offs, mask, mean, a, b, p, ACC, HAS_B, ACT, GRAD_FROM_Y, HAS_RESIDUAL)
+    else:  # eval, act' from y or no activation: no x read at all
         dy = tl.load(DY + offs, mask=mask, other=0.0).to(ACC)
-        dy = tl.where(tl.load(Y + offs, mask=mask, other=0.0).to(ACC) > 0, dy, 0.0)
-    if RELU and STORE_DZ:
+        if ACT != "":
+            dy = activation_grad(dy, tl.load(Y + offs, mask=mask, other=0.0).to(ACC), ACT, p)
+    if STORE_DZ:
         tl.store(DZ + offs, dy.to(DZ.dtype.element_ty), mask=mask)
-    if TRAINING:
-        rstd = channel_values(SCALE, c, cm, ACC)
-        sum_dy = channel_values(SUM_DY, c, cm, ACC)
-        sum_dy_xhat = channel_values(SUM_DY_XHAT + sum2_offset, c, cm, ACC)
-        dx = dx_train(dy, x, mean, rstd, a, sum_dy, sum_dy_xhat, count)
-    else:
-        dx = dy * a[None, :, None]
-    if STORE_DX:
+    if STORE_DX:  # training without dx: g alone (d(residual)), at the batch statistics
+        if TRAINING:
+            rstd = channel_values(SCALE, c, cm, ACC)
+            sum_dy = channel_values(SUM_DY, c, cm, ACC)
+            sum_dy_xhat = channel_values(SUM_DY_XHAT + sum2_offset, c, cm, ACC)
+            dx = dx_train(dy, x, mean, rstd, a, sum_dy, sum_dy_xhat, count)
+        else:
+            dx = dy * a[None, :, None]
         tl.store(DX + offs, dx.to(DX.dtype.element_ty), mask=mask)

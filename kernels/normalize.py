@@ -4,10 +4,11 @@ Training passes the batch mean and rstd; eval passes running_mean and running_va
 (``SCALE_IS_VAR``), whose rsqrt is taken here per channel rather than in an extra launch. (The eval
 backward, dx = dy * rstd * weight, is ``grad_input_kernel``'s eval mode in kernels/grad.py.)
 
-Fusion (``HAS_RESIDUAL``, ``RELU``): y = relu((x - mean) * a + bias + residual), all in ACC before the
-single store, so BN -> add -> ReLU costs one extra read (the residual) instead of two more passes.
-``bn_affine`` and ``relu_keep`` are shared with the backward (kernels/grad.py), which recomputes the
-pre-activation to get the ReLU mask: the same code on the same inputs gives the same bits.
+Fusion (``HAS_RESIDUAL``, ``ACT``): y = act((x - mean) * a + bias + residual), all in ACC before the
+single store, so BN -> add -> activation costs one extra read (the residual) instead of two more
+passes; act is one of kernels/activation.py's. ``bn_affine`` is shared with the backward
+(kernels/grad.py), which recomputes the pre-activation for act': the same code on the same inputs
+gives the same bits.
 
 Why (x - mean) * a + bias and not x * a + (bias - mean * a): the subtraction first is exact for x
 near the mean, so a large mean offset (1e4 in fp32) costs no digits of y; the pass is memory-bound,
@@ -17,6 +18,7 @@ so the extra subtract is free.
 import triton
 import triton.language as tl
 
+from .activation import activate
 from .tile import acc_scalar, elementwise_tile, inv_sqrt, launched
 
 
@@ -57,36 +59,19 @@ def normalize_tile(
     mean,
     a,
     b,
+    act_param,
     ACC: tl.constexpr,
     HAS_B: tl.constexpr,
     HAS_RESIDUAL: tl.constexpr,
-    RELU: tl.constexpr,
+    ACT: tl.constexpr,
 ):
     """y = act(bn_affine(x) + residual) for one tile, stored in Y's dtype."""
     x = tl.load(X + offs, mask=mask, other=0.0).to(ACC)
     y = bn_affine(x, mean, a, b, HAS_B)
     if HAS_RESIDUAL:
         y = y + tl.load(RES + offs, mask=mask, other=0.0).to(ACC)
-    if RELU:
-        y = relu(y)
+    y = activate(y, ACT, act_param)
     tl.store(Y + offs, y.to(Y.dtype.element_ty), mask=mask)
-
-
-@triton.jit
-def relu(v):
-    """max(v, 0) that keeps NaN (as torch.relu does): NaN < 0 is false."""
-    return tl.where(v < 0, 0.0, v)
-
-
-@triton.jit
-def relu_keep(pre, OUT_DTYPE: tl.constexpr):
-    """Where ReLU passes the gradient: exactly where the stored output relu(pre).to(OUT_DTYPE) > 0.
-
-    Rounding to the output dtype first makes the mask agree bit for bit with a mask taken from the
-    stored y (a tiny positive pre-activation that underflows to 0 in fp16 gets no gradient, as in
-    torch's relu backward, which masks by its output). Gradient at exactly 0 (and at NaN) is 0.
-    """
-    return pre.to(OUT_DTYPE).to(pre.dtype) > 0
 
 
 @launched(
@@ -104,7 +89,7 @@ def normalize_kernel(
     SCALE,  # [C]: rstd, or running_var when SCALE_IS_VAR
     W,  # [C] weight (unused unless HAS_W)
     B,  # [C] bias (unused unless HAS_B)
-    RES,  # residual, same strides as X (unused unless HAS_RESIDUAL)
+    RES,  # residual, same strides as X, any float dtype (unused unless HAS_RESIDUAL)
     R,
     C,
     S,
@@ -113,6 +98,7 @@ def normalize_kernel(
     num_c_blocks,
     eps,  # acc-dtype scalar (see tile.acc_scalar)
     scale_offset,  # SCALE's first value, in elements (the eager plans pass one workspace as MEAN and SCALE)
+    act_param,  # acc-dtype scalar: the activation's parameter (kernels/activation.py)
     ACC: tl.constexpr,
     SCALE_IS_VAR: tl.constexpr,
     HAS_W: tl.constexpr,
@@ -123,7 +109,7 @@ def normalize_kernel(
     CHANNELS_CONTIG: tl.constexpr,
     S_DIV: tl.constexpr,
     HAS_RESIDUAL: tl.constexpr = False,
-    RELU: tl.constexpr = False,
+    ACT: tl.constexpr = "",
 ):
     SCALE += scale_offset
     offs, mask, c, cm = elementwise_tile(
@@ -132,4 +118,4 @@ def normalize_kernel(
     a = channel_scale(SCALE, W, c, cm, eps, ACC, SCALE_IS_VAR, HAS_W)
     mean = channel_values(MEAN, c, cm, ACC)
     b = channel_values(B, c, cm, ACC) if HAS_B else a
-    normalize_tile(X, Y, RES, offs, mask, mean, a, b, ACC, HAS_B, HAS_RESIDUAL, RELU)
+    normalize_tile(X, Y, RES, offs, mask, mean, a, b, acc_scalar(act_param, ACC), ACC, HAS_B, HAS_RESIDUAL, ACT)

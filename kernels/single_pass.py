@@ -13,7 +13,7 @@ launch. In DRAM bytes (B: one full tensor):
 
 Where the second read misses L2 the bytes are those of the split path, with one launch fewer.
 Each phase runs the same code as the split kernels (kernels/stats.py block_stats,
-normalize.normalize_tile, grad.masked_dy and dx_train) on one split: with the same tiles the
+normalize.normalize_tile, grad.act_dy and dx_train) on one split: with the same tiles the
 results are those of the two-launch path, bitwise under the interpreter (compiled, two kernels may
 contract the same arithmetic differently; on a GPU the forward's tiles are also smaller, see
 bn_triton/_config.py).
@@ -25,10 +25,10 @@ the two phases would keep their loop-invariant addresses live throughout, and co
 
 import triton.language as tl
 
-from .grad import block_grad_sums, dx_train, masked_dy
+from .grad import act_dy, block_grad_sums, dx_train
 from .normalize import channel_values, normalize_tile
 from .stats import block_stats, finish_stats
-from .tile import launched, tile_offsets
+from .tile import acc_scalar, launched, tile_offsets
 
 
 @launched(
@@ -51,7 +51,7 @@ def forward_kernel(
     TICKET,  # int32, zero between launches: num_batches_tracked's ticket (COUNT_BATCH)
     W,  # [C] weight (unused unless HAS_W)
     B,  # [C] bias (unused unless HAS_B)
-    RES,  # residual, same strides as X (unused unless HAS_RESIDUAL)
+    RES,  # residual, same strides as X, any float dtype (unused unless HAS_RESIDUAL)
     RUNNING_MEAN,  # [C] updated in place when HAS_RUNNING (strided, any float dtype)
     RUNNING_VAR,
     NUM_BATCHES,  # int64 scalar tensor: read when CUMULATIVE, incremented when COUNT_BATCH
@@ -66,6 +66,7 @@ def forward_kernel(
     momentum,  # acc-dtype scalar
     stride_rm,
     stride_rv,
+    act_param,  # acc-dtype scalar: the activation's parameter (kernels/activation.py)
     ACC: tl.constexpr,
     BLOCK_R: tl.constexpr,
     BLOCK_C: tl.constexpr,
@@ -79,7 +80,7 @@ def forward_kernel(
     CUMULATIVE: tl.constexpr = False,
     COUNT_BATCH: tl.constexpr = False,
     HAS_RESIDUAL: tl.constexpr = False,
-    RELU: tl.constexpr = False,
+    ACT: tl.constexpr = "",
 ):
     pid_c = tl.program_id(0)
     RSTD += rstd_offset
@@ -95,11 +96,12 @@ def forward_kernel(
     )  # fmt: skip
     a = rstd * channel_values(W, c, cm, ACC) if HAS_W else rstd
     b = channel_values(B, c, cm, ACC) if HAS_B else a
+    p = acc_scalar(act_param, ACC)
     for tile in range(0, num_tiles):  # the same tiles again: from L2
         offs, mask, _, _, _ = tile_offsets(
             tile, pid_c, R, C, S, stride_r, stride_c, BLOCK_R, BLOCK_C, BLOCK_S, CHANNELS_CONTIG, S_DIV
         )
-        normalize_tile(X, Y, RES, offs, mask, mean, a, b, ACC, HAS_B, HAS_RESIDUAL, RELU)
+        normalize_tile(X, Y, RES, offs, mask, mean, a, b, p, ACC, HAS_B, HAS_RESIDUAL, ACT)
 
 
 @launched(
@@ -121,9 +123,10 @@ def backward_kernel(
     W,  # [C] weight (unused unless HAS_W)
     DW,  # [C] out in the weight's dtype: sum(g * xhat) (when HAS_DW)
     DB,  # [C] out in the bias's dtype: sum(g) (when HAS_DB)
-    Y,  # forward output (read when MASK_FROM_Y)
-    B,  # [C] bias: to recompute the pre-activation (RELU and not MASK_FROM_Y)
-    DZ,  # out: g, the masked dy, d(residual) (when STORE_DZ)
+    Y,  # forward output (read when GRAD_FROM_Y)
+    B,  # [C] bias: to recompute the pre-activation (an ACT, not GRAD_FROM_Y)
+    RES,  # residual, any float dtype: re-read for the pre-activation (when HAS_RESIDUAL)
+    DZ,  # out: g = dy * act'(pre), d(residual) (when STORE_DZ)
     R,
     C,
     S,
@@ -132,6 +135,7 @@ def backward_kernel(
     num_tiles,
     count,  # values per channel (R * S; an int64 when large)
     rstd_offset,  # RSTD's first value, in elements (see forward_kernel)
+    act_param,  # acc-dtype scalar: the activation's parameter (kernels/activation.py)
     ACC: tl.constexpr,
     BLOCK_R: tl.constexpr,
     BLOCK_C: tl.constexpr,
@@ -141,8 +145,9 @@ def backward_kernel(
     HAS_W: tl.constexpr,
     HAS_DW: tl.constexpr = False,
     HAS_DB: tl.constexpr = False,
-    RELU: tl.constexpr = False,
-    MASK_FROM_Y: tl.constexpr = False,
+    ACT: tl.constexpr = "",
+    GRAD_FROM_Y: tl.constexpr = False,
+    HAS_RESIDUAL: tl.constexpr = False,
     HAS_B: tl.constexpr = False,
     STORE_DZ: tl.constexpr = False,
 ):
@@ -154,9 +159,10 @@ def backward_kernel(
     rstd = channel_values(RSTD, c, cm, ACC)
     a = rstd * channel_values(W, c, cm, ACC) if HAS_W else rstd
     b = channel_values(B, c, cm, ACC) if HAS_B else a
+    p = acc_scalar(act_param, ACC)
     sum_g, sum_g_xhat = block_grad_sums(
-        DY, X, Y, DZ, pid_c, 0, num_tiles, mean, rstd, a, b, R, C, S, stride_r, stride_c,
-        ACC, BLOCK_R, BLOCK_C, BLOCK_S, CHANNELS_CONTIG, S_DIV, HAS_B, RELU, MASK_FROM_Y, STORE_DZ,
+        DY, X, Y, RES, DZ, pid_c, 0, num_tiles, mean, rstd, a, b, p, R, C, S, stride_r, stride_c,
+        ACC, BLOCK_R, BLOCK_C, BLOCK_S, CHANNELS_CONTIG, S_DIV, HAS_B, ACT, GRAD_FROM_Y, HAS_RESIDUAL, STORE_DZ,
     )  # fmt: skip
     if HAS_DW:
         tl.store(DW + c, sum_g_xhat.to(DW.dtype.element_ty), mask=cm)
@@ -166,6 +172,6 @@ def backward_kernel(
         offs, mask, _, _, _ = tile_offsets(
             tile, pid_c, R, C, S, stride_r, stride_c, BLOCK_R, BLOCK_C, BLOCK_S, CHANNELS_CONTIG, S_DIV
         )
-        g, x = masked_dy(DY, X, Y, offs, mask, mean, a, b, ACC, HAS_B, RELU, MASK_FROM_Y)
+        g, x = act_dy(DY, X, Y, RES, offs, mask, mean, a, b, p, ACC, HAS_B, ACT, GRAD_FROM_Y, HAS_RESIDUAL)
         dx = dx_train(g, x, mean, rstd, a, sum_g, sum_g_xhat, count)
         tl.store(DX + offs, dx.to(DX.dtype.element_ty), mask=mask)

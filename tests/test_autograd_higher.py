@@ -379,14 +379,11 @@ def test_gradgradcheck_public(training, affine, fusion, device):
 
 
 def _backward_graph_fn(x, w, b, r, training, activation, rm, rv):
-    """dy -> (dx, dweight, dbias, dz) by composite.backward_graph, with the mask torch's forward gives."""
-    mask = None
-    if activation == "relu":
-        with torch.no_grad():
-            mask = _torch_bn(x, rm, rv, w, b, training, None, r) > 0
+    """dy -> (dx, dweight, dbias, dz) by composite.backward_graph, act' recomputed with the residual r."""
     return lambda dy, x, w, b: composite.backward_graph(
-        dy, x, w, b, training=training, eps=EPS, mean_var=None if training else (rm, rv), relu_mask=mask
-    )
+        dy, x, w, b, training=training, eps=EPS, mean_var=None if training else (rm, rv), activation=activation,
+        residual=r,
+    )  # fmt: skip
 
 
 @pytest.mark.parametrize("training, affine, fusion", CASES)

@@ -150,28 +150,42 @@ def _opcheck_cases(device):
     nbt = torch.tensor(3, device=device)
     mean, rstd, var = ops.stats(x, None, None, 0.1, None, 1e-5, True)
     r = make((2, C, 4), torch.float32, device, seed=3)
-    y_fused = ops.normalize(x, mean, rstd, w, b, 1e-5, False, r, True)
-    s1, s2, *_ = ops.grad_sums(dy, x, mean, rstd, w, b, None, 1e-5, False, False, False, False, False)
+    y_fused = ops.normalize(x, mean, rstd, w, b, 1e-5, False, r, "relu")
+    s1, s2, *_ = ops.grad_sums(dy, x, mean, rstd, w, b, None, None, 1e-5, False, None, False, False, False, False)
     return [
         ("stats", ops.stats, (x, rm.clone(), rv.clone(), 0.1, nbt.clone(), 1e-5, False)),
         ("stats", ops.stats, (x_cl, rm.double(), rv.double(), None, nbt.clone(), 1e-3, True)),
-        ("normalize", ops.normalize, (x, mean, rstd, w, b, 1e-5, False, None, False)),
-        ("normalize", ops.normalize, (x_cl, rm.double(), rv.double(), None, None, 1e-3, True, None, False)),
-        ("normalize", ops.normalize, (x, mean, rstd, w, b, 1e-5, False, r, True)),
-        ("grad_sums", ops.grad_sums, (dy, x, mean, rstd, w, b, None, 1e-5, False, False, True, True, False)),
-        ("grad_sums", ops.grad_sums, (dy, x, mean, rstd, w, b, y_fused, 1e-5, False, True, True, True, True)),
-        ("grad_input", ops.grad_input, (dy, x, mean, rstd, w, s1, s2, b, None, 1e-5, True, 0, True, True, False)),
+        ("normalize", ops.normalize, (x, mean, rstd, w, b, 1e-5, False, None, None)),
+        ("normalize", ops.normalize, (x_cl, rm.double(), rv.double(), None, None, 1e-3, True, None, None)),
+        ("normalize", ops.normalize, (x, mean, rstd, w, b, 1e-5, False, r, "relu")),
+        ("normalize", ops.normalize, (x, mean, rstd, w, b, 1e-5, False, r, "leaky_relu(0.2)")),
+        (
+            "grad_sums",
+            ops.grad_sums,
+            (dy, x, mean, rstd, w, b, None, None, 1e-5, False, None, False, True, True, False),
+        ),
+        (
+            "grad_sums",
+            ops.grad_sums,
+            (dy, x, mean, rstd, w, b, y_fused, None, 1e-5, False, "relu", True, True, True, True),
+        ),
+        ("grad_sums", ops.grad_sums, (dy, x, mean, rstd, w, b, None, r, 1e-5, False, "silu", False, True, True, True)),
         (
             "grad_input",
             ops.grad_input,
-            (dy, x, rm, rv, None, None, None, None, y_fused, 1e-5, False, 0, True, True, True),
+            (dy, x, mean, rstd, w, s1, s2, b, None, None, 1e-5, True, 0, "hardswish", False, True, False),
+        ),
+        (
+            "grad_input",
+            ops.grad_input,
+            (dy, x, rm, rv, None, None, None, None, y_fused, None, 1e-5, False, 0, "relu", True, True, True),
         ),
         ("update_running_stats", ops.update_running_stats, (rm.clone(), rv.clone(), mean, var, 0.1, 8, None)),
         ("update_running_stats", ops.update_running_stats, (rm.clone(), rv.clone(), mean, var, None, 8, nbt)),
     ]
 
 
-@pytest.mark.parametrize("case", range(11))
+@pytest.mark.parametrize("case", range(13))
 def test_opcheck(case, device):
     name, op, args = _opcheck_cases(device)[case]
     results = torch.library.opcheck(op, args)

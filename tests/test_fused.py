@@ -310,11 +310,11 @@ def _bad_calls(device):
     x = make((4, 3, 5), torch.float32, device)
     ok = make((4, 3, 5), torch.float32, device, seed=1)
     return x, [
-        ("unknown activation", dict(activation="gelu"), ValueError, "unknown activation 'gelu'"),
-        ("activation not a name", dict(activation=torch.relu), ValueError, "unknown activation"),
+        ("unknown activation", dict(activation="sigmoid"), ValueError, "unsupported activation 'sigmoid'"),
+        ("activation not a name", dict(activation=torch.relu), ValueError, "unsupported activation"),
         ("residual shape", dict(residual=ok[:, :2]), RuntimeError, "residual must have the input's shape"),
         ("residual broadcast", dict(residual=ok[:1]), RuntimeError, "residual must have the input's shape"),
-        ("residual dtype", dict(residual=ok.double()), TypeError, "residual must have the input's dtype"),
+        ("residual dtype", dict(residual=ok.long()), TypeError, "residual must be float16, bfloat16, float32 or"),
         ("residual device", dict(residual=ok.to("meta")), RuntimeError, "same device"),
         ("residual not a tensor", dict(residual=1.0), TypeError, "residual must be a Tensor"),
     ]
@@ -341,7 +341,9 @@ def test_bad_fused_input_module(case, device):
     if "activation" in kwargs:
         with pytest.raises(exc, match=match):
             bn_triton.BatchNorm1d(3, activation=kwargs["activation"])
-        bn.activation = kwargs["activation"]  # set after construction: caught in forward too
+        with pytest.raises(exc, match=match):
+            bn.activation = kwargs["activation"]  # set after construction: refused there too
+        object.__setattr__(bn, "activation", kwargs["activation"])  # forced in: forward refuses it
     state = {k: v.clone() for k, v in bn.state_dict().items()}
     before = launch.LAUNCHES.copy()
     with pytest.raises(exc, match=match):
@@ -444,14 +446,17 @@ def test_opcheck_fused_ops(training, device):
     x, w, b, r, rm, rv = _inputs((2, 3, 4), "contiguous", torch.float32, device, True)
     mean, scale = (x.mean((0, 2)), x.var((0, 2)).add(EPS).rsqrt()) if training else (rm, rv)
     for res in (r, None):
-        torch.library.opcheck(ops.normalize, (x, mean, scale, w, b, EPS, not training, res, True))
-    y = ops.normalize(x, mean, scale, w, b, EPS, not training, r, True)
+        torch.library.opcheck(ops.normalize, (x, mean, scale, w, b, EPS, not training, res, "relu"))
+    y = ops.normalize(x, mean, scale, w, b, EPS, not training, r, "relu")
     dy = make(x.shape, torch.float32, device, seed=6)
-    # Mask from y (residual) writing g, and recomputed from x (no residual).
-    torch.library.opcheck(ops.grad_sums, (dy, x, mean, scale, w, b, y, EPS, not training, True, True, True, True))
-    torch.library.opcheck(ops.grad_sums, (dy, x, mean, scale, w, b, None, EPS, not training, True, True, True, False))
-    sums = ops.grad_sums(dy, x, mean, scale, w, b, None, EPS, not training, True, False, False, False)[:2]
-    if not training:
-        sums = (None, None)
-    args = (dy, x, mean, scale, w, *sums, b, None, EPS, training, 0, True, True, False)
+    # act' from y (ReLU with a residual) writing g; recomputed from x and the residual (SiLU); from x alone.
+    torch.library.opcheck(ops.grad_sums, (dy, x, mean, scale, w, b, y, None, EPS, not training, "relu", True, True,
+                                          True, True))  # fmt: skip
+    torch.library.opcheck(ops.grad_sums, (dy, x, mean, scale, w, b, None, r, EPS, not training, "silu", False, True,
+                                          True, True))  # fmt: skip
+    torch.library.opcheck(ops.grad_sums, (dy, x, mean, scale, w, b, None, None, EPS, not training, "relu", False,
+                                          True, True, False))  # fmt: skip
+    sums = ops.grad_sums(dy, x, mean, scale, w, b, None, None, EPS, not training, "relu", False, False, False, False)
+    sums = sums[:2] if training else (None, None)
+    args = (dy, x, mean, scale, w, *sums, b, None, None, EPS, training, 0, "relu", False, True, False)
     torch.library.opcheck(ops.grad_input, args, test_utils=("test_schema", "test_faketensor"))

@@ -43,7 +43,7 @@ def test_a_launch_passes_the_pointers_then_every_other_parameter_in_order():
     )
     x, y = torch.zeros(2), torch.zeros(2)
     before = _launcher.LAUNCHES["fake"]
-    ln(x, y)
+    ln(Y=y, X=x)
     assert k.launches == [((4, 2), (x, y, 3, 0.5, 16, False, None), {"num_warps": 4})]
     assert _launcher.LAUNCHES["fake"] == before + 1
 
@@ -66,13 +66,25 @@ def test_every_builder_matches_its_kernels_parameters():
     x = torch.zeros(2, 3, 4)
     x_, geom = launch.canonical(x)
     cpu, f32, i32 = torch.device("cpu"), torch.float32, torch.int32
-    launch.stats(geom, cpu, (f32, f32, i32, f32, f32, f32, f32, f32, torch.int64), 1e-5, launch.RunningSpec(1, 1, 0.1))
-    launch.normalize(geom, cpu, (f32,) * 7, 1e-5, False, True)
-    launch.grad_sums(geom, cpu, (f32,) * 5 + (i32,) + (f32,) * 8, 1e-5, True, True)
-    launch.grad_input(geom, cpu, (f32,) * 11, 1e-5, True, 0, True)
-    launch.forward(geom, cpu, (f32,) * 4 + (i32,) + (f32,) * 5 + (torch.int64,), 1e-5, launch.NO_RUNNING, True)
-    launch.backward(geom, cpu, (f32,) * 11, True)
-    launch.running_update(3, cpu, (f32, f32, f32, f32, torch.int64), launch.RunningSpec(1, 1, 0.1, True), 8)
+    d = launch.dtypes
+    launch.stats(geom, cpu, d(**dict.fromkeys(launch.STATS, f32)), 1e-5, launch.RunningSpec(1, 1, 0.1))
+    launch.normalize(geom, cpu, d(**dict.fromkeys(launch.NORMALIZE, f32)), 1e-5, False, "silu")
+    launch.grad_sums(geom, cpu, d(**{**dict.fromkeys(launch.GRAD_SUMS, f32), "COUNTER": i32}), 1e-5, True, "relu", True)
+    launch.grad_input(geom, cpu, d(**dict.fromkeys(launch.GRAD_INPUT, f32)), 1e-5, True, 0, "elu(1.0)", False)
+    forward = d(**{**dict.fromkeys(launch.FORWARD, f32), "TICKET": i32})
+    launch.forward(geom, cpu, forward, 1e-5, launch.NO_RUNNING, "mish")
+    launch.backward(geom, cpu, d(**dict.fromkeys(launch.BACKWARD, f32)), "gelu", False)
+    cumulative = launch.RunningSpec(1, 1, 0.1, True)
+    launch.running_update(3, cpu, d(**dict.fromkeys(launch.RUNNING_UPDATE, f32)), cumulative, 8)
+    with pytest.raises(AssertionError, match="no pointers"):
+        launch.normalize(geom, cpu, d(X=f32, PART=f32), 1e-5, False, None)
+
+
+def test_a_launch_refuses_a_pointer_its_kernel_does_not_have():
+    k = FakeKernel()
+    ln = _launcher.Launch("fake", k, (1,), ("X", "Y"), dict(n=3, eps=0.5, BLOCK=16), {}, torch.device("cpu"))
+    with pytest.raises(TypeError, match="no pointers"):
+        ln(X=torch.zeros(2), Z=torch.zeros(2))
 
 
 def _direct_launch_check(python, cwd=ROOT):

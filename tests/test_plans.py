@@ -26,7 +26,13 @@ INPUTS = {
     "channels_last": lambda: make((16, 32, 7, 7), torch.float32, "cpu", "channels_last", seed=0),
     "2-D": lambda: make((16, 32), torch.float32, "cpu", seed=0),
 }
-FUSED = {"plain": {}, "relu": dict(activation="relu"), "residual+relu": dict(activation="relu", residual=True)}
+FUSED = {
+    "plain": {},
+    "relu": dict(activation="relu"),
+    "residual+relu": dict(activation="relu", residual=True),
+    "silu": dict(activation="silu"),
+    "residual+leaky_relu": dict(activation="leaky_relu(0.1)", residual=True),
+}
 
 
 def _calls(layout: str, fused: dict) -> dict:
@@ -136,22 +142,27 @@ def test_kernels_specialize_on_a_few_batch_sizes_not_on_each(h100):
 
     backend = make_backend(GPUTarget("cuda", 90, 32))
     f32, i32 = torch.float32, torch.int32
+    d = launch.dtypes
     builds = (
-        (launch.stats, (f32, f32, i32, f32, f32, None, f32, f32, None), (1e-5, launch.RunningSpec(1, 1))),
-        (launch.normalize, (f32,) * 6 + (None,), (1e-5, False, False)),
+        (launch.stats, d(X=f32, PART=f32, COUNTER=i32, MEAN=f32, RSTD=f32, RUNNING_MEAN=f32, RUNNING_VAR=f32),
+         (1e-5, launch.RunningSpec(1, 1))),
+        (launch.normalize, d(X=f32, Y=f32, MEAN=f32, SCALE=f32, W=f32, B=f32), (1e-5, False, None)),
         (
             launch.grad_sums,
-            (f32, f32, f32, f32, f32, i32, f32, f32, f32, f32, None, f32, None, None),
-            (1e-5, False, False),
+            d(DY=f32, X=f32, MEAN=f32, SCALE=f32, PART=f32, COUNTER=i32, SUM_DY=f32, SUM_DY_XHAT=f32, DW=f32,
+              DB=f32, W=f32),
+            (1e-5, False, None, False),
         ),
-        (launch.grad_input, (f32,) * 8 + (None,) * 3, (1e-5, True, 0, False)),
-    )
+        (launch.grad_input, d(DY=f32, X=f32, DX=f32, MEAN=f32, SCALE=f32, W=f32, SUM_DY=f32, SUM_DY_XHAT=f32),
+         (1e-5, True, 0, None, False)),
+    )  # fmt: skip
     keys: dict = {}
     for n in range(1, 301):
         _, geom = launch.canonical(torch.empty((n, 64, 14, 14), device="meta"))
         for build, types, rest in builds:
             ln = build(geom, h100, types, *rest)
-            pointers = [None if t is None else torch.empty(16, dtype=t, device="meta") for t in types]
+            given = {name: torch.empty(16, dtype=t, device="meta") for name, t in types}
+            pointers = ln.order({**ln.absent, **given})
             fn = _jit(ln.fn)
             binder = create_function_from_signature(fn.signature, fn.params, backend)
             _, spec, _ = binder(*pointers, *ln.tail, **ln.options)
