@@ -1,6 +1,6 @@
-"""``bn_triton.fuse``: a model's BatchNorm -> ReLU and BatchNorm -> add -> ReLU, found in its torch.fx
-trace and rewritten into our fused layers, so that ``relu(BN(x) + residual)`` takes one kernel pass
-each way instead of BN, an add and a ReLU apart (torchvision's ResNets, unchanged).
+"""``bn_triton.fuse``: a model's BatchNorm -> activation and BatchNorm -> add -> activation, found in its
+torch.fx trace and rewritten into our fused layers, so that ``act(BN(x) + residual)`` takes one kernel
+pass each way instead of BN, an add and an activation apart (torchvision's ResNets, unchanged).
 
 ``fuse(model, example_inputs)`` traces ``model`` (a GraphModule is taken as it is, not retraced),
 records every node's shape and dtype from ``example_inputs`` on fake tensors (ShapeProp: nothing
@@ -9,16 +9,17 @@ runs, no buffer moves), rewrites the graph, and returns a GraphModule with a ``f
 its very Parameter and buffer objects and its other layers, so their state_dicts load into each other.
 
 What fuses, call by call:
-* a call of torch's or our BatchNorm1d/2d/3d (exactly these types) whose output has one user, a
-  ReLU (``nn.ReLU``, ``F.relu``, ``torch.relu(_)``, ``Tensor.relu(_)``, in place or not): the call
-  becomes one of our layer with ``activation="relu"``;
+* a call of torch's or our BatchNorm1d/2d/3d (exactly these types) whose output has one user, an
+  activation of bn_triton/activations.py's table (its module, function or Tensor method, in place or
+  not: ``nn.ReLU``, ``F.silu``, ``nn.LeakyReLU(0.1)``, ``Tensor.relu_`` ...): the call becomes one of
+  our layer with that ``activation``;
 * one whose output has one user, an add (``+``, ``+=``, ``torch.add``, ``Tensor.add(_)``, alpha 1)
-  of a tensor of exactly its shape and dtype, whose result has one user, a ReLU: one call with
-  ``residual=`` the other operand, where the add was.
+  of a tensor of exactly its shape and dtype, whose result has one user, such an activation: one call
+  with ``residual=`` the other operand, where the add was.
 A layer fuses if every call of it fuses alike. The rest is left as it is, its torch BatchNorms
 converted to ours as ``convert_batchnorm`` does (layers forward never calls are kept unconverted).
 One user means nobody else reads the tensor, through any alias, so the fused call may return a new
-one where an in-place ReLU or ``+=`` wrote into it; an add that writes into its other operand in
+one where an in-place activation or ``+=`` wrote into it; an add that writes into its other operand in
 place does not fuse, since the fused call would leave that tensor unwritten. The BatchNorm runs
 later, at its add: only if no call in between could write in place or use the same layer.
 
@@ -40,43 +41,46 @@ import warnings
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 from torch import fx, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from bn_triton import modules
+from bn_triton import activations, modules
 from bn_triton.convert import convert_batchnorm, convert_layer
 
 LOG = logging.getLogger("bn_triton")
 
 OURS = {nn.BatchNorm1d: modules.BatchNorm1d, nn.BatchNorm2d: modules.BatchNorm2d, nn.BatchNorm3d: modules.BatchNorm3d}
 FUSABLE = (*OURS, *OURS.values())
-RELU_FUNCTIONS = (F.relu, torch.relu, torch.relu_)  # F.relu_ is torch.relu_
-RELU_METHODS = ("relu", "relu_")
 ADD_FUNCTIONS = (operator.add, operator.iadd, torch.add)
 ADD_METHODS = ("add", "add_")
 INPLACE_OPERATORS = tuple(
     getattr(operator, name)
     for name in ("iadd", "isub", "imul", "itruediv", "ifloordiv", "imod", "ipow", "imatmul", "iand", "ior", "ixor")
 ) + (operator.ilshift, operator.irshift, operator.setitem, operator.delitem)
-KINDS = {"relu": "into ReLU", "add+relu": "into add + ReLU"}
 RESIDUAL = "output feeds an add as the residual"
 UNTRACEABLE = "not fused: torch.fx could not trace the model"
 # GraphModule.__deepcopy__ rebuilds the module and keeps, of its plain attributes, those named here.
 _PRESERVED = getattr(fx.graph_module, "_USER_PRESERVED_ATTRIBUTES_KEY", None)
 
 
+def describe_kind(kind: str) -> str:
+    """A fused kind in words: "silu" is "into silu", "add+relu" "into add + relu"."""
+    return "into " + kind.replace("+", " + ")
+
+
 @dataclasses.dataclass
 class FusionReport:
-    """What ``fuse`` did: ``fused`` as (layer name, "relu" | "add+relu"), ``left`` as (name, reason)."""
+    """What ``fuse`` did: ``fused`` as (layer name, kind), the kind the activation's canonical string
+    (bn_triton/activations.py), "add+" and it for an add first; ``left`` as (name, reason)."""
 
     fused: list = dataclasses.field(default_factory=list)
     left: list = dataclasses.field(default_factory=list)
 
     def __str__(self) -> str:
         kinds = collections.Counter(kind for _, kind in self.fused)
-        text = f"fused {len(self.fused)} of {len(self.fused) + len(self.left)} BatchNorm layers: "
-        text += ", ".join(f"{kinds[k]} {words}" for k, words in KINDS.items())
+        text = f"fused {len(self.fused)} of {len(self.fused) + len(self.left)} BatchNorm layers"
+        if kinds:
+            text += ": " + ", ".join(f"{n} {describe_kind(k)}" for k, n in kinds.items())
         if not self.left:
             return text
         by_reason = collections.defaultdict(list)
@@ -88,19 +92,21 @@ class FusionReport:
 
 @dataclasses.dataclass
 class _Site:
-    """One call of a BatchNorm that fuses: its node, the ReLU's, and the add's (None: BN -> ReLU)."""
+    """One call of a BatchNorm that fuses: its node, its activation's node and canonical string, and
+    the add's node (None: BN -> activation)."""
 
     bn: fx.Node
-    relu: fx.Node
+    act: fx.Node
+    activation: str
     add: Optional[fx.Node] = None
 
     @property
     def kind(self) -> str:
-        return "relu" if self.add is None else "add+relu"
+        return self.activation if self.add is None else f"add+{self.activation}"
 
 
 def fuse(model: nn.Module, example_inputs=None, *, on_untraceable: str = "raise") -> nn.Module:
-    """``model`` as a GraphModule whose BatchNorm -> [add ->] ReLU patterns run as our fused layers.
+    """``model`` as a GraphModule whose BatchNorm -> [add ->] activation patterns run as our fused layers.
 
     ``example_inputs``: a tensor, or a tuple of ``forward``'s positional arguments, of the shapes and
     dtypes the model will see (without it no add fuses). ``on_untraceable``: "raise" (a model that
@@ -211,11 +217,12 @@ def _match(bn: fx.Node, mods: dict, no_shapes: Optional[str]) -> _Site | str:
     if len(users) != 1:
         return f"output has {len(users)} users" if users else "output is not used"
     (user,) = users
-    if _is_relu(user, bn, mods):
-        return _Site(bn, user)
+    activation = _activation(user, bn, mods)
+    if activation is not None:
+        return _Site(bn, user, activation)
     operands = _add_operands(user)
     if operands is None:
-        return f"output feeds {_describe(user, mods)}, not a ReLU or an add"
+        return f"output feeds {_describe(user, mods)}, not an activation bn_triton fuses or an add"
     if isinstance(operands, str):
         return operands
     first, second, inplace = operands
@@ -227,25 +234,23 @@ def _match(bn: fx.Node, mods: dict, no_shapes: Optional[str]) -> _Site | str:
     if not isinstance(other, fx.Node):
         return f"the add's other operand is {other!r}, not a tensor"
     after = list(user.users)
-    if len(after) != 1 or not _is_relu(after[0], user, mods):
+    activation = _activation(after[0], user, mods) if len(after) == 1 else None
+    if activation is None:
         what = f"{len(after)} users" if len(after) != 1 else f"one user, {_describe(after[0], mods)}"
-        return f"output feeds an add whose result has {what}, not a ReLU"
-    return no_shapes or _mismatch(bn, other) or _unsafe_between(bn, user, mods) or _Site(bn, after[0], user)
+        return f"output feeds an add whose result has {what}, not an activation bn_triton fuses"
+    site = _Site(bn, after[0], activation, user)
+    return no_shapes or _mismatch(bn, other) or _unsafe_between(bn, user, mods) or site
 
 
-def _is_relu(node: fx.Node, x: fx.Node, mods: dict) -> bool:
-    """Whether ``node`` is a ReLU of ``x`` alone (in place or not)."""
+def _activation(node: fx.Node, x: fx.Node, mods: dict) -> Optional[str]:
+    """The canonical activation (bn_triton/activations.py) that ``node`` applies to ``x`` alone, or None."""
     if not node.args or node.args[0] is not x:
-        return False
+        return None
     if node.op == "call_module":
-        return type(mods[node.target]) is nn.ReLU and len(node.args) == 1 and not node.kwargs
-    if node.op == "call_method":
-        return node.target in RELU_METHODS and len(node.args) == 1 and not node.kwargs
-    if node.op != "call_function" or not any(node.target is f for f in RELU_FUNCTIONS):
-        return False
-    if node.target is F.relu:  # F.relu(x, inplace)
-        return len(node.args) <= 2 and set(node.kwargs) <= {"inplace"}
-    return len(node.args) == 1 and not node.kwargs
+        return activations.of_module(mods[node.target]) if len(node.args) == 1 and not node.kwargs else None
+    if node.op in ("call_method", "call_function"):
+        return activations.of_call(node.target, tuple(node.args), dict(node.kwargs))
+    return None
 
 
 def _add_operands(node: fx.Node):
@@ -364,7 +369,8 @@ def _decide(results: list) -> list | str:
     if len(set(kinds)) == 1:
         return kinds[0]
     counts = collections.Counter(kinds)
-    parts = [f"{n} {KINDS[k]}" if k in KINDS else f"{n} not ({k})" for k, n in counts.items()]
+    fused = {r.kind for r in results if isinstance(r, _Site)}
+    parts = [f"{n} {describe_kind(k)}" if k in fused else f"{n} not ({k})" for k, n in counts.items()]
     return f"called {len(results)} times, and not every call fuses alike: {', '.join(parts)}"
 
 
@@ -387,29 +393,30 @@ def _report(model: nn.Module, calls: dict, decisions: dict) -> FusionReport:
 
 # ---------------------------------------------------------------- rewriting
 def _rewrite(gm: fx.GraphModule, fused: dict) -> None:
-    """Each fused call in place of its BatchNorm, [add,] ReLU nodes. Operands are read from the graph
-    as it is now: an earlier rewrite may have replaced them (a block's input is the last one's ReLU)."""
+    """Each fused call in place of its BatchNorm, [add,] activation nodes. Operands are read from the
+    graph as it is now: an earlier rewrite may have replaced them (a block's input is the last one's
+    activation)."""
     graph = gm.graph
     for name, sites in fused.items():
         for site in sites:
             if site.add is None:  # the BatchNorm's node stays, its layer becomes the fused one
-                site.relu.replace_all_uses_with(site.bn)
-                graph.erase_node(site.relu)
+                site.act.replace_all_uses_with(site.bn)
+                graph.erase_node(site.act)
                 continue
             first, second = site.add.args
             residual = second if first is site.bn else first
             with graph.inserting_before(site.add):
                 call = graph.call_module(name, (site.bn.args[0],), {"residual": residual})
-            call.meta.update(site.relu.meta)
-            site.relu.replace_all_uses_with(call)
-            for node in (site.relu, site.add, site.bn):
+            call.meta.update(site.act.meta)
+            site.act.replace_all_uses_with(call)
+            for node in (site.act, site.add, site.bn):
                 graph.erase_node(node)
     graph.lint()
     gm.recompile()
 
 
 def _replace_layers(gm: fx.GraphModule, decisions: dict) -> dict:
-    """Fused layers become ours with activation="relu", torch's others ours, at the same names, with
+    """Fused layers become ours with their activation, torch's others ours, at the same names, with
     the same tensors. Returns {id(old layer): new layer}."""
     replaced = {}
     for name in decisions:
@@ -419,7 +426,7 @@ def _replace_layers(gm: fx.GraphModule, decisions: dict) -> dict:
             continue  # ours already, unfused: kept as it is
         new = convert_layer(layer, OURS.get(type(layer), type(layer)))
         if fused:
-            new.activation = "relu"
+            new.activation = decisions[name][0].activation
         prefix, _, field = name.rpartition(".")
         setattr(gm.get_submodule(prefix), field, new)
         replaced[id(layer)] = new

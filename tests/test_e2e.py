@@ -53,7 +53,7 @@ def test_smoke_runs_every_variant_and_writes_the_csv(tmp_path):
     text = md.read_text()
     assert text.count(": ok") == len(e2e.CONFIGS) * (len(ran) - 1), text  # every variant against torch eager's
     assert "DISAGREES" not in text and "Errors" not in text
-    fused = "fused 3 of 4 BatchNorm layers: 2 into ReLU, 1 into add + ReLU; left 1: bn_feat"
+    fused = "fused 3 of 4 BatchNorm layers: 2 into relu, 1 into add + relu; left 1: bn_feat"
     assert f"- bf16_cl, fp32_nchw: {fused}" in text
     if not cuda:
         assert f"Skipped ({e2e.NO_CUDA_GRAPHS}): bf16_cl torch_graph, bf16_cl bn_triton_graph" in text
