@@ -7,6 +7,7 @@ import collections
 import contextvars
 import dataclasses
 import functools
+import sys
 import warnings
 
 import torch
@@ -259,6 +260,87 @@ def guard_torch_converter() -> None:
     torch.nn.SyncBatchNorm.convert_sync_batchnorm = classmethod(convert_sync_batchnorm)
 
 
-# Our layers subclass torch's BatchNorm, so torch's converter (the first line of DDP scripts) would
-# silently turn a fused BN + ReLU into a plain SyncBatchNorm: it refuses such models instead.
+def _refuse_fused(layer, tool: str) -> None:
+    """Raise if ``layer`` is one of ours with a fused activation, which ``tool`` would drop."""
+    activation = getattr(layer, "activation", None) if isinstance(layer, TritonBatchNormMixin) else None
+    if activation is not None:
+        raise RuntimeError(
+            f"{tool} would drop the fused activation ({activation!r}) of this bn_triton {type(layer).__name__}: "
+            "the folded or fused module would compute its BatchNorm without it, silently. Nothing was changed. "
+            "Fold only layers with activation=None (or fold this one by hand and apply the activation after it)."
+        )
+
+
+_FOLDS = ("fuse_conv_bn_eval", "fuse_linear_bn_eval")
+
+
+def guard_torch_fusion() -> None:
+    """Make ``torch.nn.utils.fusion.fuse_conv_bn_eval`` and ``fuse_linear_bn_eval`` refuse one of our
+    layers with a fused activation, under every name torch holds them by; idempotent.
+
+    torch's conv/linear + BatchNorm folds reach these two (torch.ao.quantization's fusers, its onednn
+    backend config, torch.fx.experimental.optimization.fuse, Inductor's pre-grad pass); the other
+    modules that fold, with fuse_conv_bn_weights, get their BatchNorm from those fusers or build their
+    own. The guarded function replaces the original in torch.nn.utils.fusion and in every torch module
+    already imported that imported it by name; torch modules imported later take it from
+    torch.nn.utils.fusion. Other code that imported it by name before bn_triton keeps torch's.
+    """
+    from torch.nn.utils import fusion
+
+    for name in _FOLDS:
+        current = getattr(fusion, name)
+        original = current.__wrapped__ if getattr(current, "_bn_triton_guard", False) else current
+        guarded = current if current is not original else _guarded_fold(original, name)
+        for module_name, module in list(sys.modules.items()):
+            if (module_name == "torch" or module_name.startswith("torch.")) and vars(module).get(name) is original:
+                setattr(module, name, guarded)
+
+
+def _guarded_fold(fold, name: str):
+    @functools.wraps(fold)
+    def guarded(*args, **kwargs):
+        _refuse_fused(args[1] if len(args) > 1 else kwargs.get("bn"), f"torch.nn.utils.fusion.{name}")
+        return fold(*args, **kwargs)
+
+    guarded._bn_triton_guard = True
+    return guarded
+
+
+def register_quantization_fusers() -> None:
+    """Teach torch.ao.quantization's module fusion (``fuse_modules``, ``fuse_modules_qat``) our plain
+    BatchNorm1d/2d/3d; idempotent.
+
+    Its fuser table is keyed by exact types: each pattern with a torch.nn.BatchNorm1d/2d/3d gets a twin
+    with our class in its place. The twin refuses a layer with a fused activation, and hands torch's
+    fuser a torch.nn.BatchNorm*d holding our layer's very tensors, mode and qconfig (convert_layer): the
+    result is what torch makes of its own layer (a folded conv in eval, torch's intrinsic modules such
+    as ConvBnReLU2d for QAT, whose BatchNorm is then torch's).
+    """
+    try:
+        from torch.ao.quantization import fuser_method_mappings
+    except ImportError:  # a torch without quantization: nothing to teach
+        return
+    table = getattr(fuser_method_mappings, "_DEFAULT_OP_LIST_TO_FUSER_METHOD", None)
+    if not isinstance(table, dict):
+        return
+    ours = {torchs: mine for mine, torchs in _TORCHS.items()}
+    for pattern, fuser in list(table.items()):
+        if isinstance(pattern, tuple) and any(t in ours for t in pattern):
+            table.setdefault(tuple(ours.get(t, t) for t in pattern), _fuser_for_ours(fuser))
+
+
+def _fuser_for_ours(fuser):
+    def fuse(is_qat, *mods):
+        for m in mods:
+            _refuse_fused(m, "torch.ao.quantization's module fusion")
+        return fuser(is_qat, *(convert_layer(m, _TORCHS[type(m)]) if type(m) in _TORCHS else m for m in mods))
+
+    return fuse
+
+
+# Our layers subclass torch's BatchNorm, so torch's tools would take a fused BN + ReLU for a plain
+# BatchNorm: its converter (the first line of DDP scripts) would make it a plain SyncBatchNorm, its
+# folds a conv without the ReLU. They refuse such layers instead; module fusion learns our plain ones.
 guard_torch_converter()
+guard_torch_fusion()
+register_quantization_fusers()
