@@ -116,7 +116,7 @@ class FrozenBatchNorm2d(torch.nn.Module):
     and returns ``(x - running_mean) * rsqrt(running_var + eps) * weight + bias`` in training and eval
     alike, in the dtype torchvision's formula gives: x's and the buffers' promoted together (a float16
     input with float32 buffers: a float32 output). Not a torch BatchNorm subclass, as torchvision's is
-    not: torch's converters and optimizers' BatchNorm rules leave it frozen.
+    not: SyncBatchNorm's converters leave it frozen.
     """
 
     def __init__(self, num_features: int, eps: float = 1e-5):

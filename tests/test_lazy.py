@@ -98,3 +98,21 @@ def test_convert_batchnorm_makes_torchs_lazy_layers_ours(device):
     assert type(twin[1]) is torch.nn.BatchNorm2d
     bn_triton.convert_batchnorm(twin)
     assert type(twin[1]) is bn_triton.BatchNorm2d and type(twin[3]) is bn_triton.BatchNorm1d
+
+
+def test_convert_batchnorm_takes_a_lazy_layer_that_loaded_a_state_dict(device):
+    """Loading materializes a lazy layer's tensors, its class changes at the first forward only:
+    converted then, it computes what torch's does."""
+    source = torch.nn.BatchNorm2d(3)
+    for t in source.state_dict().values():
+        t.add_(1)
+    lazy, twin = torch.nn.LazyBatchNorm2d().to(device), torch.nn.LazyBatchNorm2d().to(device)
+    for layer in (lazy, twin):
+        layer.load_state_dict(source.state_dict())
+    weight = lazy.weight
+    ours = bn_triton.convert_batchnorm(lazy)
+    assert type(ours) is bn_triton.LazyBatchNorm2d and ours.weight is weight
+    x = make((2, 3, 4, 4), torch.float32, device, seed=0)
+    torch.testing.assert_close(ours(x), twin(x), atol=2e-5, rtol=2e-5)
+    assert type(ours) is bn_triton.BatchNorm2d and ours.weight is weight
+    _assert_same_state(ours, twin)
