@@ -1,9 +1,10 @@
 """bn_triton: batch normalization for PyTorch written in Triton.
 
-The public names: ``batch_norm`` (a drop-in for torch.nn.functional.batch_norm), ``BatchNorm1d/2d/3d``
-and ``SyncBatchNorm`` (drop-ins for torch.nn's), ``convert_batchnorm`` and ``fuse`` (a model's
-BatchNorm layers replaced by ours; ``fuse`` also fuses them with the ReLUs and adds that follow),
-and ``reference`` (the float64 NumPy reference). The modules behind them, layer by layer:
+The public names: ``batch_norm`` (a drop-in for torch.nn.functional.batch_norm), ``BatchNorm1d/2d/3d``,
+``LazyBatchNorm1d/2d/3d`` and ``SyncBatchNorm`` (drop-ins for torch.nn's), ``FrozenBatchNorm2d`` (for
+torchvision's), ``convert_batchnorm`` and ``fuse`` (a model's normalization layers replaced by ours,
+with a report; ``fuse`` also fuses them with the ReLUs and adds that follow), and ``reference`` (the
+float64 NumPy reference). The modules behind them, layer by layer:
 docs/design.md.
 
 The kernels are loaded first (bn_triton._loader): from bn_triton/kernels/ in an installed wheel, or
@@ -21,7 +22,15 @@ from bn_triton import reference  # noqa: E402
 from bn_triton.convert import convert_batchnorm  # noqa: E402
 from bn_triton.functional import batch_norm  # noqa: E402
 from bn_triton.fuse import fuse  # noqa: E402
-from bn_triton.modules import BatchNorm1d, BatchNorm2d, BatchNorm3d  # noqa: E402
+from bn_triton.modules import (  # noqa: E402
+    BatchNorm1d,
+    BatchNorm2d,
+    BatchNorm3d,
+    FrozenBatchNorm2d,
+    LazyBatchNorm1d,
+    LazyBatchNorm2d,
+    LazyBatchNorm3d,
+)
 from bn_triton.sync_batchnorm import SyncBatchNorm  # noqa: E402
 
 __version__ = "0.1.0"
@@ -30,6 +39,10 @@ __all__ = [
     "BatchNorm1d",
     "BatchNorm2d",
     "BatchNorm3d",
+    "FrozenBatchNorm2d",
+    "LazyBatchNorm1d",
+    "LazyBatchNorm2d",
+    "LazyBatchNorm3d",
     "SyncBatchNorm",
     "batch_norm",
     "convert_batchnorm",

@@ -10,9 +10,17 @@ torch's activation module: bn_triton/activations.py) and ``forward(input, residu
 ``act(BN(input) + residual)`` in one normalize pass. ``activation`` is a plain attribute, not a
 parameter or buffer, so state_dicts stay torch's; with the defaults the modules are exact drop-ins.
 
+LazyBatchNorm1d/2d/3d are torch's lazy layers (num_features inferred from the first input) that
+become our BatchNorm1d/2d/3d at their first forward, which our kernels compute already.
+
+FrozenBatchNorm2d is torchvision's (torchvision.ops.misc): fixed statistics and affine parameters,
+all four buffers, computed by our eval kernels in training and eval alike.
+
 torch.fx records each layer as one ``call_module`` node (a leaf, as torch's own layers are), whatever
 the tracer's leaf rule. TorchScript is refused with an error that names what to use instead.
 """
+
+import functools
 
 import torch
 from torch import Tensor
@@ -80,3 +88,70 @@ class BatchNorm3d(TritonBatchNormMixin, torch.nn.BatchNorm3d):
 
 
 OWN_CLASSES = {BatchNorm1d, BatchNorm2d, BatchNorm3d}  # and SyncBatchNorm (bn_triton/sync_batchnorm.py)
+
+
+class _LazyMixin:
+    """Placed between TritonBatchNormMixin and torch's lazy class: the first call's ``residual`` is
+    no input of torch's parameter inference."""
+
+    def initialize_parameters(self, input, residual=None) -> None:
+        super().initialize_parameters(input)
+
+
+class LazyBatchNorm1d(TritonBatchNormMixin, _LazyMixin, torch.nn.LazyBatchNorm1d):
+    """torch.nn.LazyBatchNorm1d that becomes our BatchNorm1d at its first forward (computed by our kernels)."""
+
+    cls_to_become = BatchNorm1d
+
+
+class LazyBatchNorm2d(TritonBatchNormMixin, _LazyMixin, torch.nn.LazyBatchNorm2d):
+    """torch.nn.LazyBatchNorm2d that becomes our BatchNorm2d at its first forward (computed by our kernels)."""
+
+    cls_to_become = BatchNorm2d
+
+
+class LazyBatchNorm3d(TritonBatchNormMixin, _LazyMixin, torch.nn.LazyBatchNorm3d):
+    """torch.nn.LazyBatchNorm3d that becomes our BatchNorm3d at its first forward (computed by our kernels)."""
+
+    cls_to_become = BatchNorm3d
+
+
+class FrozenBatchNorm2d(torch.nn.Module):
+    """torchvision.ops.misc.FrozenBatchNorm2d computed by our eval kernels.
+
+    Same constructor (``num_features``, ``eps=1e-5``), buffers ``weight``, ``bias``, ``running_mean``,
+    ``running_var`` (no parameters), state_dict and repr; a state_dict with ``num_batches_tracked``
+    (a BatchNorm2d's) loads with that key dropped, as torchvision's does. ``forward`` takes (N, C, H, W)
+    and returns ``(x - running_mean) * rsqrt(running_var + eps) * weight + bias`` in training and eval
+    alike, in the dtype torchvision's formula gives: x's and the buffers' promoted together (a float16
+    input with float32 buffers: a float32 output). Not a torch BatchNorm subclass, as torchvision's is
+    not: SyncBatchNorm's converters leave it frozen.
+    """
+
+    def __init__(self, num_features: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.register_buffer("weight", torch.ones(num_features))
+        self.register_buffer("bias", torch.zeros(num_features))
+        self.register_buffer("running_mean", torch.zeros(num_features))
+        self.register_buffer("running_var", torch.ones(num_features))
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        state_dict.pop(prefix + "num_batches_tracked", None)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def __prepare_scriptable__(self):
+        raise RuntimeError(functional.NO_TORCHSCRIPT.format(how="torch.jit.script", name=type(self).__name__))
+
+    def forward(self, x: Tensor) -> Tensor:
+        if isinstance(x, torch.fx.Proxy):
+            return fx_leaf(self, x, None)
+        if x.dim() != 4:
+            raise ValueError(f"expected 4D input (got {x.dim()}D input)")
+        tensors = self.running_mean, self.running_var, self.weight, self.bias
+        dtype = functools.reduce(torch.promote_types, (t.dtype for t in tensors), x.dtype)
+        rm, rv, w, b = (t.to(dtype) for t in tensors)
+        return functional.batch_norm(x.to(dtype), rm, rv, w, b, training=False, eps=self.eps)
+
+    def __repr__(self) -> str:
+        return f"{self.__class__.__name__}({self.weight.shape[0]}, eps={self.eps})"

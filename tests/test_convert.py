@@ -3,6 +3,7 @@
 import copy
 import importlib
 import inspect
+import warnings
 
 import pytest
 import torch
@@ -261,3 +262,77 @@ def test_guard_wraps_torch_converter_once():
         signature = inspect.signature(wrapper, follow_wrapped=follow_wrapped)
         assert list(signature.parameters) == ["module", "process_group"]
         assert signature.parameters["process_group"].default is None
+
+
+# ---------------------------------------------------------------- what convert_batchnorm leaves, and why
+
+
+class OwnForward(torch.nn.BatchNorm2d):
+    """A user's subclass that computes something else."""
+
+    def forward(self, input):
+        return super().forward(input) * 2
+
+
+class OwnMethod(torch.nn.BatchNorm1d):
+    """A user's subclass with a method of its own, torch's forward."""
+
+    def describe(self):
+        return "mine"
+
+
+def test_convert_batchnorm_names_what_it_leaves_in_one_warning():
+    model = torch.nn.Sequential(
+        torch.nn.BatchNorm2d(3),
+        OwnForward(3),
+        torch.nn.Sequential(OwnMethod(3), OwnForward(3), torch.ao.nn.quantized.BatchNorm2d(3)),
+        torch.nn.SyncBatchNorm(3),
+        bn_triton.BatchNorm2d(3),
+    )
+    with pytest.warns(UserWarning, match=r"bn_triton\.convert_batchnorm: left 4 ") as record:
+        out = bn_triton.convert_batchnorm(model)
+    assert out is model and len(record) == 1
+    message = str(record[0].message)
+    assert all(f"'{name}'" in message for name in ("1", "2.0", "2.1", "2.2"))
+    assert "'3'" not in message and "'4'" not in message
+    assert [type(m) for m in (model[1], model[2][0], model[2][1])] == [OwnForward, OwnMethod, OwnForward]
+    assert type(model[3]) is torch.nn.SyncBatchNorm
+    report = model.conversion_report
+    assert report.converted == [("0", "torch.nn.BatchNorm2d -> bn_triton.BatchNorm2d")]
+    left = dict(report.left)
+    assert list(left) == ["1", "2.0", "2.1", "2.2"]
+    assert "subclass of torch.nn.BatchNorm2d" in left["1"] and "defines its own forward" in left["1"]
+    assert "subclass of torch.nn.BatchNorm1d" in left["2.0"] and "forward" not in left["2.0"]
+    assert "torch.ao.nn.quantized" in left["2.2"]
+    kept = dict(report.kept)
+    assert list(kept) == ["3", "4"]
+    assert "bn_triton.SyncBatchNorm.convert_sync_batchnorm" in kept["3"] and "already bn_triton's" in kept["4"]
+    text = str(report)
+    assert text.startswith("converted 1 of 7 normalization layers") and "'2.1'" in text
+
+
+def test_convert_batchnorm_is_silent_when_nothing_is_left():
+    shared = torch.nn.BatchNorm2d(3)
+    model = torch.nn.Sequential(
+        shared,
+        torch.nn.Sequential(shared, torch.nn.LazyBatchNorm3d()),
+        torch.nn.SyncBatchNorm(3),
+        bn_triton.BatchNorm1d(3, activation="relu"),
+        bn_triton.SyncBatchNorm(3),
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        bn_triton.convert_batchnorm(model)
+    assert model[0] is model[1][0] and type(model[0]) is bn_triton.BatchNorm2d  # shared stays shared
+    report = model.conversion_report
+    assert [n for n, _ in report.converted] == ["0", "1.1"] and not report.left
+    assert [n for n, _ in report.kept] == ["2", "3", "4"]
+    assert str(report).startswith("converted 2 of 5 normalization layers")
+
+
+def test_convert_batchnorm_reports_on_a_layer_passed_directly():
+    with pytest.warns(UserWarning, match="the given module"):
+        same = bn_triton.convert_batchnorm(OwnForward(3))
+    assert type(same) is OwnForward and same.conversion_report.left[0][0] == ""
+    new = bn_triton.convert_batchnorm(torch.nn.BatchNorm3d(2))
+    assert type(new) is bn_triton.BatchNorm3d and new.conversion_report.converted[0][0] == ""
