@@ -98,9 +98,9 @@ def batch_norm(
 
     Fused epilogue (keyword-only): returns ``act(BN(input) + residual)`` computed in the normalize
     pass. ``activation``: None, a name ("silu", "relu6", "leaky_relu(0.2)" with a parameter ...) or an
-    instance of torch's activation module (the table: bn_triton/activations.py). ``residual`` (optional) has input's shape
-    and device, any floating dtype and layout; the output keeps input's dtype, as ``BN(input) +=
-    residual`` does. Differentiable in residual too.
+    instance of torch's activation module (the table: bn_triton/activations.py). ``residual``
+    (optional) has input's shape and device, any floating dtype and layout; the output keeps input's
+    dtype, as ``BN(input) += residual`` does. Differentiable in residual too.
     """
     if activation.__class__ is not str and activation is not None:  # a module: its value, read now
         activation = activations.canonical(activation)
