@@ -26,12 +26,13 @@ from bn_triton.modules import (  # noqa: E402
     BatchNorm1d,
     BatchNorm2d,
     BatchNorm3d,
+    BatchNormAct2d,
     FrozenBatchNorm2d,
     LazyBatchNorm1d,
     LazyBatchNorm2d,
     LazyBatchNorm3d,
 )
-from bn_triton.sync_batchnorm import SyncBatchNorm  # noqa: E402
+from bn_triton.sync_batchnorm import SyncBatchNorm, SyncBatchNormAct  # noqa: E402
 
 __version__ = "0.1.0"
 
@@ -39,11 +40,13 @@ __all__ = [
     "BatchNorm1d",
     "BatchNorm2d",
     "BatchNorm3d",
+    "BatchNormAct2d",
     "FrozenBatchNorm2d",
     "LazyBatchNorm1d",
     "LazyBatchNorm2d",
     "LazyBatchNorm3d",
     "SyncBatchNorm",
+    "SyncBatchNormAct",
     "batch_norm",
     "convert_batchnorm",
     "fuse",

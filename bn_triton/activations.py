@@ -25,6 +25,7 @@ class Entry:
     name: str  # the kernels' ACT, and the canonical string (with "(param)" when it has a parameter)
     torch: Callable  # (v, param) -> act(v) from differentiable torch ops (composite.py)
     modules: tuple = ()  # torch's module classes computing it (their attributes checked against ``fixed``)
+    foreign: tuple = ()  # other libraries' module classes computing it, as "module.qualname" (never imported)
     functions: tuple = ()  # (function, its parameters in order with their defaults): the calls ``fuse`` recognizes
     methods: tuple = ()  # Tensor methods computing it
     param: Optional[str] = None  # the argument or module attribute holding the parameter
@@ -86,6 +87,7 @@ TABLE = {
             "gelu",
             lambda v, p: F.gelu(v),
             modules=(nn.GELU,),
+            foreign=("timm.layers.activations.GELU",),
             functions=((F.gelu, _params(approximate="none")),),
             fixed=(("approximate", "none"),),
         ),
@@ -93,6 +95,7 @@ TABLE = {
             "gelu_tanh",
             lambda v, p: F.gelu(v, approximate="tanh"),
             modules=(nn.GELU,),
+            foreign=("timm.layers.activations.GELUTanh",),
             functions=((F.gelu, _params(approximate="none")),),
             fixed=(("approximate", "tanh"),),
         ),
@@ -128,11 +131,14 @@ def _from_arguments(entry: Entry, arguments: dict) -> Optional[str]:
 
 def of_module(module) -> Optional[str]:
     """The canonical activation an instance of one of torch's activation modules computes, or None."""
+    cls = type(module)
     for entry in TABLE.values():
-        if type(module) in entry.modules:
+        if cls in entry.modules:
             found = _from_arguments(entry, vars(module))
             if found is not None:
                 return found
+        elif f"{cls.__module__}.{cls.__qualname__}" in entry.foreign:
+            return _spell(entry, entry.default)
     return None
 
 

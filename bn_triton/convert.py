@@ -18,10 +18,12 @@ from bn_triton.modules import (
     BatchNorm1d,
     BatchNorm2d,
     BatchNorm3d,
+    BatchNormAct2d,
     FrozenBatchNorm2d,
     LazyBatchNorm1d,
     LazyBatchNorm2d,
     LazyBatchNorm3d,
+    NormActMixin,
     TritonBatchNormMixin,
 )
 
@@ -82,11 +84,26 @@ def _convert_frozen(layer: torch.nn.Module) -> FrozenBatchNorm2d:
     return new
 
 
+def _convert_norm_act(layer: torch.nn.Module) -> BatchNormAct2d:
+    """Our BatchNormAct2d holding exactly timm's layer's tensors, and its very drop and act modules."""
+    return convert_layer(layer, BatchNormAct2d, drop=layer.drop, act=layer.act)
+
+
 # Other libraries' normalization layers, recognized by their class's module and qualified name (the
 # library is never imported): (module, qualname) -> the converter of a layer of exactly that class.
 _FOREIGN = {
     ("torchvision.ops.misc", "FrozenBatchNorm2d"): _convert_frozen,
+    ("timm.layers.norm_act", "BatchNormAct2d"): _convert_norm_act,
 }
+# timm's synchronized norm + activation layer: kept by convert_batchnorm as torch's SyncBatchNorm is.
+_TIMM_SYNC_NORM_ACT = ("timm.layers.norm_act", "SyncBatchNormAct")
+
+
+def is_norm_act(layer: torch.nn.Module) -> bool:
+    """Whether ``layer`` is a norm + activation layer: timm's BatchNormAct2d or SyncBatchNormAct
+    (exactly these classes), or ours (modules.NormActMixin)."""
+    key = (type(layer).__module__, type(layer).__qualname__)
+    return isinstance(layer, NormActMixin) or key in (("timm.layers.norm_act", "BatchNormAct2d"), _TIMM_SYNC_NORM_ACT)
 SYNC_KEPT = (
     "torch.nn.SyncBatchNorm, statistics over the process group: "
     "bn_triton.SyncBatchNorm.convert_sync_batchnorm converts it"
@@ -164,7 +181,7 @@ def _verdict(layer: torch.nn.Module):
         return "convert", _FOREIGN[(cls.__module__, cls.__qualname__)]
     if isinstance(layer, (TritonBatchNormMixin, FrozenBatchNorm2d)):
         return "kept", OURS_KEPT
-    if cls is torch.nn.SyncBatchNorm:
+    if cls is torch.nn.SyncBatchNorm or (cls.__module__, cls.__qualname__) == _TIMM_SYNC_NORM_ACT:
         return "kept", SYNC_KEPT
     if isinstance(layer, _BatchNorm) or any(_is_foreign(c) for c in cls.__mro__):
         return "left", _why_left(cls)

@@ -87,7 +87,34 @@ class BatchNorm3d(TritonBatchNormMixin, torch.nn.BatchNorm3d):
     """torch.nn.BatchNorm3d on (N, C, D, H, W), contiguous or channels_last_3d, computed by bn_triton's kernels."""
 
 
-OWN_CLASSES = {BatchNorm1d, BatchNorm2d, BatchNorm3d}  # and SyncBatchNorm (bn_triton/sync_batchnorm.py)
+class NormActMixin:
+    """timm's norm + activation layers (its BatchNormAct2d, SyncBatchNormAct): the BatchNorm, then the
+    child ``drop``, then the child ``act``, as timm computes them. Where ``drop`` is the identity and
+    the activation table (bn_triton/activations.py) has ``act``, the activation is fused into the
+    layer's kernels (``activation``) and ``act`` is kept, not called; else both run after the layer.
+    ``drop`` and ``act`` hold no tensors of the layer's: the state_dict is timm's."""
+
+    def __init__(self, *args, drop=None, act=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.drop = torch.nn.Identity() if drop is None else drop
+        self.act = torch.nn.Identity() if act is None else act
+        self.activation = activations.of_module(self.act) if type(self.drop) is torch.nn.Identity else None
+
+    def forward(self, input: Tensor, residual=None) -> Tensor:
+        if isinstance(input, torch.fx.Proxy):
+            return fx_leaf(self, input, residual)
+        y = super().forward(input, residual)
+        if self.activation is None:  # not fused: timm's order
+            y = self.act(self.drop(y))
+        return y
+
+
+class BatchNormAct2d(NormActMixin, BatchNorm2d):
+    """timm's BatchNormAct2d (timm.layers.norm_act) computed by our kernels, its activation fused where
+    it can be (NormActMixin). ``drop`` and ``act``: the modules timm's layer holds (default identity)."""
+
+
+OWN_CLASSES = {BatchNorm1d, BatchNorm2d, BatchNorm3d, BatchNormAct2d}  # and SyncBatchNorm (sync_batchnorm.py)
 
 
 class _LazyMixin:

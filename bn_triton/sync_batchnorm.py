@@ -16,7 +16,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from bn_triton import checks, functional, launch, modules, ops
-from bn_triton.convert import convert_layer
+from bn_triton.convert import convert_layer, is_norm_act
 from bn_triton.modules import TritonBatchNormMixin, fx_leaf
 
 # One rank's record (float64): [invalid, n], then mean[C], M2[C] (M2: n times the biased variance).
@@ -193,11 +193,19 @@ class SyncBatchNorm(TritonBatchNormMixin, torch.nn.SyncBatchNorm):
         optimizer that holds them stays valid), with each layer's train/eval mode and qconfig.
         """
         out = module
-        if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+        if is_norm_act(module):  # timm's BatchNormAct2d or SyncBatchNormAct, or ours
+            out = convert_layer(module, SyncBatchNormAct, process_group=process_group, drop=module.drop, act=module.act)
+        elif isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
             out = convert_layer(module, cls, process_group=process_group)
         for name, child in module.named_children():
             out.add_module(name, cls.convert_sync_batchnorm(child, process_group))
         return out
 
 
-modules.OWN_CLASSES.add(SyncBatchNorm)
+class SyncBatchNormAct(modules.NormActMixin, SyncBatchNorm):
+    """timm's SyncBatchNormAct (and its BatchNormAct2d under SyncBatchNorm.convert_sync_batchnorm)
+    computed by our kernels: our SyncBatchNorm, then ``drop`` and ``act`` as in timm, the activation
+    fused where it can be (modules.NormActMixin)."""
+
+
+modules.OWN_CLASSES.update((SyncBatchNorm, SyncBatchNormAct))

@@ -1,0 +1,171 @@
+"""timm's norm + activation layers (BatchNormAct2d, SyncBatchNormAct) under bn_triton's converters:
+recognized by module and class name (timm is never imported by bn_triton), converted to ours with
+their very tensors and drop/act modules, the activation fused where the table has it and drop is the
+identity, timm's order (BN, drop, act) kept otherwise. A stand-in with timm's module and class name
+and timm's forward serves where timm is not installed; the real classes are checked where it is."""
+
+import copy
+import importlib.util
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import bn_triton
+from tests.helpers import make
+
+
+class BatchNormAct2d(nn.BatchNorm2d):
+    """timm.layers.norm_act.BatchNormAct2d's structure and forward (BN, then drop, then act)."""
+
+    def __init__(self, num_features, act=None, drop=None, **kwargs):
+        super().__init__(num_features, **kwargs)
+        self.drop = drop if drop is not None else nn.Identity()
+        self.act = act if act is not None else nn.Identity()
+
+    def forward(self, x):
+        return self.act(self.drop(super().forward(x)))
+
+
+BatchNormAct2d.__module__ = "timm.layers.norm_act"
+
+
+class SyncBatchNormAct(nn.SyncBatchNorm):
+    """timm.layers.norm_act.SyncBatchNormAct's structure."""
+
+    def forward(self, x):
+        return self.act(self.drop(super().forward(x)))
+
+
+SyncBatchNormAct.__module__ = "timm.layers.norm_act"
+
+
+def _layer(act, drop=None, C=4, seed=0):
+    torch.manual_seed(seed)
+    layer = BatchNormAct2d(C, act=act, drop=drop).double()
+    with torch.no_grad():
+        for t in (layer.weight, layer.bias, layer.running_mean):
+            t.copy_(torch.randn_like(t))
+        layer.running_var.copy_(torch.rand_like(layer.running_var) + 0.5)
+    return layer
+
+
+def _step(layer, x, training, seed=1):
+    layer.train(training)
+    xi = x.clone().requires_grad_()
+    torch.manual_seed(seed)
+    y = layer(xi)
+    y.backward(torch.ones_like(y))
+    return y.detach(), xi.grad, layer.weight.grad.clone()
+
+
+@pytest.mark.parametrize(
+    "act,drop,fused",
+    [
+        (nn.SiLU(inplace=True), None, "silu"),
+        (nn.Hardswish(), None, "hardswish"),
+        (nn.LeakyReLU(0.1), None, "leaky_relu(0.1)"),
+        (nn.ReLU(), None, "relu"),
+        (None, None, None),  # apply_act=False: an Identity
+        (nn.Sigmoid(), None, None),  # no kernel for it: run after the layer
+        (nn.SiLU(), nn.Dropout(0.3), None),  # drop before act: act(drop(BN)) stays timm's order
+    ],
+    ids=["silu", "hardswish", "leaky", "relu", "identity", "sigmoid", "dropout"],
+)
+def test_convert_batchnorm_takes_timms_norm_act_layer(act, drop, fused, device):
+    model = nn.Sequential(_layer(act, drop)).to(device)
+    ref = copy.deepcopy(model)
+    layer = model[0]
+    tensors = [layer.weight, layer.bias, layer.running_mean, layer.running_var, layer.num_batches_tracked]
+    bn_triton.convert_batchnorm(model)
+    ours = model[0]
+    assert type(ours) is bn_triton.BatchNormAct2d
+    assert ours.activation == fused
+    assert ours.act is layer.act and ours.drop is layer.drop
+    assert [ours.weight, ours.bias, ours.running_mean, ours.running_var, ours.num_batches_tracked] == tensors
+    assert list(ours.state_dict()) == list(ref[0].state_dict())
+    converted = [("0", "timm.layers.norm_act.BatchNormAct2d -> bn_triton.BatchNormAct2d")]
+    assert model.conversion_report.converted == converted
+    x = make((2, 4, 3, 5), torch.float64, device, seed=2)
+    for training in (True, False, True):
+        got, want = _step(ours, x, training), _step(ref[0], x.cpu(), training)
+        for g, w in zip(got, want, strict=True):
+            torch.testing.assert_close(g.cpu(), w, atol=1e-10, rtol=1e-9)
+        ours.weight.grad = ref[0].weight.grad = None
+    for name in ("running_mean", "running_var", "num_batches_tracked"):
+        torch.testing.assert_close(getattr(ours, name).cpu(), getattr(ref[0], name))
+
+
+def test_a_subclass_of_timms_layer_is_left_and_named():
+    class Mine(BatchNormAct2d):
+        def forward(self, x):
+            return super().forward(x) * 2
+
+    model = nn.Sequential(Mine(3))
+    with pytest.warns(UserWarning, match="defines its own forward"):
+        bn_triton.convert_batchnorm(model)
+    assert type(model[0]) is Mine
+
+
+def test_timms_sync_layer_is_kept_and_the_sync_converter_takes_both():
+    sync = SyncBatchNormAct(3)
+    sync.drop, sync.act = nn.Identity(), nn.SiLU()
+    model = nn.Sequential(_layer(nn.Hardswish(), C=3), sync)
+    bn_triton.convert_batchnorm(model)
+    assert type(model[1]) is SyncBatchNormAct and model.conversion_report.kept[0][0] == "1"
+    converted = bn_triton.SyncBatchNorm.convert_sync_batchnorm(model)
+    assert [type(m) for m in converted] == [bn_triton.SyncBatchNormAct] * 2
+    assert [m.activation for m in converted] == ["hardswish", "silu"]
+    # torch's own converter would drop the fused activation: it refuses the model.
+    with pytest.raises(RuntimeError, match="would drop the fused activation"):
+        torch.nn.SyncBatchNorm.convert_sync_batchnorm(copy.deepcopy(converted))
+
+
+def test_sync_norm_act_outside_a_process_group_is_the_plain_layer(device):
+    layer = _layer(nn.SiLU())
+    ref = copy.deepcopy(layer)
+    sync = bn_triton.SyncBatchNorm.convert_sync_batchnorm(nn.Sequential(layer))[0].to(device)
+    x = make((2, 4, 3, 5), torch.float64, device, seed=3)
+    for training in (True, False):
+        got, want = _step(sync, x, training), _step(ref, x.cpu(), training)
+        for g, w in zip(got, want, strict=True):
+            torch.testing.assert_close(g.cpu(), w, atol=1e-10, rtol=1e-9)
+
+
+def test_timms_gelu_classes_are_in_the_table():
+    from bn_triton import activations
+
+    class GELU(nn.Module):
+        def forward(self, x):
+            return F.gelu(x)
+
+    class GELUTanh(nn.Module):
+        def forward(self, x):
+            return F.gelu(x, approximate="tanh")
+
+    for cls in (GELU, GELUTanh):
+        cls.__module__, cls.__qualname__ = "timm.layers.activations", cls.__name__
+    assert activations.of_module(GELU()) == "gelu"
+    assert activations.of_module(GELUTanh()) == "gelu_tanh"
+
+
+@pytest.mark.skipif(importlib.util.find_spec("timm") is None, reason="timm is not installed here")
+def test_the_real_timm_classes(device):
+    from timm.layers import BatchNormAct2d as TimmBNAct
+    from timm.layers.norm_act import convert_sync_batchnorm
+
+    layers = [TimmBNAct(4, act_layer=a) for a in ("silu", "hard_swish", "gelu", "leaky_relu")] + [
+        TimmBNAct(4, apply_act=False)
+    ]
+    model = nn.Sequential(*layers).double()
+    ref = copy.deepcopy(model)
+    bn_triton.convert_batchnorm(model)
+    assert [m.activation for m in model] == ["silu", "hardswish", "gelu", "leaky_relu(0.01)", None]
+    x = make((2, 4, 3, 3), torch.float64, "cpu", seed=4)
+    model.to(device)
+    for training in (True, False):
+        model.train(training), ref.train(training)
+        torch.testing.assert_close(model(x.to(device)).cpu(), ref(x), atol=1e-10, rtol=1e-9)
+    synced = bn_triton.SyncBatchNorm.convert_sync_batchnorm(convert_sync_batchnorm(copy.deepcopy(ref)))
+    assert all(type(m) is bn_triton.SyncBatchNormAct for m in synced)
