@@ -105,3 +105,27 @@ def test_long_rows_split_into_tiles(S, device):
     dx_ref, _, _ = reference.backward(np64(dy), np64(x), np.ones(2), 1e-5)
     np.testing.assert_allclose(np64(y), y_ref, atol=2e-5)
     np.testing.assert_allclose(np64(x.grad), dx_ref, atol=2e-5)
+
+
+@pytest.mark.parametrize("fmt", [torch.contiguous_format, torch.channels_last], ids=["NCHW", "channels_last"])
+@pytest.mark.parametrize("param_dtype", [torch.float16, torch.float32], ids=["fp16_params", "fp32_params"])
+def test_half_input_with_a_million_values_per_channel_does_not_overflow(param_dtype, fmt, device):
+    """PyTorch's test_batchnorm_half_overflow, with 2 channels instead of 80: 10^6 float16 values per
+    channel, whose plain sums would overflow float16, give torch's float32 results (output and dx)."""
+    torch.manual_seed(0)
+    size = (4, 2, 500, 500)
+    x = torch.randn(size, dtype=torch.half).contiguous(memory_format=fmt).to(device).requires_grad_()
+    bn = bn_triton.BatchNorm2d(2).to(device, param_dtype)
+    ref_x = x.detach().cpu().float().requires_grad_()
+    ref = torch.nn.BatchNorm2d(2)
+    ref.load_state_dict(bn.float().state_dict())
+    bn.to(param_dtype)
+    y, y_ref = bn(x), ref(ref_x)
+    assert not y.isinf().any() and not y.isnan().any()
+    torch.testing.assert_close(y.cpu().float(), y_ref, atol=1e-3, rtol=1e-3)
+    if param_dtype != torch.half:
+        dy = torch.empty(size).uniform_(0, 1).half().contiguous(memory_format=fmt)
+        y.backward(dy.to(device))
+        y_ref.backward(dy.float())
+        assert not x.grad.isinf().any() and not x.grad.isnan().any()
+        torch.testing.assert_close(x.grad.cpu().float(), ref_x.grad, atol=1e-3, rtol=1e-3)
