@@ -2,7 +2,7 @@
 
 Run ``python -m bench`` (see __main__.py). Modules, one job each:
   suite.py        shapes (suite v1, --quick, the smoke's tiny cases), dtype/layout configs, passes,
-                  workloads (plain BN; BN -> add -> ReLU)
+                  workloads (plain BN; BN -> add -> ReLU; BN -> SiLU; BN -> Hardswish)
   traffic.py      the minimal-traffic byte model behind every GB/s number
   impls.py        the implementations, defined once, and detection of the backend that actually ran
   runner.py       inputs, float64 reference, correctness check, wall/host/device timing
