@@ -22,15 +22,17 @@ import signal
 
 
 def start_smoke(cuda: bool, smoke: bool, no_gpu_lines: tuple, smoke_line: str) -> None:
-    """Say why no times follow. Without a GPU also switch Triton's interpreter on: before bn_triton's
-    kernels are imported, since @triton.jit reads TRITON_INTERPRET when it decorates them. Run as
-    ``python -m bn_triton.bench`` (an installed wheel), bn_triton is imported before this runs: then
-    the same command starts again, in a new process, with the interpreter on."""
+    """Say why no times follow. Without a GPU also switch Triton's interpreter on: before triton and
+    bn_triton's kernels are imported, since @triton.jit reads TRITON_INTERPRET when it decorates them.
+    Run as ``python -m bn_triton.bench`` (an installed wheel), bn_triton is imported before this
+    runs (and triton may be, by another import such as torchvision's): then the same command starts
+    again, in a new process, with the interpreter on."""
     import os
     import sys
 
     if not cuda:
-        if os.environ.get("TRITON_INTERPRET", "0") in ("", "0") and "bn_triton" in sys.modules:
+        imported = "bn_triton" in sys.modules or "triton" in sys.modules
+        if os.environ.get("TRITON_INTERPRET", "0") in ("", "0") and imported:
             os.environ["TRITON_INTERPRET"] = "1"
             module = sys.modules["__main__"].__spec__.name.removesuffix(".__main__")
             os.execv(sys.executable, [sys.executable, "-m", module, *sys.argv[1:]])
