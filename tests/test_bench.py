@@ -1,5 +1,6 @@
-"""The benchmark harness (bench/): traffic model, suite, backend detection, the correctness gate
-(with the fused rows' ReLU mask), the timing path (wall, host and device time, with stand-in
+"""The benchmark harness (bench/): traffic model, suite and its workloads (plain, BN -> add -> ReLU,
+BN -> SiLU, BN -> Hardswish), backend detection, the correctness gate (with the activations' kinks:
+ReLU's mask, Hardswish's -3 and 3), the timing path (wall, host and device time, with stand-in
 timers), the CSV/plot/env writers, kernel stubs, and the command line.
 
 Timings need a CUDA GPU; here the timing path runs with injected timers so that everything around
