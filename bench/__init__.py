@@ -2,7 +2,7 @@
 
 Run ``python -m bench`` (see __main__.py). Modules, one job each:
   suite.py        shapes (suite v1, --quick, the smoke's tiny cases), dtype/layout configs, passes,
-                  workloads (plain BN; BN -> add -> ReLU)
+                  workloads (plain BN; BN -> add -> ReLU; BN -> SiLU; BN -> Hardswish)
   traffic.py      the minimal-traffic byte model behind every GB/s number
   impls.py        the implementations, defined once, and detection of the backend that actually ran
   runner.py       inputs, float64 reference, correctness check, wall/host/device timing
@@ -22,15 +22,17 @@ import signal
 
 
 def start_smoke(cuda: bool, smoke: bool, no_gpu_lines: tuple, smoke_line: str) -> None:
-    """Say why no times follow. Without a GPU also switch Triton's interpreter on: before bn_triton's
-    kernels are imported, since @triton.jit reads TRITON_INTERPRET when it decorates them. Run as
-    ``python -m bn_triton.bench`` (an installed wheel), bn_triton is imported before this runs: then
-    the same command starts again, in a new process, with the interpreter on."""
+    """Say why no times follow. Without a GPU also switch Triton's interpreter on: before triton and
+    bn_triton's kernels are imported, since @triton.jit reads TRITON_INTERPRET when it decorates them.
+    Run as ``python -m bn_triton.bench`` (an installed wheel), bn_triton is imported before this
+    runs (and triton may be, by another import such as torchvision's): then the same command starts
+    again, in a new process, with the interpreter on."""
     import os
     import sys
 
     if not cuda:
-        if os.environ.get("TRITON_INTERPRET", "0") in ("", "0") and "bn_triton" in sys.modules:
+        imported = "bn_triton" in sys.modules or "triton" in sys.modules
+        if os.environ.get("TRITON_INTERPRET", "0") in ("", "0") and imported:
             os.environ["TRITON_INTERPRET"] = "1"
             module = sys.modules["__main__"].__spec__.name.removesuffix(".__main__")
             os.execv(sys.executable, [sys.executable, "-m", module, *sys.argv[1:]])

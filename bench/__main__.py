@@ -1,6 +1,7 @@
 """``python -m bench``: bn_triton against cuDNN, torch's native kernels and torch.compile.
 
-On a CUDA GPU: suite v1 (or --quick), plain and fused (BN -> add -> ReLU) rows, checked then timed
+On a CUDA GPU: suite v1 (or --quick), plain rows and fused ones (BN -> add -> ReLU, BN -> SiLU,
+BN -> Hardswish: bench/suite.py WORKLOADS), checked then timed
 (wall, host and device time), summary tables, and a verdict line last; results under
 bench/results/<gpu-name>-<date>/ (or --out). Without one: a smoke of the same code path on tiny
 inputs in Triton's interpreter: correctness and backend detection only, no times.
@@ -55,7 +56,10 @@ def parse_args(argv):
         "--budget-s", type=float, help="start no new case after this many seconds; the rest is recorded as skipped"
     )
     p.add_argument(
-        "--no-fused", action="store_true", help="skip the fused BN -> add -> ReLU rows (passes fused_*, 4-D cases)"
+        "--no-fused",
+        action="store_true",
+        help="plain batch norm rows only: skip BN -> add -> ReLU, BN -> SiLU and BN -> Hardswish "
+        "(passes fused_*, silu_*, hardswish_*; 4-D cases)",
     )
     p.add_argument("--model", help="time training steps of this model instead (bench/e2e.py), e.g. resnet50")
     p.add_argument("--warmup-ms", type=int, help="do_bench warm-up (default 25, --quick 10)")
@@ -107,8 +111,10 @@ def main(argv=None) -> int:
         return 2
     if smoke and (args.shapes or args.dtypes):
         print("(--shapes/--dtypes are ignored by the smoke: it uses its own tiny cases)")
-    cases = suite.smoke_cases() if smoke else suite.make_cases(shapes, configs)
-    workloads = [suite.PLAIN] + ([] if args.no_fused else [suite.FUSED])
+    cases = None if smoke else suite.make_cases(shapes, configs)
+    workloads = [suite.PLAIN] if args.no_fused else list(suite.WORKLOADS)
+    # (workload, its cases): in the smoke a workload may run on one case only (suite.smoke_cases)
+    plan = [(w, suite.smoke_cases(w) if smoke else [c for c in cases if w.applies(c)]) for w in workloads]
 
     device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
     settings = runner.Settings(
@@ -120,10 +126,9 @@ def main(argv=None) -> int:
     name = report.device_name(device)
     out = args.out or (None if smoke else default_out_dir(name))
 
-    counts = [(w, sum(map(w.applies, cases))) for w in workloads]
-    plan = " + ".join(f"{n} {w.prefix.replace('_', ' ')}cases" for w, n in counts)
-    print(f"device: {name}; ({plan}) x {len(passes)} passes x {len(impl_names)} implementations", end="")
-    print(f" = {sum(n for _, n in counts) * len(passes) * len(impl_names)} rows")
+    counts = " + ".join(f"{len(c)} {w.prefix.replace('_', ' ')}case{'s' * (len(c) != 1)}" for w, c in plan)
+    print(f"device: {name}; ({counts}) x {len(passes)} passes x {len(impl_names)} implementations", end="")
+    print(f" = {sum(len(c) for _, c in plan) * len(passes) * len(impl_names)} rows")
     t0 = time.monotonic()
     if settings.timing:
         settings.copy_gbps = runner.measure_copy_gbps(device, warmup_ms=settings.warmup_ms, rep_ms=settings.rep_ms)
@@ -141,8 +146,8 @@ def main(argv=None) -> int:
     rows, interrupted = [], False
     try:  # `timeout` and schedulers send SIGTERM: stop as on Ctrl-C, and write the rows measured so far
         with sigterm_as_interrupt():
-            for w in workloads:
-                runner.run_suite(cases, impl_names, passes, settings, rows, progress, w)
+            for w, w_cases in plan:
+                runner.run_suite(w_cases, impl_names, passes, settings, rows, progress, w)
     except KeyboardInterrupt:
         interrupted = True
     sys.stderr.write("\r\033[K" if tty else "")  # clear the live line

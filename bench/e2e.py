@@ -1,10 +1,12 @@
 """``python -m bench.e2e``: one training step of a real network, torch's BatchNorm against bn_triton's.
 
 A step is forward, cross-entropy loss, backward and an SGD step (momentum 0.9) on torchvision's
-ResNet-50 (``--model``), for variants of the same model with the same initial weights (VARIANTS):
+ResNet-50, or any torchvision classifier named by ``--model`` (SILU_MODEL, efficientnet_b0: 33 of its
+49 BatchNorms feed a SiLU), for variants of the same model with the same initial weights (VARIANTS):
 ``torch`` (eager, cuDNN's BatchNorm), ``bn_triton`` (eager, after ``bn_triton.convert_batchnorm``),
-``bn_triton_fused`` (eager, after ``bn_triton.fuse``: BN -> ReLU and BN -> add -> ReLU run as our
-fused layers), ``torch_compile`` and ``bn_triton_compile`` (``torch.compile`` of the first two), and
+``bn_triton_fused`` (eager, after ``bn_triton.fuse``: BN -> activation and BN -> add -> activation run
+as our fused layers: ReLU in ResNet-50, SiLU in EfficientNet), ``torch_compile`` and
+``bn_triton_compile`` (``torch.compile`` of the first two), and
 ``torch_graph``, ``bn_triton_graph`` and ``bn_triton_fused_graph``: the three eager models with the
 whole step captured once in a CUDA graph (``torch.cuda.graphs``: warm-up on a side stream, static
 input and target tensors) and replayed, one launch per step; without CUDA these are skipped, with
@@ -63,6 +65,7 @@ VARIANTS = (
     "bn_triton_fused_graph",
 )
 TINY = "tinynet"
+SILU_MODEL = "efficientnet_b0"  # the SiLU network bench/gpu_check.sh runs after ResNet-50
 NO_TORCHVISION = "torchvision is not installed: pip install torchvision; skipping the end-to-end step"
 
 Config = collections.namedtuple("Config", "autocast_bf16 channels_last batch")
@@ -103,7 +106,11 @@ def parse_args(argv):
     p = argparse.ArgumentParser(
         prog="python -m bench.e2e", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    p.add_argument("--model", help=f"a torchvision.models name, or {TINY} (default resnet50; smoke: {TINY})")
+    p.add_argument(
+        "--model",
+        help=f"a torchvision.models name, e.g. resnet50 or {SILU_MODEL} (SiLU), or {TINY} (default resnet50; "
+        f"smoke: {TINY})",
+    )
     p.add_argument("--configs", help=f"comma-separated from {', '.join(CONFIGS)} (default all)")
     p.add_argument("--variants", help=f"comma-separated from {', '.join(VARIANTS)} (default all)")
     p.add_argument("--steps", type=int, help="timed steps per variant (default 20; smoke 1)")
@@ -119,9 +126,10 @@ def parse_args(argv):
 
 class TinyNet(nn.Module):
     """A small ResNet-like net with torch BatchNorm layers: stem conv-BN-ReLU, one residual block
-    (conv-BN-ReLU-conv-BN, add, ReLU), average pool, then a BatchNorm1d on the features and a linear
-    head, so the smoke covers 4-D and 2-D batch norm, and bn_triton.fuse both of its patterns: BN ->
-    ReLU (stem, bn1) and BN -> add -> ReLU (bn2); bn_feat feeds the head and stays unfused."""
+    (conv-BN-ReLU-conv-BN, add, ReLU), an EfficientNet-like conv-BN-SiLU, average pool, then a
+    BatchNorm1d on the features and a linear head, so the smoke covers 4-D and 2-D batch norm, and
+    bn_triton.fuse its patterns: BN -> ReLU (stem, bn1), BN -> add -> ReLU (bn2) and BN -> SiLU
+    (bn3); bn_feat feeds the head and stays unfused."""
 
     def __init__(self):
         super().__init__()
@@ -130,6 +138,9 @@ class TinyNet(nn.Module):
         self.bn1 = nn.BatchNorm2d(8)
         self.conv2 = nn.Conv2d(8, 8, 3, padding=1, bias=False)
         self.bn2 = nn.BatchNorm2d(8)
+        self.conv3 = nn.Conv2d(8, 8, 1, bias=False)
+        self.bn3 = nn.BatchNorm2d(8)
+        self.act3 = nn.SiLU()
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.bn_feat = nn.BatchNorm1d(8)
         self.fc = nn.Linear(8, 10)
@@ -138,6 +149,7 @@ class TinyNet(nn.Module):
         x = self.stem(x)
         y = torch.relu(self.bn1(self.conv1(x)))
         x = torch.relu(x + self.bn2(self.conv2(y)))
+        x = self.act3(self.bn3(self.conv3(x)))
         return self.fc(self.bn_feat(torch.flatten(self.pool(x), 1)))
 
 
@@ -429,6 +441,18 @@ def main(argv=None) -> int:
         variants = parse_list(args.variants or ",".join(VARIANTS), VARIANTS, "variant")
         if not configs or not variants:
             raise ValueError("--configs and --variants take at least one name")
+    except ValueError as exc:
+        print(f"python -m bench.e2e: {exc}", file=sys.stderr)
+        return 2
+    # Before the model: torchvision imports triton, whose own @triton.jit functions must be made
+    # with the interpreter on already.
+    start_smoke(
+        cuda,
+        smoke,
+        ("No CUDA GPU: running the end-to-end smoke on CPU under Triton's interpreter instead.",),
+        "--smoke: the code path and the losses only; no time is reported.",
+    )
+    try:
         built = build_model(model_name)
     except ValueError as exc:
         print(f"python -m bench.e2e: {exc}", file=sys.stderr)
@@ -436,12 +460,6 @@ def main(argv=None) -> int:
     if built is None:
         print(NO_TORCHVISION)
         return 0
-    start_smoke(
-        cuda,
-        smoke,
-        ("No CUDA GPU: running the end-to-end smoke on CPU under Triton's interpreter instead.",),
-        "--smoke: the code path and the losses only; no time is reported.",
-    )
 
     def pick(value, default, smoke_default):
         return value if value is not None else (smoke_default if smoke else default)

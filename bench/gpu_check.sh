@@ -1,27 +1,30 @@
 #!/usr/bin/env bash
 # One call on a GPU machine, within 8 minutes on an H100: (1) the GPU and versions, (2) the whole
 # test suite on the GPU, GPU-only tests included (not the Triton interpreter), (3) the ResNet-50
-# training step (python -m bench.e2e), (4) suite v1 (python -m bench: wall, host and device time),
-# (5) the host cost per call, its cProfile, the same with kernels stubbed (bench/overhead.py), the
-# single-pass kernels against the split path where they serve (--impls bn_triton,bn_triton_split), (6) the
-# comparison against torch.compile (python -m bench --quick --impls bn_triton,compile), then a
-# summary, printed last.
+# training step, then EfficientNet-B0's (BN -> SiLU, fused or not; python -m bench.e2e), (4) suite
+# v1 (python -m bench: wall, host and device time), (5) the host cost per call, its cProfile, the
+# same with kernels stubbed (bench/overhead.py), the single-pass kernels against the split path where
+# they serve (--impls bn_triton,bn_triton_split), (6) the comparison against torch.compile
+# (python -m bench --quick --impls bn_triton,compile), then a summary, printed last.
 #
 #   bash bench/gpu_check.sh [--out DIR]      (from anywhere; default DIR: bench/results/<gpu-name>-<date>/)
 #
 # DIR receives at most 8 files, no folders:
 #   gpu_check.log  everything printed          summary.md   stages, test failures, e2e and bench tables
 #   results.csv    suite v1 (host_ms, device_ms) compile.csv  the torch.compile comparison
-#   e2e.csv        model,config,variant,batch,step_ms,launches env.json     versions (suite v1's run)
+#   e2e.csv        model,config,variant,batch,step_ms,launches, both models
+#                                              env.json     versions (suite v1's run)
 #   overview.png   suite v1 on one page        plots.tar.gz the rest: the comparison's overview.png,
-#                  summary.md and env.json, pytest.xml (JUnit), e2e.md, precompile.log
+#                  summary.md and env.json, pytest.xml (JUnit), e2e.md, e2e_silu.md, precompile.log
 # Time: every stage runs under `timeout`, and the limits add up to GPU_CHECK_TOTAL_S (465 s) even if
-# one hangs. Planned limits (seconds): tests 150, e2e 90, suite v1 90, compile comparison 100 (of it ~20 s
-# for the host-cost profile, ~10 s for it with kernels stubbed and ~30 s for the single-pass comparison);
-# the time a stage leaves unused goes to the next one. The benches get --budget-s below their limit
-# (start no new case after it), so they end on their own with partial results recorded. While the
-# tests run (CPU-bound: Triton compiles), a background run of the e2e steps, untimed, fills the
-# Triton and inductor caches so that the timed e2e stage does not spend its time compiling ResNet-50.
+# one hangs. Planned limits (seconds): tests 150, e2e 90 (of it the last E2E_SILU_S, 30, for
+# EfficientNet-B0: bf16 channels_last, torch then bn_triton_fused then bn_triton), suite v1 90,
+# compile comparison 100 (of it ~20 s for the host-cost profile, ~10 s for it with kernels stubbed and
+# ~30 s for the single-pass comparison); the time a stage leaves unused goes to the next one. The
+# benches get --budget-s below their limit (start no new case after it), so they end on their own
+# with partial results recorded. While the tests run (CPU-bound: Triton compiles), a background run
+# of e2e steps, untimed, fills the Triton and inductor caches (EfficientNet-B0's bn_triton kernels
+# first, then ResNet-50's compiled steps) so that the timed e2e stage does not spend its time compiling.
 # Exit status: 1 if a test failed or the tests did not finish (or run), or a bench found bn_triton wrong
 # (its exit 1); else 0. Installs nothing: the GPU machines have torch, triton, torchvision and
 # pytest-xdist, and no network.
@@ -43,13 +46,17 @@ PLAN_TESTS=150
 PLAN_E2E=90
 PLAN_BENCH=90
 PLAN_COMPARE=100
+# Of the e2e stage, the seconds kept for the SiLU network after ResNet-50 (it gets more if ResNet-50
+# ends early).
+E2E_SILU_S=30
+SILU_MODEL=efficientnet_b0
 
 OUT=""
 while [ $# -gt 0 ]; do
   case "$1" in
     --out) OUT="${2:?--out needs a folder}"; shift 2 ;;
     --out=*) OUT="${1#--out=}"; shift ;;
-    -h|--help) sed -n '2,34p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,37p' "$0"; exit 0 ;;
     *) echo "gpu_check.sh: unknown argument $1 (usage: bash bench/gpu_check.sh [--out DIR])" >&2; exit 2 ;;
   esac
 done
@@ -80,7 +87,7 @@ fi
 mkdir -p "$OUT" || exit 2
 OUT=$(cd "$OUT" && pwd)
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/bn_triton_gpu_check.XXXXXX") || exit 2
-mkdir -p "$WORK/bench" "$WORK/compare" "$WORK/e2e" "$WORK/extras"
+mkdir -p "$WORK/bench" "$WORK/compare" "$WORK/e2e" "$WORK/e2e_silu" "$WORK/extras"
 
 # bn_triton.kernels lives in the repo's kernels/ folder and setuptools maps it at install time; on
 # the GPU machines nothing is installed (and pip may not build offline). So, unless the package
@@ -187,14 +194,19 @@ print('bn_triton from', bn_triton.__file__, '| kernels from', bn_triton.kernels.
   lim=$(limit_for tests)
   if want tests && has_time tests "$lim"; then
     if want e2e && [ "$PRECOMPILE" = 1 ]; then
-      # Untimed e2e steps in the background: Triton (bn_triton's kernels at ResNet-50's shapes, as
-      # the eager variant launches them too) and inductor compile into their on-disk caches while
-      # the tests run; stopped when the tests end.
+      # Untimed e2e steps in the background: Triton and inductor compile into their on-disk caches
+      # while the tests run; stopped when the tests end (timeout passes the TERM on to its whole
+      # process group). First EfficientNet-B0's eager bn_triton variants (its kernels at its shapes,
+      # the SiLU epilogue included; no second variant after 30 s), then ResNet-50's compiled ones
+      # (bn_triton's kernels at its shapes, as the eager variants launch them too).
       echo "(background: untimed e2e steps fill the compile caches; log in plots.tar.gz: precompile.log)"
+      # shellcheck disable=SC2016  # $0 and $1 are the inner bash's arguments
       (cd "$run_dir" && TORCHINDUCTOR_COMPILE_THREADS=${GPU_CHECK_PRECOMPILE_THREADS:-6} \
-        exec timeout -k 5 "$lim" "$PY" -m bench.e2e --variants bn_triton_compile,torch_compile \
-        --steps 0 --warmup 1 --compile-warmup 1 \
-        >"$WORK/extras/precompile.log" 2>&1) &
+        exec timeout -k 5 "$lim" bash -c '
+          "$0" -m bench.e2e --model "$1" --configs bf16_cl --variants bn_triton_fused,bn_triton \
+            --steps 0 --warmup 1 --budget-s 30
+          exec "$0" -m bench.e2e --variants bn_triton_compile,torch_compile --steps 0 --warmup 1 --compile-warmup 1
+        ' "$PY" "$SILU_MODEL" >"$WORK/extras/precompile.log" 2>&1) &
       pre_pid=$!
     fi
     echo
@@ -224,15 +236,39 @@ print('bn_triton from', bn_triton.__file__, '| kernels from', bn_triton.kernels.
 
   lim=$(limit_for e2e)
   if want e2e && has_time e2e "$lim"; then
+    # ResNet-50 first, E2E_SILU_S kept for the SiLU network; no new ResNet-50 variant in the last
+    # 30 s of its share (an eager variant takes up to ~25 s, cuDNN's benchmark included).
+    local res_lim=$((lim - E2E_SILU_S)) silu_rc
     echo
-    echo "== 3. ResNet-50 training step (python -m bench.e2e; limit ${lim} s, no new variant after $((lim - 50)) s)"
+    echo "== 3. ResNet-50 training step (python -m bench.e2e; limit ${res_lim} s of the stage's ${lim} s," \
+      "no new variant after $((res_lim - 30)) s)"
     ts=$(date +%s)
-    (cd "$run_dir" && timeout -k 5 "$((lim - 5))" "$PY" -m bench.e2e --budget-s "$((lim - 50))" \
+    (cd "$run_dir" && timeout -k 5 "$((res_lim - 5))" "$PY" -m bench.e2e --budget-s "$((res_lim - 30))" \
       --out "$WORK/e2e" --md "$WORK/extras/e2e.md")
     e2e_rc=$?
+    # The SiLU network: what the stage has left (at least E2E_SILU_S); one config, three variants, the
+    # bn_triton ones after torch's, and no new variant in the last 15 s.
+    local silu_lim=$((lim - ($(date +%s) - ts)))
+    echo
+    echo "== 3b. $SILU_MODEL training step (BN -> SiLU; python -m bench.e2e; limit ${silu_lim} s," \
+      "no new variant after $((silu_lim - 15)) s)"
+    (cd "$run_dir" && timeout -k 5 "$((silu_lim - 5))" "$PY" -m bench.e2e --model "$SILU_MODEL" \
+      --configs bf16_cl --variants torch,bn_triton_fused,bn_triton --steps 10 --warmup 3 \
+      --budget-s "$((silu_lim - 15))" --out "$WORK/e2e_silu" --md "$WORK/extras/e2e_silu.md")
+    silu_rc=$?
+    echo "$SILU_MODEL: exit status $silu_rc"
+    # One e2e.csv (its model column tells the networks apart); a bn_triton failure in either is the
+    # stage's (exit status 1).
     [ -f "$WORK/e2e/e2e.csv" ] && cp "$WORK/e2e/e2e.csv" "$OUT/e2e.csv"
-    note="$(( $(wc -l < "$WORK/e2e/e2e.csv" 2>/dev/null || echo 1) - 1 )) rows in e2e.csv"
-    [ "$e2e_rc" = 124 ] && note="stopped at the limit; $note"
+    if [ -f "$WORK/e2e_silu/e2e.csv" ]; then
+      if [ -f "$OUT/e2e.csv" ]; then tail -n +2 "$WORK/e2e_silu/e2e.csv" >> "$OUT/e2e.csv"
+      else cp "$WORK/e2e_silu/e2e.csv" "$OUT/e2e.csv"; fi
+    fi
+    [ "$silu_rc" = 1 ] && e2e_rc=1
+    note="$(( $(wc -l < "$OUT/e2e.csv" 2>/dev/null || echo 1) - 1 )) rows in e2e.csv"
+    note="$note ($(( $(wc -l < "$WORK/e2e_silu/e2e.csv" 2>/dev/null || echo 1) - 1 )) of $SILU_MODEL)"
+    [ "$e2e_rc" = 124 ] && note="ResNet-50 stopped at its limit; $note"
+    [ "$silu_rc" = 124 ] && note="$SILU_MODEL stopped at its limit; $note"
     echo "e2e: exit status $e2e_rc in $(( $(date +%s) - ts )) s"
     record e2e "$e2e_rc" "$(( $(date +%s) - ts ))" "$lim" "$note"
   fi
@@ -334,7 +370,7 @@ pack_and_summarize() {
       echo
       grep -E '^(FAILED|ERROR) ' "$WORK/pytest.out" | sed 's/^/- /'
     fi
-    for f in "$WORK/extras/e2e.md" "$WORK/bench/summary.md" "$WORK/extras/single_pass_summary.md" \
+    for f in "$WORK/extras/e2e.md" "$WORK/extras/e2e_silu.md" "$WORK/bench/summary.md" "$WORK/extras/single_pass_summary.md" \
       "$WORK/extras/compile_summary.md"; do
       if [ -f "$f" ]; then
         echo

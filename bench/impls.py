@@ -1,16 +1,18 @@
 """The implementations under comparison, defined once, and how to tell which backend really ran.
 
 Each is a forward ``fn(x, running_mean, running_var, weight, bias, training, residual=None) -> y``
-with momentum and eps fixed; with a residual, relu(BN(x) + residual) (the fused workload,
-suite.FUSED). runner.py builds every pass from it, the same way for all:
+with momentum and eps fixed, computing its workload's act(BN(x) + residual) (suite.Workload: the
+activation is bound in by make_impl; the residual is passed where the workload has one). runner.py
+builds every pass from it, the same way for all:
 
-  bn_triton        bn_triton.batch_norm (with a residual: its fused add + ReLU epilogue)
+  bn_triton        bn_triton.batch_norm, the activation and residual in its fused epilogue
   bn_triton_split  the same with its single-pass kernels off (bn_triton/_config.py SINGLE_PASS), on
                    request only (--impls): what the single pass does on the inputs it serves (on
                    the others the two rows are the same kernels)
-  cudnn            F.batch_norm (then + residual, relu), eager, cuDNN enabled; torch still routes
-                   some inputs to its native kernels (2-D; bf16, and fp16 with fp16 weights, in the
-                   torch versions we know): detect_backend() records what actually ran
+  cudnn            torch's composition (torch_bn: F.batch_norm, then + residual, then the
+                   activation), eager, cuDNN enabled; torch still routes some inputs to its native
+                   kernels (2-D; bf16, and fp16 with fp16 weights, in the torch versions we know):
+                   detect_backend() records what actually ran
   native           the same with cuDNN disabled: torch's own CUDA kernels
   compile          torch.compile (inductor, default mode) of the same function, fresh per case
                    (dynamo's cache reset: no graph guarded for another shape, no fallback past the
@@ -20,6 +22,7 @@ suite.FUSED). runner.py builds every pass from it, the same way for all:
 
 import contextlib
 import dataclasses
+import functools
 import os
 import sys
 from collections.abc import Callable
@@ -34,16 +37,27 @@ IMPLS = ("bn_triton", "cudnn", "native", "compile")
 EXTRA_IMPLS = ("bn_triton_split",)  # run only when named
 
 
-def torch_bn(x, running_mean, running_var, weight, bias, training: bool, residual=None):
+def torch_bn(x, running_mean, running_var, weight, bias, training: bool, residual=None, activation=None):
+    """torch's composition of every workload: F.batch_norm, then + residual, then the activation as
+    torch computes it (bn_triton.activations.apply: torch's own functions). Also the float64
+    reference (runner.py)."""
+    from bn_triton import activations  # imported late: TRITON_INTERPRET must be set first on CPU
+
     y = F.batch_norm(x, running_mean, running_var, weight, bias, training, MOMENTUM, EPS)
-    return y if residual is None else torch.relu(y + residual)
+    return activations.apply(y if residual is None else y + residual, activation)
 
 
-def triton_bn(x, running_mean, running_var, weight, bias, training: bool, residual=None):
+def triton_bn(x, running_mean, running_var, weight, bias, training: bool, residual=None, activation=None):
     import bn_triton  # imported late: TRITON_INTERPRET must be set first on CPU (see __main__.py)
 
-    fused = {} if residual is None else dict(activation="relu", residual=residual)
-    return bn_triton.batch_norm(x, running_mean, running_var, weight, bias, training, MOMENTUM, EPS, **fused)
+    return bn_triton.batch_norm(
+        x, running_mean, running_var, weight, bias, training, MOMENTUM, EPS, activation=activation, residual=residual
+    )
+
+
+def with_activation(fn: Callable, activation) -> Callable:
+    """``fn`` computing ``activation`` (a workload's): the forward an Impl holds."""
+    return fn if activation is None else functools.partial(fn, activation=activation)
 
 
 @dataclasses.dataclass
@@ -66,17 +80,18 @@ class Impl:
                 setattr(obj, attr, value)
 
 
-def make_impl(name: str) -> Impl:
-    """A fresh implementation for one case (for ``compile``: a fresh compiled function)."""
+def make_impl(name: str, activation=None) -> Impl:
+    """A fresh implementation for one case and workload, computing ``activation`` (the workload's;
+    for ``compile``: a fresh compiled function)."""
     cudnn = (torch.backends.cudnn, "enabled", name != "native")
     if name == "bn_triton":
-        return Impl(name, triton_bn)
+        return Impl(name, with_activation(triton_bn, activation))
     if name == "bn_triton_split":
         from bn_triton import _config
 
-        return Impl(name, triton_bn, ((_config, "SINGLE_PASS", False),))
+        return Impl(name, with_activation(triton_bn, activation), ((_config, "SINGLE_PASS", False),))
     if name in ("cudnn", "native"):
-        return Impl(name, torch_bn, (cudnn,))
+        return Impl(name, with_activation(torch_bn, activation), (cudnn,))
     if name == "compile":
         import torch._functorch.config as functorch_config
 
@@ -85,7 +100,7 @@ def make_impl(name: str) -> Impl:
         # kernels, and if it fell back to eager, detect_backend() would show which kernels ran.
         # donated_buffer is read when the graph compiles, i.e. at its first call, under active().
         donate = [(functorch_config, "donated_buffer", False)] if hasattr(functorch_config, "donated_buffer") else []
-        return Impl(name, torch.compile(torch_bn), (cudnn, *donate))
+        return Impl(name, torch.compile(with_activation(torch_bn, activation)), (cudnn, *donate))
     raise ValueError(f"unknown implementation {name!r}; choose from {', '.join(IMPLS + EXTRA_IMPLS)}")
 
 

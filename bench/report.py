@@ -13,8 +13,9 @@ Reading the numbers:
   status       ok (timed), checked (smoke: correct, not timed), wrong (failed the check: never
                timed), error (raised), skipped (time budget spent)
   err_ratio    worst output error / allowance (2x torch eager's error + a per-dtype floor); <= 1 passes
-  mask_flips   fused training rows: elements whose ReLU mask differs from float64's within rounding
-               of 0; their gradients are checked against float64 under the implementation's mask
+  mask_flips   training rows of an activation with kinks (ReLU, Hardswish): elements within rounding
+               of a kink whose side differs from float64's (ReLU: its mask); their gradients are
+               checked against float64 taking the implementation's sides
 """
 
 import csv

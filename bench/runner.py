@@ -1,6 +1,6 @@
 """Run the suite: inputs, a correctness check of every implementation, then timing.
 
-Per case (a shape in one dtype and layout) and workload (suite.PLAIN, suite.FUSED): seeded inputs
+Per case (a shape in one dtype and layout) and workload (suite.WORKLOADS): seeded inputs
 (make_inputs); a float64 reference of the training and eval outputs (reference); every
 implementation computes the same outputs once, which also compiles and warms it up, and one whose
 error is past the allowance (twice torch eager's own error plus a per-dtype floor) is reported
@@ -30,11 +30,15 @@ from .suite import PLAIN, Case, Workload
 ERROR_FLOOR = {torch.float32: 1e-4, torch.float16: 5e-3, torch.bfloat16: 2e-2}
 # Allowed error relative to torch eager's own error against the float64 reference (flash-attn's rule).
 ERROR_RATIO = 2.0
-# A ReLU input p = BN(x) + residual within RELU_BAND * eps * (|BN(x)| + |residual| + |mean * scale|)
-# of 0 (eps of the input's dtype) may land on either side of 0 in a correct implementation: each term
-# is rounded at most twice at that precision (itself, then the sum), and the statistics that BN(x)
-# subtracts carry their own rounding; 4 covers both.
-RELU_BAND = 4
+# An activation input p = BN(x) + residual within KINK_BAND * eps * (|BN(x)| + |residual| + |mean *
+# scale|) of a kink (eps of the input's dtype) may land on either side of it in a correct
+# implementation: each term is rounded at most twice at that precision (itself, then the sum), and
+# the statistics that BN(x) subtracts carry their own rounding; 4 covers both.
+KINK_BAND = 4
+# Where an activation's derivative jumps (bn_triton/activations.py names): a side taken wrongly there
+# changes the gradient by a whole jump (ReLU: all of dy; Hardswish: dy / 2). ELU's derivative jumps
+# at 0 unless alpha = 1; SiLU, GELU and Mish are smooth.
+KINKS = {"relu": (0.0,), "relu6": (0.0, 6.0), "leaky_relu": (0.0,), "hardswish": (-3.0, 3.0)}
 PASS_MODE = {"train_fwd": "train", "bwd": "train", "fwd_bwd": "train", "eval_fwd": "eval"}
 GRADS = ("dx", "dweight", "dbias", "dresidual")  # of x, weight, bias (and residual)
 
@@ -158,19 +162,36 @@ def run_eval(fn: Callable, inp: Inputs) -> dict:
         return dict(y=fn(*_args(inp, False)[0]))
 
 
-def reference(inp: Inputs) -> dict:
-    """Float64 results (torch on float64 copies): the anchor of every check. With a residual, also
-    the ReLU's mask and which of its inputs p = BN(x) + residual lie within rounding of 0."""
+def kinks(activation) -> tuple:
+    """The inputs where ``activation`` (a canonical name, or None) has a kink (KINKS)."""
+    name, _, param = (activation or "").partition("(")
+    if name == "elu":
+        return () if float(param.rstrip(")")) == 1.0 else (0.0,)
+    return KINKS.get(name, ())
+
+
+def reference(inp: Inputs, activation=None) -> dict:
+    """Float64 results (torch's composition on float64 copies): the anchor of every check. For an
+    activation with kinks, also its input p = BN(x) + residual, the kink nearest each element and
+    which elements lie within rounding of it, and the statistics that give back g = d(p)."""
     d = inp.double()
-    ref = {"train": run_train(impls_mod.torch_bn, d), "eval": run_eval(impls_mod.torch_bn, d)}
-    if d.residual is not None:
+    fn = impls_mod.with_activation(impls_mod.torch_bn, activation)
+    ref = {"train": run_train(fn, d), "eval": run_eval(fn, d)}
+    points = kinks(activation)
+    if points:
         dims = [0, *range(2, d.x.dim())]
         mean, var = d.x.mean(dims, keepdim=True), d.x.var(dims, unbiased=False, keepdim=True)
         scale = d.weight.view(mean.shape) * (var + impls_mod.EPS).rsqrt()
         z = (d.x - mean) * scale + d.bias.view(mean.shape)
-        p, info = z + d.residual, torch.finfo(inp.x.dtype)
-        band = RELU_BAND * info.eps * (z.abs() + d.residual.abs() + (mean * scale).abs()) + info.tiny
-        ref["relu"] = dict(inputs=d, mask=p > 0, near_zero=p.abs() <= band)
+        r = torch.zeros_like(z) if d.residual is None else d.residual
+        p, info = z + r, torch.finfo(inp.x.dtype)
+        band = KINK_BAND * info.eps * (z.abs() + r.abs() + (mean * scale).abs()) + info.tiny
+        kink = torch.tensor(points, dtype=p.dtype, device=p.device)
+        kink = kink[(p.unsqueeze(-1) - kink).abs().argmin(-1)]
+        xhat = (d.x - mean) * (var + impls_mod.EPS).rsqrt()
+        ref["kinks"] = dict(
+            inputs=d, activation=activation, pre=p, kink=kink, near=(p - kink).abs() <= band, scale=scale, xhat=xhat
+        )
     return ref
 
 
@@ -179,23 +200,54 @@ def rel_error(out: torch.Tensor, ref: torch.Tensor) -> float:
     return (out.double() - ref).abs().max().item() / max(ref.abs().max().item(), 1e-30)
 
 
+def act_grad(v: torch.Tensor, activation) -> torch.Tensor:
+    """act'(v), torch's (kinks included), by autograd."""
+    from bn_triton import activations
+
+    with torch.enable_grad():
+        v = v.detach().requires_grad_(True)
+        return torch.autograd.grad(activations.apply(v, activation).sum(), v)[0]
+
+
+def pre_grad(outputs: dict, kref: dict) -> torch.Tensor:
+    """An implementation's g = dy * act'(p), the gradient at the activation's input: its d(residual)
+    where the workload has a residual; else from its dx, dweight and dbias, since batch norm's
+    backward dx = scale * (g - mean(g) - xhat * mean(g * xhat)), dbias = sum(g), dweight =
+    sum(g * xhat) (per channel) give g = dx / scale + (dbias + xhat * dweight) / count."""
+    if "dresidual" in outputs:
+        return outputs["dresidual"].double()
+    xhat, scale = kref["xhat"], kref["scale"]
+    dweight, dbias = (outputs[n].double().view(scale.shape) for n in ("dweight", "dbias"))
+    return outputs["dx"].double() / scale + (dbias + xhat * dweight) / (xhat.numel() // xhat.shape[1])
+
+
 def errors(outputs: dict, ref: dict, mode: str) -> tuple:
-    """({output: relative error}, ReLU mask flips: None but for the fused training outputs). A flip
-    is an element where the implementation's ReLU mask (read from its d(residual) = dy * mask)
-    differs from the float64 one while the ReLU's input lies within rounding of 0: there the outputs
-    are compared with float64 computed under the implementation's mask. Every other element, flipped
-    or not, is compared as is."""
-    expected, flips, relu = ref[mode], None, ref.get("relu")
-    if mode == "train" and relu is not None:
-        d = relu["inputs"]
-        ours = torch.where(d.dy != 0, outputs["dresidual"] != 0, relu["mask"])
-        flipped = (ours != relu["mask"]) & relu["near_zero"]
+    """({output: relative error}, kink flips: None but for the training outputs of an activation
+    with kinks). A flip is an element whose activation input p lies within rounding of a kink and
+    whose gradient g (pre_grad) is nearer dy * act' on the kink's other side (at p mirrored across
+    it) than float64's dy * act'(p): the implementation took the other side. There the outputs are
+    compared with float64 computed with the implementation's sides (ReLU: its mask); every other
+    element, flipped or not, is compared as is."""
+    expected, flips, kref = ref[mode], None, ref.get("kinks")
+    if mode == "train" and kref is not None:
+        d, act, pre = kref["inputs"], kref["activation"], kref["pre"]
+        mirror = 2 * kref["kink"] - pre
+        g = pre_grad(outputs, kref)
+        same, other = d.dy * act_grad(pre, act), d.dy * act_grad(mirror, act)
+        flipped = kref["near"] & ((g - other).abs() < (g - same).abs())
         flips = int(flipped.sum().item())
-        if flips:  # float64 under the implementation's mask
-            mask = relu["mask"] ^ flipped
-            fn = lambda x, rm, rv, w, b, training, r: (impls_mod.torch_bn(x, rm, rv, w, b, training) + r) * mask
+        if flips:  # float64 with the act' of the mirrored input where flipped, the same values
+            shift = torch.where(flipped, mirror - pre, 0.0)
+
+            def fn(x, rm, rv, w, b, training, r=None):
+                from bn_triton import activations
+
+                p = impls_mod.torch_bn(x, rm, rv, w, b, training, r)
+                v = p + shift
+                return activations.apply(v, act) + (activations.apply(p, act) - activations.apply(v, act)).detach()
+
             expected = run_train(fn, d)
-    return {k: rel_error(outputs[k], expected[k]) for k in expected}, flips
+    return {n: rel_error(outputs[n], expected[n]) for n in expected}, flips
 
 
 def verdict(errs: dict, torch_errs: dict, dtype: torch.dtype) -> tuple:
@@ -274,20 +326,20 @@ def _time(f: Callable, build: Callable, settings: Settings, nbytes: int) -> dict
     return fields
 
 
-def check(case: Case, impl_names, inp: Inputs, modes, say: Callable) -> dict:
+def check(case: Case, impl_names, inp: Inputs, modes, say: Callable, activation=None) -> dict:
     """{name: (Impl, {mode: (ok, worst ratio, worst output, flips)}), or the error it raised}: each
     implementation's outputs against float64, judged by torch eager's own error (default flags)."""
-    ref = reference(inp)
+    ref = reference(inp, activation)
 
     def errs_of(impl) -> dict:  # {mode: (errors, flips)}
         with impl.active():
             return {m: errors((run_train if m == "train" else run_eval)(impl.fn, inp), ref, m) for m in modes}
 
-    torch_errs, checks = errs_of(impls_mod.make_impl("cudnn")), {}
+    torch_errs, checks = errs_of(impls_mod.make_impl("cudnn", activation)), {}
     for name in impl_names:
         say(f"check {name}")
         try:
-            impl = impls_mod.make_impl(name)
+            impl = impls_mod.make_impl(name, activation)
             errs = errs_of(impl)
             checks[name] = impl, {m: verdict(e, torch_errs[m][0], case.dtype) + (f,) for m, (e, f) in errs.items()}
         except Exception as exc:  # a crash is reported, and the other implementations still run
@@ -324,7 +376,7 @@ def run_case(
     one row per pass and implementation to ``rows``."""
     inp = make_inputs(case, settings.device, residual=workload.residual)
     say = lambda text: progress and progress(f"{workload.prefix}{case.label} {text}")
-    checks = check(case, impl_names, inp, sorted({PASS_MODE[p] for p in passes}), say)
+    checks = check(case, impl_names, inp, sorted({PASS_MODE[p] for p in passes}), say, workload.activation)
     for pass_name in passes:
         for name in impl_names:
             say(f"{pass_name} {name}")

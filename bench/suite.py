@@ -85,10 +85,15 @@ SUITE_BY_NAME = {s.name: s for s in SUITE_V1}
 # all three dtypes and a 2-D input, and keep torch.compile's CPU compile time low.
 SMOKE_SHAPE_4D = Shape("4x6x5x5", (4, 6, 5, 5))
 SMOKE_SHAPE_2D = Shape("24x10", (24, 10))
+SMOKE_CONFIGS = (("fp32-nchw", "bf16-cl"), ("fp16-nchw",))  # of the 4-D shape, of the 2-D shape
 
 
-def smoke_cases() -> list:
-    return make_cases([SMOKE_SHAPE_4D], ["fp32-nchw", "bf16-cl"]) + make_cases([SMOKE_SHAPE_2D], ["fp16-nchw"])
+def smoke_cases(workload=None) -> list:
+    """The smoke's cases, or those of ``workload``: the ones it applies to, or its own smoke config."""
+    if workload is not None and workload.smoke_config is not None:
+        return make_cases([SMOKE_SHAPE_4D], [workload.smoke_config])
+    cases = make_cases([SMOKE_SHAPE_4D], SMOKE_CONFIGS[0]) + make_cases([SMOKE_SHAPE_2D], SMOKE_CONFIGS[1])
+    return cases if workload is None else [c for c in cases if workload.applies(c)]
 
 
 def parse_shape(token: str) -> Shape:
@@ -132,16 +137,44 @@ def make_cases(shapes, config_keys) -> list:
 
 @dataclasses.dataclass(frozen=True)
 class Workload:
-    """One kind of row. Each implementation's forward takes an optional residual; a workload with
-    ``residual`` passes one (x's dtype and layout, requiring grad: a block's identity input) and
-    then every implementation computes relu(BN(x) + residual), bn_triton with its fused epilogue."""
+    """One kind of row: what every implementation computes, act(BN(x) + residual), and on which cases.
+
+    ``activation`` is a canonical activation of bn_triton/activations.py (None: BN alone); with
+    ``residual`` the runner passes one (x's dtype and layout, requiring grad: a block's identity
+    input). impls.py binds both into every implementation: bn_triton computes them in its fused
+    epilogue, torch's rows as BN, then the add, then the activation (impls.torch_bn)."""
 
     prefix: str  # of the pass names in the rows
     traffic: dict  # pass -> bytes as a multiple of the tensor's (traffic.py)
     residual: bool
+    activation: str | None = None
     applies: Callable = lambda case: True  # which cases get this workload's rows
+    # The one smoke config (suite.CONFIGS key, on SMOKE_SHAPE_4D) the smoke runs it on; None: every
+    # smoke case it applies to.
+    smoke_config: str | None = None
+
+
+def _conv_net(case) -> bool:
+    """The 4-D (N, C, H, W) cases: where conv nets put BN -> activation."""
+    return len(case.shape.dims) == 4
 
 
 PLAIN = Workload("", traffic.TRAFFIC_FACTOR, residual=False)
-# BN -> add -> ReLU where conv nets have it: the 4-D (N, C, H, W) cases.
-FUSED = Workload("fused_", traffic.FUSED_TRAFFIC_FACTOR, residual=True, applies=lambda c: len(c.shape.dims) == 4)
+# BN -> add -> ReLU, a ResNet block's end.
+FUSED = Workload("fused_", traffic.FUSED_TRAFFIC_FACTOR, residual=True, activation="relu", applies=_conv_net)
+# BN -> SiLU (EfficientNet, YOLO) and BN -> Hardswish (MobileNetV3), no residual. The smoke runs each
+# on one case, between them both kernel layouts and both precisions: on both of its 4-D cases each
+# the smoke took 37 s instead of 22 s on a 2-core machine (each case compiles two torch.compile
+# graphs on CPU).
+SILU = Workload(
+    "silu_", traffic.SILU_TRAFFIC_FACTOR, residual=False, activation="silu", applies=_conv_net, smoke_config="fp32-nchw"
+)
+HARDSWISH = Workload(
+    "hardswish_",
+    traffic.HARDSWISH_TRAFFIC_FACTOR,
+    residual=False,
+    activation="hardswish",
+    applies=_conv_net,
+    smoke_config="bf16-cl",
+)
+WORKLOADS = (PLAIN, FUSED, SILU, HARDSWISH)  # in the order they run

@@ -12,10 +12,15 @@ moves when the tensor does not fit on chip (derivation: docs/math.md):
                        bwd       7B  read dy, x, y for the sums; write g = dy * (y > 0), which is
                                      d(residual); read g and x, write dx
                        fwd_bwd  11B
+  BN -> SiLU           3B, 2B, 5B, 8B: batch norm's bytes, SiLU applied on the way out, its derivative
+  (silu_ rows)         recomputed in the backward from x, which the backward reads anyway
+  BN -> Hardswish      3B, 2B, 5B, 8B: likewise
+  (hardswish_ rows)
 
 Per-channel vectors (weight, bias, running and saved statistics: O(C) floats) are left out: below 1%
 of the bytes in every suite shape. The unfused composition (BN, add, ReLU as three ops) moves at
-least 16B per fwd_bwd; the fused rows' GB/s always use the fused model, for every implementation.
+least 16B per fwd_bwd, BN then SiLU or Hardswish as two ops 2B more forward and 3B more backward
+(13B per fwd_bwd): every row's GB/s uses the fused model of its workload, for every implementation.
 """
 
 import math
@@ -24,6 +29,8 @@ import torch
 
 TRAFFIC_FACTOR = {"train_fwd": 3, "eval_fwd": 2, "bwd": 5, "fwd_bwd": 8}
 FUSED_TRAFFIC_FACTOR = {"train_fwd": 4, "eval_fwd": 3, "bwd": 7, "fwd_bwd": 11}
+SILU_TRAFFIC_FACTOR = dict(TRAFFIC_FACTOR)
+HARDSWISH_TRAFFIC_FACTOR = dict(TRAFFIC_FACTOR)
 
 
 def tensor_bytes(dims, dtype: torch.dtype) -> int:

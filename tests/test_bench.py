@@ -1,5 +1,6 @@
-"""The benchmark harness (bench/): traffic model, suite, backend detection, the correctness gate
-(with the fused rows' ReLU mask), the timing path (wall, host and device time, with stand-in
+"""The benchmark harness (bench/): traffic model, suite and its workloads (plain, BN -> add -> ReLU,
+BN -> SiLU, BN -> Hardswish), backend detection, the correctness gate (with the activations' kinks:
+ReLU's mask, Hardswish's -3 and 3), the timing path (wall, host and device time, with stand-in
 timers), the CSV/plot/env writers, kernel stubs, and the command line.
 
 Timings need a CUDA GPU; here the timing path runs with injected timers so that everything around
@@ -46,6 +47,9 @@ def test_traffic_model_counts_minimal_bytes():
         traffic.model_bytes("forward", dims, torch.float32)
     fused = {p: traffic.model_bytes(p, dims, torch.bfloat16, suite.FUSED.traffic) // (2 * b) for p in expected}
     assert fused == {"train_fwd": 4, "eval_fwd": 3, "bwd": 7, "fwd_bwd": 11}
+    # BN -> SiLU and BN -> Hardswish without a residual move batch norm's bytes (docs/math.md)
+    for w in (suite.SILU, suite.HARDSWISH):
+        assert {p: traffic.model_bytes(p, dims, torch.float32, w.traffic) // (4 * b) for p in expected} == expected
 
 
 def test_bandwidth_units():
@@ -95,6 +99,29 @@ def test_parse_shape_and_cases():
         "bfloat16/NC 8192x1024",
         "bfloat16/contiguous 4x6x10",
     ]
+
+
+def test_workloads_and_their_smoke_cases():
+    """Every workload's rows by prefix, activation and residual; the activation rows on the 4-D
+    cases only, and in the smoke on one case each (SiLU fp32 NCHW, Hardswish bf16 channels_last)."""
+    spec = [(w.prefix, w.activation, w.residual) for w in suite.WORKLOADS]
+    assert spec == [
+        ("", None, False),
+        ("fused_", "relu", True),
+        ("silu_", "silu", False),
+        ("hardswish_", "hardswish", False),
+    ]
+    cases = suite.make_cases([suite.SUITE_BY_NAME["64@56"], suite.SUITE_BY_NAME["8192x1024"]], ["bf16-cl"])
+    for w in suite.WORKLOADS[1:]:
+        assert [c.shape.name for c in cases if w.applies(c)] == ["64@56"]
+    smoke = {w.prefix: [c.label for c in suite.smoke_cases(w)] for w in suite.WORKLOADS}
+    assert smoke == {
+        "": ["float32/NCHW 4x6x5x5", "bfloat16/channels_last 4x6x5x5", "float16/NC 24x10"],
+        "fused_": ["float32/NCHW 4x6x5x5", "bfloat16/channels_last 4x6x5x5"],
+        "silu_": ["float32/NCHW 4x6x5x5"],
+        "hardswish_": ["bfloat16/channels_last 4x6x5x5"],
+    }
+    assert suite.smoke_cases() == suite.smoke_cases(suite.PLAIN)
 
 
 def test_inputs_follow_the_case_layout_and_are_not_zeros(device):
@@ -309,7 +336,96 @@ def test_fused_rows_come_from_the_same_runner(device):
     assert set(out) == {"y", "running_mean", "running_var", "dx", "dweight", "dbias", "dresidual"}
 
 
-# ---------------------------------------------------------------- the fused rows' ReLU mask
+@pytest.mark.parametrize("workload", [suite.SILU, suite.HARDSWISH], ids=lambda w: w.activation)
+def test_activation_rows_come_from_the_same_runner(device, workload):
+    """BN -> SiLU and BN -> Hardswish: every pass on the 4-D case only, prefixed, batch norm's bytes,
+    every implementation checked against float64 (bn_triton in its fused epilogue); kink flips are
+    counted on Hardswish's training rows (none on SiLU's: it has no kink)."""
+    settings = runner.Settings(device=torch.device(device), timing=False)
+    cases = suite.make_cases([suite.SMOKE_SHAPE_4D, suite.SMOKE_SHAPE_2D], ["fp32-nchw", "bf16-cl"])
+    rows = []
+    runner.run_suite(cases, ["bn_triton", "native"], list(suite.PASSES), settings, rows, workload=workload)
+    assert [(r["impl"], r["pass"], r["dtype"], r["shape"]) for r in rows] == [
+        (i, workload.prefix + p, dt, "4x6x5x5")
+        for dt in ("float32", "bfloat16")
+        for p in suite.PASSES
+        for i in ("bn_triton", "native")
+    ]
+    assert all(r["status"] == "checked" for r in rows), [r for r in rows if r["status"] != "checked"]
+    assert {r["backend"] for r in rows if r["impl"] == "bn_triton"} == {"bn_triton"}
+    for r in rows:
+        dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[r["dtype"]]
+        factor = {"train_fwd": 3, "eval_fwd": 2, "bwd": 5, "fwd_bwd": 8}[r["pass"].removeprefix(workload.prefix)]
+        assert r["model_bytes"] == factor * traffic.tensor_bytes(suite.SMOKE_SHAPE_4D.dims, dtype)
+        train = not r["pass"].endswith("eval_fwd")
+        assert (r["mask_flips"] is not None) == (train and workload is suite.HARDSWISH), r
+
+    inp = runner.make_inputs(cases[0], device)
+    out = runner.run_train(impls.make_impl("bn_triton", workload.activation).fn, inp)
+    assert set(out) == {"y", "running_mean", "running_var", "dx", "dweight", "dbias"}
+
+
+_TORCH_ACTIVATION = {None: lambda v: v, "relu": torch.relu, "silu": F.silu, "hardswish": F.hardswish}
+
+
+@pytest.mark.parametrize("workload", suite.WORKLOADS, ids=lambda w: w.prefix.strip("_") or "plain")
+def test_one_composition_for_every_workload(device, workload):
+    """Every implementation gets its workload's activation from make_impl; torch's rows (and the
+    float64 reference, on float64 copies) compute F.batch_norm, then the add, then torch's own
+    activation function, and bn_triton's row the same in its fused epilogue, forward and backward."""
+    inp = runner.make_inputs(suite.Case(TINY_4D, torch.float32, "NCHW"), device, residual=workload.residual)
+    act = _TORCH_ACTIVATION[workload.activation]
+
+    def by_hand(x, rm, rv, w, b, training, residual=None):
+        y = F.batch_norm(x, rm, rv, w, b, training, impls.MOMENTUM, impls.EPS)
+        return act(y if residual is None else y + residual)
+
+    want = runner.run_train(by_hand, inp)
+    for name in ("cudnn", "native", "bn_triton"):
+        impl = impls.make_impl(name, workload.activation)
+        with impl.active():
+            got = runner.run_train(impl.fn, inp)
+        assert set(got) == set(want)
+        for k in want:
+            torch.testing.assert_close(
+                got[k], want[k], atol=1e-5, rtol=1e-5, msg=lambda m, k=k, n=name: f"{n} {k}: {m}"
+            )
+    ref = runner.reference(inp, workload.activation)
+    ref_by_hand = runner.run_train(by_hand, inp.double())
+    assert all(torch.equal(ref["train"][k], ref_by_hand[k]) for k in ref_by_hand)
+    assert ref["eval"]["y"].dtype == torch.float64
+    assert ("kinks" in ref) == (workload.activation in ("relu", "hardswish"))
+
+
+def test_kinks_of_each_activation():
+    assert runner.kinks(None) == runner.kinks("silu") == runner.kinks("gelu_tanh") == ()
+    assert runner.kinks("relu") == runner.kinks("leaky_relu(0.2)") == (0.0,)
+    assert runner.kinks("relu6") == (0.0, 6.0) and runner.kinks("hardswish") == (-3.0, 3.0)
+    assert runner.kinks("elu(1.0)") == () and runner.kinks("elu(0.5)") == (0.0,)
+
+
+@pytest.mark.parametrize(
+    "workload, wrong",
+    [(suite.SILU, None), (suite.SILU, "gelu"), (suite.HARDSWISH, "relu6"), (suite.FUSED, "leaky_relu(0.2)")],
+    ids=["silu-as-none", "silu-as-gelu", "hardswish-as-relu6", "relu-as-leaky"],
+)
+def test_a_wrong_activation_fails_the_check(device, monkeypatch, workload, wrong):
+    """bn_triton computing another activation than its workload's (or none) is wrong on every pass of
+    the smoke's cases of that workload, and never timed; torch's rows on the same inputs pass."""
+    real = impls.triton_bn
+    monkeypatch.setattr(impls, "triton_bn", lambda *a, activation=None, **k: real(*a, activation=wrong, **k))
+    settings = runner.Settings(device=torch.device(device), timing=False)
+    rows = []
+    runner.run_suite(
+        suite.smoke_cases(workload), ["bn_triton", "native"], list(suite.PASSES), settings, rows, workload=workload
+    )
+    assert {r["status"] for r in rows if r["impl"] == "native"} == {"checked"}
+    ours = [r for r in rows if r["impl"] == "bn_triton"]
+    assert ours and {r["status"] for r in ours} == {"wrong"}, ours
+    assert all(r["backend"] == "" and "allowance" in r["note"] for r in ours)
+
+
+# ---------------------------------------------------------------- kinks: ReLU's mask, Hardswish's -3 and 3
 
 
 def _near_zero_case(device, k=4):
@@ -352,14 +468,22 @@ def _flipping(idx, ref_mask, dx_scale=1.0):
     return fn
 
 
-def _check_rows(device, monkeypatch, case, inp, fn):
+def _check_rows(device, monkeypatch, case, inp, fn, workload=suite.FUSED):
+    """The rows of ``inp``: bn_triton's computed by ``fn`` (None: bn_triton itself), and torch's native."""
     monkeypatch.setattr(runner, "make_inputs", lambda *a, **k: inp)
-    real_make = impls.make_impl
-    monkeypatch.setattr(impls, "make_impl", lambda n, *a: impls.Impl(n, fn) if n == "bn_triton" else real_make(n, *a))
+    if fn is not None:
+        real_make = impls.make_impl
+        stand_in = lambda n, *a: impls.Impl(n, fn) if n == "bn_triton" else real_make(n, *a)
+        monkeypatch.setattr(impls, "make_impl", stand_in)
     rows = []
     settings = runner.Settings(device=torch.device(device), timing=False)
-    runner.run_case(case, ["bn_triton", "native"], ["fwd_bwd", "eval_fwd"], settings, rows, workload=suite.FUSED)
-    return {(r["impl"], r["pass"]): r for r in rows}
+    runner.run_case(case, ["bn_triton", "native"], ["fwd_bwd", "eval_fwd"], settings, rows, workload=workload)
+    return {(r["impl"], r["pass"].removeprefix(workload.prefix)): r for r in rows}
+
+
+def _relu_errors(inp, ref, out):
+    torch_errs, _ = runner.errors(runner.run_train(impls.make_impl("cudnn", "relu").fn, inp), ref, "train")
+    return torch_errs, runner.errors(out, ref, "train")
 
 
 def test_relu_gate_accepts_mask_flips_within_rounding(device, monkeypatch):
@@ -368,22 +492,22 @@ def test_relu_gate_accepts_mask_flips_within_rounding(device, monkeypatch):
     the allowance: the gate before it knew of the mask). Compared under its own mask where p is
     within rounding of 0, it passes, and the flips are counted in the row."""
     case, inp, idx, ref_mask = _near_zero_case(device)
-    ref = runner.reference(inp)
-    assert ref["relu"]["near_zero"].view(-1)[idx].all()
+    ref = runner.reference(inp, "relu")
+    assert ref["kinks"]["near"].view(-1)[idx].all()
+    assert torch.equal(ref["kinks"]["pre"].view(-1)[idx] > 0, ref_mask)
     fn = _flipping(idx, ref_mask)
     out = runner.run_train(fn, inp)
-    torch_errs, _ = runner.errors(runner.run_train(impls.torch_bn, inp), ref, "train")
+    torch_errs, (errs, flips) = _relu_errors(inp, ref, out)
     naive = {k: runner.rel_error(out[k], v) for k, v in ref["train"].items()}
     assert not runner.verdict(naive, torch_errs, torch.float32)[0]
-    errs, flips = runner.errors(out, ref, "train")
     assert flips == len(idx)
     assert runner.verdict(errs, torch_errs, torch.float32)[0], errs
 
     rows = _check_rows(device, monkeypatch, case, inp, fn)
-    assert rows["bn_triton", "fused_fwd_bwd"]["status"] == "checked"
-    assert rows["bn_triton", "fused_fwd_bwd"]["mask_flips"] == len(idx)
-    assert rows["bn_triton", "fused_eval_fwd"]["mask_flips"] is None
-    assert rows["native", "fused_fwd_bwd"]["status"] == "checked"  # torch's kernels on the same inputs
+    assert rows["bn_triton", "fwd_bwd"]["status"] == "checked"
+    assert rows["bn_triton", "fwd_bwd"]["mask_flips"] == len(idx)
+    assert rows["bn_triton", "eval_fwd"]["mask_flips"] is None
+    assert rows["native", "fwd_bwd"]["status"] == "checked"  # torch's kernels on the same inputs
 
 
 def test_relu_gate_still_flags_real_errors(device, monkeypatch):
@@ -391,22 +515,109 @@ def test_relu_gate_still_flags_real_errors(device, monkeypatch):
     flips, or a flip where p is far from 0, is wrong."""
     case = suite.Case(TINY_4D, torch.float32, "NCHW")
     inp = runner.make_inputs(case, device, residual=True)
-    ref = runner.reference(inp)
+    ref = runner.reference(inp, "relu")
     d = inp.double()
     p = F.batch_norm(d.x, None, None, d.weight, d.bias, True, 0.0, impls.EPS) + d.residual
     far = p.abs().view(-1).argmax().reshape(1)
-    assert not ref["relu"]["near_zero"].view(-1)[far].any()
-    out = runner.run_train(_flipping(far, ref["relu"]["mask"].view(-1)[far]), inp)
-    errs, flips = runner.errors(out, ref, "train")
-    torch_errs, _ = runner.errors(runner.run_train(impls.torch_bn, inp), ref, "train")
+    assert not ref["kinks"]["near"].view(-1)[far].any()
+    out = runner.run_train(_flipping(far, p.view(-1)[far] > 0), inp)
+    torch_errs, (errs, flips) = _relu_errors(inp, ref, out)
     assert flips == 0
     assert not runner.verdict(errs, torch_errs, torch.float32)[0]
 
     case, inp, idx, ref_mask = _near_zero_case(device)
     rows = _check_rows(device, monkeypatch, case, inp, _flipping(idx, ref_mask, dx_scale=1.01))
-    assert rows["bn_triton", "fused_fwd_bwd"]["status"] == "wrong"
-    assert rows["bn_triton", "fused_fwd_bwd"]["note"].startswith("dx error")
-    assert rows["bn_triton", "fused_eval_fwd"]["status"] == "checked"
+    assert rows["bn_triton", "fwd_bwd"]["status"] == "wrong"
+    assert rows["bn_triton", "fwd_bwd"]["note"].startswith("dx error")
+    assert rows["bn_triton", "eval_fwd"]["status"] == "checked"
+
+
+def _near_kink_case(device):
+    """fp32 inputs, no residual, whose BN(x) lies within rounding of Hardswish's kinks at one element
+    per channel (3 in even channels, -3 in odd ones), found by Newton steps on x in float64 then
+    rounded to fp32. Returns the case, the inputs, those elements, their kinks and which lie above
+    them in float64."""
+    case = suite.Case(TINY_4D, torch.float32, "NCHW")
+    inp = runner.make_inputs(case, device)
+    n, c, h, w = TINY_4D.dims
+    idx = torch.arange(c, device=device) * h * w + w + 1  # (0, channel, 1, 1)
+    kink = torch.tensor([3.0, -3.0] * c, dtype=torch.float64, device=device)[:c]
+    x, weight, bias = inp.x.double(), inp.weight.double(), inp.bias.double()
+    for _ in range(60):
+        z = F.batch_norm(x, None, None, weight, bias, True, 0.0, impls.EPS)
+        scale = weight / (x.var((0, 2, 3), unbiased=False) + impls.EPS).sqrt()
+        x.view(-1)[idx] += (kink - z.view(-1)[idx]) / scale
+    inp = inp._replace(x=x.float())
+    p = F.batch_norm(inp.x.double(), None, None, weight, bias, True, 0.0, impls.EPS).view(-1)[idx]
+    assert (p - kink).abs().max() < 1e-5
+    return case, inp, idx, kink, p > kink
+
+
+def _across(idx, kink, above, dx_scale=1.0):
+    """hardswish(BN(x)) whose derivative at ``idx`` in training is taken just across ``kink`` from
+    float64's side (``above``): an implementation that rounded BN(x) to the other side there; its
+    values are hardswish(BN(x)) everywhere, and its dx is scaled."""
+
+    def fn(x, rm, rv, w, b, training, residual=None):
+        p = F.batch_norm(_ScaleGrad.apply(x, dx_scale), rm, rv, w, b, training, impls.MOMENTUM, impls.EPS)
+        if not training:
+            return F.hardswish(p)
+        with torch.no_grad():
+            shift = torch.zeros_like(p)
+            shift.view(-1)[idx] = (kink + torch.where(above, -1e-6, 1e-6)).to(p.dtype) - p.view(-1)[idx]
+        v = p + shift  # act'(v) in the backward, act(p) in the forward
+        return F.hardswish(v) + (F.hardswish(p) - F.hardswish(v)).detach()
+
+    return fn
+
+
+def test_hardswish_gate_accepts_kink_flips_within_rounding(device, monkeypatch):
+    """Hardswish without a residual: no d(residual) shows which side of -3 or 3 an implementation
+    took, so the check reads g = dy * act' back from dx, dweight and dbias. A stand-in taking the
+    other side at the elements within rounding of a kink is wrong element by element (its gradient
+    there is off by dy / 2), and passes compared with float64 taking the same sides, its flips
+    counted; bn_triton itself and torch pass on the same inputs."""
+    case, inp, idx, kink, above = _near_kink_case(device)
+    ref = runner.reference(inp, "hardswish")
+    assert ref["kinks"]["near"].view(-1)[idx].all()
+    assert torch.equal(ref["kinks"]["kink"].view(-1)[idx], kink)
+    fn = _across(idx, kink, above)
+    out = runner.run_train(fn, inp)
+    torch_errs, _ = runner.errors(runner.run_train(impls.make_impl("cudnn", "hardswish").fn, inp), ref, "train")
+    naive = {k: runner.rel_error(out[k], v) for k, v in ref["train"].items()}
+    assert not runner.verdict(naive, torch_errs, torch.float32)[0]
+    errs, flips = runner.errors(out, ref, "train")
+    assert flips == len(idx)
+    assert runner.verdict(errs, torch_errs, torch.float32)[0], errs
+
+    rows = _check_rows(device, monkeypatch, case, inp, fn, suite.HARDSWISH)
+    assert rows["bn_triton", "fwd_bwd"]["status"] == "checked"
+    assert rows["bn_triton", "fwd_bwd"]["mask_flips"] == len(idx)
+    assert rows["bn_triton", "eval_fwd"]["mask_flips"] is None
+    assert rows["native", "fwd_bwd"]["status"] == "checked"
+    monkeypatch.undo()
+    rows = _check_rows(device, monkeypatch, case, inp, None, suite.HARDSWISH)
+    assert {r["status"] for r in rows.values()} == {"checked"}, rows
+
+
+def test_hardswish_gate_still_flags_real_errors(device, monkeypatch):
+    """The tolerance covers sides taken within rounding of a kink and nothing else: the other
+    region's derivative where BN(x) is far from both kinks, or dx off by 1% next to flips, is wrong."""
+    inp = runner.make_inputs(suite.Case(TINY_4D, torch.float32, "NCHW"), device)
+    ref = runner.reference(inp, "hardswish")
+    assert not ref["kinks"]["near"].any()
+    far = ref["kinks"]["pre"].view(-1).sub(ref["kinks"]["kink"].view(-1)).abs().argmax().reshape(1)
+    out = runner.run_train(_across(far, torch.tensor([3.0], dtype=torch.float64), torch.tensor([False])), inp)
+    torch_errs, _ = runner.errors(runner.run_train(impls.make_impl("cudnn", "hardswish").fn, inp), ref, "train")
+    errs, flips = runner.errors(out, ref, "train")
+    assert flips == 0
+    assert not runner.verdict(errs, torch_errs, torch.float32)[0]
+
+    case, inp, idx, kink, above = _near_kink_case(device)
+    rows = _check_rows(device, monkeypatch, case, inp, _across(idx, kink, above, dx_scale=1.01), suite.HARDSWISH)
+    assert rows["bn_triton", "fwd_bwd"]["status"] == "wrong"
+    assert rows["bn_triton", "fwd_bwd"]["note"].startswith("dx error")
+    assert rows["bn_triton", "eval_fwd"]["status"] == "checked"
 
 
 # ---------------------------------------------------------------- writers
@@ -573,11 +784,19 @@ def test_cli_smoke(tmp_path, request):
         assert "timings need a CUDA GPU" in proc.stdout
     with open(tmp_path / "results.csv", newline="") as f:
         rows = list(csv.DictReader(f))
-    plain = [r for r in rows if not r["pass"].startswith("fused_")]
-    fused = [r for r in rows if r["pass"].startswith("fused_")]
-    assert len(plain) == 3 * 4 * 4  # smoke cases x passes x implementations
-    assert len(fused) == 2 * 4 * 4  # the 4-D smoke cases get the fused BN -> add -> ReLU rows too
-    assert "(3 cases + 2 fused cases) x 4 passes x 4 implementations = 80 rows" in proc.stdout
+    by_workload = {w.prefix: [] for w in suite.WORKLOADS}
+    for r in rows:
+        by_workload[next(w for w in reversed(by_workload) if r["pass"].startswith(w))].append(r)
+    assert len(by_workload[""]) == 3 * 4 * 4  # smoke cases x passes x implementations
+    assert len(by_workload["fused_"]) == 2 * 4 * 4  # the 4-D smoke cases get the fused BN -> add -> ReLU rows too
+    # BN -> SiLU and BN -> Hardswish on one case each
+    assert {(r["dtype"], r["layout"], r["shape"]) for r in by_workload["silu_"]} == {("float32", "NCHW", "4x6x5x5")}
+    assert {(r["dtype"], r["layout"]) for r in by_workload["hardswish_"]} == {("bfloat16", "channels_last")}
+    assert len(by_workload["silu_"]) == len(by_workload["hardswish_"]) == 4 * 4
+    assert all((r["mask_flips"] == "") == r["pass"].endswith("eval_fwd") for r in by_workload["hardswish_"])
+    assert {r["mask_flips"] for r in by_workload["silu_"]} == {""}  # no kink
+    header = "(3 cases + 2 fused cases + 1 silu case + 1 hardswish case) x 4 passes x 4 implementations = 112 rows"
+    assert header in proc.stdout
     assert {r["status"] for r in rows} == {"checked"}
     assert all(r["ms"] == r["gbps"] == r["host_ms"] == "" for r in rows)
     assert {r["backend"] for r in rows if r["impl"] == "bn_triton"} == {"bn_triton"}
@@ -587,7 +806,7 @@ def test_cli_smoke(tmp_path, request):
         assert json.load(f)["smoke"] is True
     summary = (tmp_path / "summary.md").read_text()
     assert summary.startswith("## Smoke")
-    verdict = "verdict: PASS: all 20 bn_triton rows checked against float64; 80 rows: 80 checked; exit status 0"
+    verdict = "verdict: PASS: all 28 bn_triton rows checked against float64; 112 rows: 112 checked; exit status 0"
     assert summary.rstrip().endswith(verdict)
     assert proc.stdout.rstrip().endswith(verdict)
 
@@ -604,13 +823,22 @@ def test_cli_failure_lists_each_error_once(monkeypatch, capsys):
     argv = ["--smoke", "--impls", "bn_triton,native", "--passes", "train_fwd,eval_fwd"]
     assert main(argv) == 1
     out = capsys.readouterr().out
-    assert "(3 cases + 2 fused cases) x 2 passes x 2 implementations = 20 rows" in out
-    assert "\n20 rows in " in out
+    assert "(3 cases + 2 fused cases + 1 silu case + 1 hardswish case) x 2 passes x 2 implementations = 28 rows" in out
+    assert "\n28 rows in " in out
     problems = [line for line in out.splitlines() if line.startswith("- ")]
-    assert problems == ["- error, 10 rows (bn_triton; 10 inputs and passes): ImportError: cannot import name 'kernels'"]
+    assert problems == ["- error, 14 rows (bn_triton; 14 inputs and passes): ImportError: cannot import name 'kernels'"]
     assert out.rstrip().endswith(
-        "verdict: FAIL: 10 of 10 bn_triton rows wrong or raised; 20 rows: 10 error, 10 checked; exit status 1"
+        "verdict: FAIL: 14 of 14 bn_triton rows wrong or raised; 28 rows: 14 error, 14 checked; exit status 1"
     )
+
+
+def test_no_fused_runs_the_plain_rows_only(capsys):
+    from bench.__main__ import main
+
+    assert main(["--smoke", "--no-fused", "--impls", "bn_triton", "--passes", "eval_fwd"]) == 0
+    out = capsys.readouterr().out
+    assert "(3 cases) x 1 passes x 1 implementations = 3 rows" in out
+    assert "fused_" not in out and "silu_" not in out and "hardswish_" not in out
 
 
 def test_model_flag_runs_the_e2e_bench(monkeypatch):

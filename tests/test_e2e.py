@@ -27,7 +27,8 @@ def test_smoke_runs_every_variant_and_writes_the_csv(tmp_path):
     """The command line as gpu_check.sh and ``python -m bench --model`` call it (with --smoke, so a
     GPU machine runs the tiny net too): exit 0, one row per config x variant that can run here
     (CUDA graphs need CUDA), exact columns, the losses checked against torch eager's, the fused
-    variant fused both patterns and launches fewer kernels than the unfused one."""
+    variant fused every pattern (BN -> ReLU, BN -> add -> ReLU, BN -> SiLU) and launches fewer kernels
+    than the unfused one."""
     md = tmp_path / "e2e.md"
     proc = subprocess.run(
         [sys.executable, "-m", "bench.e2e", "--smoke", "--out", str(tmp_path), "--md", str(md)],
@@ -53,7 +54,7 @@ def test_smoke_runs_every_variant_and_writes_the_csv(tmp_path):
     text = md.read_text()
     assert text.count(": ok") == len(e2e.CONFIGS) * (len(ran) - 1), text  # every variant against torch eager's
     assert "DISAGREES" not in text and "Errors" not in text
-    fused = "fused 3 of 4 BatchNorm layers: 2 into relu, 1 into add + relu; left 1: bn_feat"
+    fused = "fused 4 of 5 BatchNorm layers: 2 into relu, 1 into add + relu, 1 into silu; left 1: bn_feat"
     assert f"- bf16_cl, fp32_nchw: {fused}" in text
     if not cuda:
         assert f"Skipped ({e2e.NO_CUDA_GRAPHS}): bf16_cl torch_graph, bf16_cl bn_triton_graph" in text
@@ -66,6 +67,17 @@ def test_without_torchvision_it_says_so_and_exits_0(monkeypatch, tmp_path, capsy
     assert e2e.main(["--model", "resnet50", "--out", str(tmp_path)]) == 0
     assert e2e.NO_TORCHVISION in capsys.readouterr().out
     assert not (tmp_path / "e2e.csv").exists()
+
+
+def test_the_interpreter_is_on_before_the_model_is_built(monkeypatch, capsys):
+    """torchvision imports triton, whose own @triton.jit functions read TRITON_INTERPRET when they are
+    made: the smoke switches the interpreter on before it builds a torchvision model."""
+    order = []
+    monkeypatch.setattr(e2e, "start_smoke", lambda *args: order.append("start_smoke"))
+    monkeypatch.setattr(e2e, "build_model", lambda name: order.append(name))  # None: as without torchvision
+    assert e2e.main(["--smoke", "--model", e2e.SILU_MODEL]) == 0
+    assert order == ["start_smoke", "efficientnet_b0"]
+    assert e2e.NO_TORCHVISION in capsys.readouterr().out
 
 
 @pytest.mark.parametrize(
