@@ -26,6 +26,15 @@ Without ``example_inputs`` no shape is known, so no add fuses (a broadcasting on
 shapes and dtypes are the example's (fuse under the autocast the model runs in): an input on which
 an add would broadcast raises our layer's error. A model torch.fx cannot trace raises an error, or
 with ``on_untraceable="convert"`` is converted by ``convert_batchnorm`` without fusion, with a warning.
+
+Modes: torch.fx records a read of a module's ``training`` as a constant (``F.dropout(x, p,
+self.training)``, torchvision's stochastic depth, ``if self.training:``). A model whose trace reads
+one is traced with its modes as at the call, with every module in training and with every module in
+eval mode; if the graphs differ, the result is a ``GraphPerMode`` whose ``forward`` runs the graph of
+the modes those modules are in now (another mix of them raises an error), and a layer fuses only if
+its calls fuse alike in every graph. A model that traces in one of these modes but not in another is
+untraceable, as above. Modules that read their own mode as they run (BatchNorm, nn.Dropout) may be in
+any mode.
 """
 
 import ast
@@ -35,7 +44,6 @@ import copy
 import dataclasses
 import inspect
 import io
-import keyword
 import logging
 import operator
 import threading
@@ -111,6 +119,8 @@ def fuse(model: nn.Module, example_inputs=None, *, on_untraceable: str = "raise"
     dtypes the model will see (without it no add fuses). ``on_untraceable``: "raise" (a model that
     torch.fx cannot trace raises an error) or "convert" (it is converted without fusion, with a
     warning). The result's ``fusion_report`` (a FusionReport) says what fused and why the rest did not.
+    The result follows ``.train()`` and ``.eval()`` as the model does: where the model's forward reads
+    ``self.training``, it holds a graph per mode (a ``GraphPerMode``).
     """
     if on_untraceable not in ("raise", "convert"):
         raise ValueError(f"bn_triton.fuse: on_untraceable must be 'raise' or 'convert', got {on_untraceable!r}")
@@ -709,7 +719,6 @@ def _dispatch_source(src: str, names: tuple, keys: dict, count: int) -> str:
 
 
 def _path(name: str) -> str:
-    path = "self"
-    for part in name.split(".") if name else ():
-        path = f"{path}.{part}" if part.isidentifier() and not keyword.iskeyword(part) else f"getattr({path}, {part!r})"
-    return path
+    """The submodule ``name`` of ``self`` through the ``_modules`` dicts: nn.Module.__getattr__ costs 18 times
+    as much (efficientnet_v2_s's 35 flags: 21 us a forward instead of 370, on a CPU)."""
+    return "self" + "".join(f"._modules[{part!r}]" for part in name.split(".") if name)
