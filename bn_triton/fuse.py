@@ -667,11 +667,12 @@ class GraphPerMode(fx.GraphModule):
         return result
 
     def __copy__(self):
-        result = GraphPerMode(self, self.graph, type(self).__name__)
+        """Every child, not only what ``graph`` calls (GraphModule's): the other graphs' and the flags'."""
+        result = GraphPerMode(fx.graph_module._CodeOnlyModule(dict(self.__dict__)), self.graph, type(self).__name__)
         result.meta = getattr(self, "meta", {})
+        for name, value in result.meta.get(_PRESERVED, {}).items():
+            setattr(result, name, value)
         if "mode_graphs" in self.__dict__:
-            for graph in self.mode_graphs:
-                _attach_targets(self, result, graph)
             result.set_modes(self.mode_names, self.mode_keys, self.mode_graphs)
         return result
 

@@ -214,6 +214,7 @@ def test_result_copies_pickles_prints_and_compiles(kind, flag, device):
         "deepcopy": copy.deepcopy(fused),
         "pickle": pickle.loads(pickle.dumps(fused)),
         "torch.save": torch.load(buffer, weights_only=False),
+        "copy": copy.copy(copy.deepcopy(fused)),  # shallow: DataParallel's replicas
     }
     for name, other in copies.items():
         assert other.fusion_report == fused.fusion_report, name
