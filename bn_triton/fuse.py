@@ -27,8 +27,18 @@ Without ``example_inputs`` no shape is known, so no add fuses (a broadcasting on
 shapes and dtypes are the example's (fuse under the autocast the model runs in): an input on which
 an add would broadcast raises our layer's error. A model torch.fx cannot trace raises an error, or
 with ``on_untraceable="convert"`` is converted by ``convert_batchnorm`` without fusion, with a warning.
+
+Modes: torch.fx records a read of a module's ``training`` as a constant (``F.dropout(x, p,
+self.training)``, torchvision's stochastic depth, ``if self.training:``). A model whose trace reads
+one is traced with its modes as at the call, with every module in training and with every module in
+eval mode; if the graphs differ, the result is a ``GraphPerMode`` whose ``forward`` runs the graph of
+the modes those modules are in now (another mix of them raises an error), and a layer fuses only if
+its calls fuse alike in every graph. A model that traces in one of these modes but not in another is
+untraceable, as above. Modules that read their own mode as they run (BatchNorm, nn.Dropout) may be in
+any mode.
 """
 
+import ast
 import collections
 import contextlib
 import copy
@@ -37,12 +47,15 @@ import inspect
 import io
 import logging
 import operator
+import threading
 import warnings
 from typing import Optional
 
 import torch
 from torch import fx, nn
+from torch.fx.graph_module import _forward_from_src
 from torch.nn.modules.batchnorm import _BatchNorm
+from torch.package import sys_importer
 
 from bn_triton import activations, modules
 from bn_triton.convert import convert_batchnorm, convert_layer
@@ -112,26 +125,39 @@ def fuse(model: nn.Module, example_inputs=None, *, on_untraceable: str = "raise"
     dtypes the model will see (without it no add fuses). ``on_untraceable``: "raise" (a model that
     torch.fx cannot trace raises an error) or "convert" (it is converted without fusion, with a
     warning). The result's ``fusion_report`` (a FusionReport) says what fused and why the rest did not.
+    The result follows ``.train()`` and ``.eval()`` as the model does: where the model's forward reads
+    ``self.training``, it holds a graph per mode (a ``GraphPerMode``).
     """
     if on_untraceable not in ("raise", "convert"):
         raise ValueError(f"bn_triton.fuse: on_untraceable must be 'raise' or 'convert', got {on_untraceable!r}")
     try:
-        gm = _trace(model)
+        traced = _trace(model)
     except Exception as exc:  # noqa: BLE001 - any failure to trace is the untraceable case
         return _untraceable(model, exc, on_untraceable)
-    no_shapes = _record_shapes(gm, example_inputs)
-    mods = dict(gm.named_modules())
-    calls = collections.defaultdict(list)  # layer name -> _Site or reason, one per call
-    for node in gm.graph.nodes:
-        if node.op == "call_module" and type(mods[node.target]) in FUSABLE:
-            calls[node.target].append(_match(node, mods, no_shapes))
+    name = type(model).__name__
+    first = (GraphPerMode if len(traced.graphs) > 1 else fx.GraphModule)(model, traced.graphs[0], name)
+    gms = [first] + [fx.GraphModule(model, graph, name) for graph in traced.graphs[1:]]
+    calls = collections.defaultdict(list)  # layer name -> _Site or reason, one per call in any graph
+    modes = collections.defaultdict(list)  # layer name -> the modes of each of those calls' graph
+    for gm, label in zip(gms, traced.labels, strict=True):
+        no_shapes = _record_shapes(gm, example_inputs)
+        mods = dict(gm.named_modules())
+        for node in gm.graph.nodes:
+            if node.op == "call_module" and type(mods[node.target]) in FUSABLE:
+                calls[node.target].append(_match(node, mods, no_shapes))
+                modes[node.target].append(label)
     _one_claim_per_add(calls)
-    decisions = {name: _decide(results) for name, results in calls.items()}
-    _rewrite(gm, {name: d for name, d in decisions.items() if isinstance(d, list)})
-    replaced = _replace_layers(gm, decisions)
-    _keep_unreached(model, gm, replaced)
-    _keep_modes(model, gm)
-    return _finish(gm, _report(model, calls, decisions))
+    decisions = {layer: _decide(results, modes[layer]) for layer, results in calls.items()}
+    fused = {layer: d for layer, d in decisions.items() if isinstance(d, list)}
+    for gm in gms:
+        _rewrite(gm, {layer: [s for s in sites if s.bn.graph is gm.graph] for layer, sites in fused.items()})
+        _attach_targets(model, first, gm.graph)
+    replaced = _replace_layers(first, decisions)
+    _keep_unreached(model, first, replaced)
+    _keep_modes(model, first)
+    if len(gms) > 1:
+        first.set_modes(traced.names, traced.keys, [gm.graph for gm in gms[1:]])
+    return _finish(first, _report(model, calls, decisions))
 
 
 class _Tracer(fx.Tracer):
@@ -142,16 +168,130 @@ class _Tracer(fx.Tracer):
         return isinstance(m, _BatchNorm) or super().is_leaf_module(m, qualname)
 
 
-def _trace(model: nn.Module) -> fx.GraphModule:
-    """A GraphModule of its own: containers new, leaf layers and tensors the model's."""
+@dataclasses.dataclass
+class _Traced:
+    """The graphs of a model, one per distinct code: ``graphs[keys[k]]`` was traced with
+    ``tuple(model.get_submodule(n).training for n in names) == k``; ``labels[i]`` words graph i's modes."""
+
+    graphs: list
+    names: tuple = ()
+    keys: dict = dataclasses.field(default_factory=dict)
+    labels: list = dataclasses.field(default_factory=lambda: ["the modes at the call"])
+
+
+class _ModeTraceError(Exception):
+    """torch.fx traced the model in the modes it was in, but not in ``mode`` (its cause says why)."""
+
+    def __init__(self, mode: str):
+        super().__init__(f"torch.fx could not trace the model in {mode}")
+        self.mode = mode
+
+
+def _trace(model: nn.Module) -> _Traced:
+    """The model's graphs. A read of a module's ``training`` is a constant in the graph, so a model that
+    reads one is traced again with every module in training and every module in eval mode (where the
+    modes at the call are not those already); the graphs of distinct code are kept, the call's first."""
+    if isinstance(model, GraphPerMode):  # taken as it is, each of its graphs
+        graphs = [copy.deepcopy(g) for g in (model.graph, *model.mode_graphs)]
+        return _Traced(graphs, model.mode_names, dict(model.mode_keys), _labels(model.mode_keys, len(graphs)))
     if isinstance(model, fx.GraphModule):  # retracing would turn its in-place adds into out-of-place ones
-        return fx.GraphModule(model, copy.deepcopy(model.graph), type(model).__name__)
-    return fx.GraphModule(model, _Tracer().trace(model), type(model).__name__)
+        return _Traced([copy.deepcopy(model.graph)])
+    with _mode_reads(model) as read:
+        at_call = _Tracer().trace(model)
+    if not read:
+        return _Traced([at_call])
+    modules = dict(model.named_modules())
+    flags = {n: m.training for n, m in modules.items()}
+    traces = [(flags, at_call)]
+    names = dict(read)
+    for training in (True, False):
+        state = dict.fromkeys(flags, training)
+        if any(flags[n] != training for n in read):
+            mode = "training mode" if training else "eval mode"
+            try:
+                with _modes_set(model, training), _mode_reads(model) as more:
+                    graph = _Tracer().trace(model)
+            except Exception as exc:  # noqa: BLE001 - reported as the model's, in this mode
+                raise _ModeTraceError(mode) from exc
+            names.update(more)
+            traces.append((state, graph))
+        else:  # the same reads, the same values: the same graph
+            traces.append((state, at_call))
+    names = tuple(n for n in modules if n in names)  # the model's order
+    graphs, keys, codes = [], {}, {}
+    for state, graph in traces:
+        code = graph.python_code(root_module="self").src
+        if code not in codes:
+            codes[code] = len(graphs)
+            graphs.append(graph)
+        keys.setdefault(tuple(state[n] for n in names), codes[code])
+    return _Traced(graphs, names, keys, _labels(keys, len(graphs)))
+
+
+def _labels(keys: dict, count: int) -> list:
+    """Each graph's modes in words: training mode, eval mode, or the mixed modes at the call."""
+    words = [[] for _ in range(count)]
+    for key, i in keys.items():
+        words[i].append("training mode" if all(key) else "eval mode" if not any(key) else "the modes at the call")
+    return [" and ".join(w) for w in words]
+
+
+_MODE_READS_LOCK = threading.Lock()
+_NONE = object()
+
+
+@contextlib.contextmanager
+def _mode_reads(model: nn.Module):
+    """{name: None} of the modules of ``model`` whose ``training`` this thread reads inside: for the while,
+    ``training`` is a property of nn.Module that stores in and reads from the instance's __dict__, as
+    the attribute does, and notes the reads."""
+    names = {}
+    for name, module in model.named_modules():
+        names.setdefault(id(module), name)
+    read, thread = {}, threading.get_ident()
+
+    def get(module):
+        try:
+            training = module.__dict__["training"]
+        except KeyError:
+            raise AttributeError("training") from None
+        if id(module) in names and threading.get_ident() == thread:
+            read[names[id(module)]] = None
+        return training
+
+    def put(module, training):
+        module.__dict__["training"] = training
+
+    with _MODE_READS_LOCK:
+        before = vars(nn.Module).get("training", _NONE)
+        nn.Module.training = property(get, put)
+        try:
+            yield read
+        finally:
+            if before is _NONE:
+                del nn.Module.training
+            else:
+                nn.Module.training = before
+
+
+@contextlib.contextmanager
+def _modes_set(model: nn.Module, training: bool):
+    """Every module of ``model`` in one mode (as ``.train(training)`` sets them), restored after."""
+    saved = [(m, m.training) for m in model.modules()]
+    try:
+        for m, _ in saved:
+            m.training = training
+        yield
+    finally:
+        for m, flag in saved:
+            m.training = flag
 
 
 def _untraceable(model: nn.Module, exc: Exception, on_untraceable: str) -> nn.Module:
-    cause = f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0]}"
     name = type(model).__name__
+    if isinstance(exc, _ModeTraceError):  # it traced in the modes at the call: that graph alone would fix them
+        name, exc = f"{name} in {exc.mode}", exc.__cause__
+    cause = f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0]}"
     if on_untraceable == "raise":
         raise RuntimeError(
             f"bn_triton.fuse: torch.fx could not trace {name} ({cause}). "
@@ -361,17 +501,26 @@ def _one_claim_per_add(calls: dict) -> None:
                 res[i] = RESIDUAL
 
 
-def _decide(results: list) -> list | str:
-    """The sites to fuse, if every call of the layer fuses alike; else why the layer stays."""
+def _decide(results: list, modes: list) -> list | str:
+    """The sites to fuse, if every call of the layer fuses alike, in every graph (``modes``: each call's);
+    else why the layer stays."""
     kinds = [r.kind if isinstance(r, _Site) else r for r in results]
     if all(isinstance(r, _Site) for r in results) and len(set(kinds)) == 1:
         return results
     if len(set(kinds)) == 1:
         return kinds[0]
-    counts = collections.Counter(kinds)
     fused = {r.kind for r in results if isinstance(r, _Site)}
-    parts = [f"{n} {describe_kind(k)}" if k in fused else f"{n} not ({k})" for k, n in counts.items()]
-    return f"called {len(results)} times, and not every call fuses alike: {', '.join(parts)}"
+    if len(set(modes)) == 1:
+        return f"called {len(results)} times, and not every call fuses alike: {_counted(kinds, fused)}"
+    by_mode = collections.defaultdict(list)
+    for mode, kind in zip(modes, kinds, strict=True):
+        by_mode[mode].append(kind)
+    return "not every call fuses alike: " + "; ".join(f"in {m} {_counted(k, fused)}" for m, k in by_mode.items())
+
+
+def _counted(kinds: list, fused: set) -> str:
+    counts = collections.Counter(kinds)
+    return ", ".join(f"{n} {describe_kind(k)}" if k in fused else f"{n} not ({k})" for k, n in counts.items())
 
 
 def _report(model: nn.Module, calls: dict, decisions: dict) -> FusionReport:
@@ -458,3 +607,126 @@ def _keep_modes(model: nn.Module, gm: fx.GraphModule) -> None:
     """torch.fx makes new containers, in training mode: each takes its counterpart's mode."""
     for name, module in model.named_modules(remove_duplicate=False):
         gm.get_submodule(name).training = module.training
+
+
+def _attach_targets(model: nn.Module, gm: fx.GraphModule, graph: fx.Graph) -> None:
+    """What ``graph`` calls or reads and ``gm`` lacks (``graph`` is another mode's), the model's."""
+    for node in graph.nodes:
+        if node.op in ("call_module", "get_attr") and not _has(gm, node.target):
+            fx.graph_module._copy_attr(model, gm, node.target)
+
+
+def _has(module: nn.Module, target: str) -> bool:
+    try:
+        operator.attrgetter(target)(module)
+    except AttributeError:
+        return False
+    return True
+
+
+# ---------------------------------------------------------------- the result of a model that reads its modes
+class GraphPerMode(fx.GraphModule):
+    """A GraphModule with a graph per set of modes, whose ``forward`` runs the one traced with its modules
+    in the modes they are in now (torch.fx traces a read of ``self.training`` as a constant).
+
+    ``graph`` was traced in the modes at the ``bn_triton.fuse`` call, ``mode_graphs`` in the others:
+    ``mode_keys`` maps the ``training`` flags of the modules named in ``mode_names`` ("" is the model) to
+    0 (``graph``) or 1 + an index into ``mode_graphs``. Modes that no graph was traced in raise an error.
+    ``code`` shows ``forward`` and each graph's code (as ``_forward_mode_<i>``).
+    """
+
+    def set_modes(self, names: tuple, keys: dict, graphs: list) -> None:
+        self.mode_names, self.mode_keys, self.mode_graphs = tuple(names), dict(keys), list(graphs)
+        for graph in self.mode_graphs:
+            graph.owning_module = self
+        self.recompile()
+
+    def recompile(self):
+        python_code = super().recompile()
+        if "mode_graphs" not in self.__dict__:  # within GraphModule.__init__: one graph so far
+            return python_code
+        cls = type(self)
+        codes = [python_code] + [graph.python_code(root_module="self") for graph in self.mode_graphs]
+        text = [_dispatch_source(python_code.src, self.mode_names, self.mode_keys, len(codes))]
+        for i, code in enumerate(codes):
+            method = cls.forward if i == 0 else _forward_from_src(code.src, code.globals)
+            setattr(cls, f"_forward_mode_{i}", method)
+            keys = " or ".join(repr(key) for key, j in self.mode_keys.items() if j == i)
+            text.append(f"# traced with modes {keys}" + code.src.replace("def forward(", f"def _forward_mode_{i}(", 1))
+        cls.forward = _forward_from_src(text[0], python_code.globals)
+        self._code = "\n".join(text)
+        return python_code
+
+    def _modes_not_traced(self, modes: tuple):
+        now = {True: [], False: []}
+        for name, training in zip(self.mode_names, modes, strict=True):
+            now[training].append(name or "the model")
+        raise RuntimeError(
+            f"bn_triton.fuse traced {type(self).__name__} in the modes at the call, in training and in eval mode; "
+            f"of the modules whose mode its graphs read, now in training: {', '.join(now[True])}; in eval mode: "
+            f"{', '.join(now[False])}. bn_triton.fuse the model again in these modes"
+        )
+
+    def __deepcopy__(self, memo):
+        result = super().__deepcopy__(memo)  # GraphModule's: one graph; the others went with __dict__
+        if "mode_graphs" in self.__dict__:  # not while bn_triton.fuse builds it
+            result.set_modes(self.mode_names, self.mode_keys, copy.deepcopy(self.mode_graphs, memo))
+        return result
+
+    def __copy__(self):
+        """Every child, not only what ``graph`` calls (GraphModule's): the other graphs' and the flags'."""
+        result = GraphPerMode(fx.graph_module._CodeOnlyModule(dict(self.__dict__)), self.graph, type(self).__name__)
+        result.meta = getattr(self, "meta", {})
+        for name, value in result.meta.get(_PRESERVED, {}).items():
+            setattr(result, name, value)
+        if "mode_graphs" in self.__dict__:
+            result.set_modes(self.mode_names, self.mode_keys, self.mode_graphs)
+        return result
+
+    def __reduce__(self):
+        """As GraphModule's: each graph as its code, traced again when loaded."""
+        body = {k: v for k, v in self.__dict__.items() if k not in ("_graph", "mode_graphs")}
+        sources = []
+        for graph in (self.graph, *self.mode_graphs):
+            code = graph.python_code(root_module="self")
+            sources.append(fx.graph_module._format_import_block(code.globals, sys_importer) + code.src)
+        return (_graph_per_mode, (body, sources, type(self).__name__))
+
+    def __reduce_package__(self, exporter):
+        raise NotImplementedError(
+            "bn_triton.fuse: torch.package would keep one of this model's graphs (one set of modes); "
+            "pickle it (torch.save) instead"
+        )
+
+
+def _graph_per_mode(body: dict, sources: list, class_name: str) -> GraphPerMode:
+    graphs = [
+        fx.graph_module._deserialize_graph_module(_forward_from_src(source, {}), dict(body)).graph for source in sources
+    ]
+    result = GraphPerMode(fx.graph_module._CodeOnlyModule(dict(body)), graphs[0], class_name)
+    for k, v in body.items():
+        if not hasattr(result, k):
+            setattr(result, k, v)
+    result.meta = body.get("meta", {})
+    result.set_modes(body["mode_names"], body["mode_keys"], graphs[1:])
+    return result
+
+
+def _dispatch_source(src: str, names: tuple, keys: dict, count: int) -> str:
+    """``forward`` with the signature of the first graph's (``src``): it calls the graph of the flags."""
+    args = next(n for n in ast.parse(src).body if isinstance(n, ast.FunctionDef)).args
+    passed = [a.arg for a in args.posonlyargs + args.args][1:]  # not self
+    passed += [f"*{args.vararg.arg}"] if args.vararg else []
+    passed += [f"{a.arg}={a.arg}" for a in args.kwonlyargs]
+    passed += [f"**{args.kwarg.arg}"] if args.kwarg else []
+    lines = [f"def forward({ast.unparse(args)}):", f"    modes = ({''.join(f'{_path(n)}.training, ' for n in names)})"]
+    for i in range(count):
+        matches = " or ".join(f"modes == {key!r}" for key, j in keys.items() if j == i)
+        lines += [f"    if {matches}:", f"        return self._forward_mode_{i}({', '.join(passed)})"]
+    return "\n".join([*lines, "    return self._modes_not_traced(modes)", ""])
+
+
+def _path(name: str) -> str:
+    """The submodule ``name`` of ``self`` through the ``_modules`` dicts: nn.Module.__getattr__ costs 18 times
+    as much (efficientnet_v2_s's 35 flags: 21 us a forward instead of 370, on a CPU)."""
+    return "self" + "".join(f"._modules[{part!r}]" for part in name.split(".") if name)
