@@ -248,7 +248,8 @@ class BatchNormFunction(torch.autograd.Function):
         x, weight, bias, mean, aux, *scale = ctx.saved_tensors
         scale = scale[0] if scale else mean
         plan, needs = ctx.plan, ctx.needs_input_grad
-        if composite.needed_in_backward(dy):  # create_graph=True, or a vmap-batched dy
+        # composite.needed_in_backward's test, written out (C calls only: this runs on every backward)
+        if torch.is_grad_enabled() or not torch._C._has_storage(dy):  # create_graph=True, or a vmap-batched dy
             wants = (needs[0], needs[1] and weight is not None, needs[2] and bias is not None, needs[3])
             mean, scale = plan.statistics(mean, scale)
             y, res = (aux, None) if plan.saved.y else (None, aux)
