@@ -607,3 +607,31 @@ def test_torchvision_resnet18(device):
     unfused = bn_triton.convert_batchnorm(model)
     _close(gm(x), unfused(x), "train output")
     _close(gm.eval()(x), unfused.eval()(x), "eval output")
+
+
+def test_fused_from_float32_then_run_under_autocast(device):
+    """Fuse once from a float32 example, then train under autocast to float16: the first block's
+    ``out += identity`` adds the float32 input to float16 activations. The fused layer reads the
+    residual in its own dtype and returns its input's, as the in-place add does: the unfused block's
+    result, within float16's rounding (a ReLU input within rounding of 0 may take the other side:
+    the gradients are compared in norm)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(BasicBlock(8, 8), BasicBlock(8, 8)).to(device)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn_like(p) * 0.3 + (1.0 if p.dim() == 1 else 0.0))
+    x = make((2, 8, 6, 6), torch.float32, device, seed=1)
+    fused = bn_triton.fuse(copy.deepcopy(model), x)
+    assert [k for _, k in fused.fusion_report.fused].count("add+relu") == 2
+    dtype = torch.float16
+    outs = []
+    for m in (model, fused):
+        xi = x.clone().requires_grad_()
+        with torch.autocast(torch.device(device).type, dtype=dtype):
+            y = m(xi)
+        y.float().sum().backward()
+        outs.append((y, xi.grad))
+    (y_ref, g_ref), (y, g) = outs
+    assert y.dtype == y_ref.dtype
+    torch.testing.assert_close(y.float(), y_ref.float(), atol=1e-2, rtol=1e-2)
+    assert (g - g_ref).norm() <= 0.02 * g_ref.norm(), ((g - g_ref).norm(), g_ref.norm())
