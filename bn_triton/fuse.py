@@ -389,15 +389,15 @@ def _match(bn: fx.Node, mods: dict, no_shapes: Optional[str]) -> _Site | str:
     via = _via(chain, mods)
     users = list(end.users)
     if len(users) != 1:
-        return (f"output has {len(users)} users" if users else "output is not used") + via
+        return f"output{via} has {len(users)} users" if users else f"output{via} is not used"
     (user,) = users
     activation = _activation(user, end, mods)
     if activation is not None:
         return _Site(bn, activation, nodes=(*chain, user))
     operands = _add_operands(user)
     if operands is None:
-        return _not_identity(user, end, mods) or (
-            f"output feeds {_describe(user, mods)}, not an activation bn_triton fuses or an add{via}"
+        return _not_identity(user, end, mods, via) or (
+            f"output{via} feeds {_describe(user, mods)}, not an activation bn_triton fuses or an add"
         )
     if isinstance(operands, str):
         return operands
@@ -470,7 +470,7 @@ def _is_identity(node: fx.Node, x: fx.Node, mods: dict) -> bool:
     return False
 
 
-def _not_identity(node: fx.Node, x: fx.Node, mods: dict) -> Optional[str]:
+def _not_identity(node: fx.Node, x: fx.Node, mods: dict, via: str) -> Optional[str]:
     """Why ``node``, a drop that reads ``x``, is not looked through; None where it is no drop."""
     if not node.args or node.args[0] is not x:
         return None
@@ -482,11 +482,11 @@ def _not_identity(node: fx.Node, x: fx.Node, mods: dict) -> Optional[str]:
         return None
     if rate is None:
         return None
-    return f"output feeds {_describe(node, mods)} at rate {rate:g}, not the identity (a drop at rate 0 is)"
+    return f"output{via} feeds {_describe(node, mods)} at rate {rate:g}, not the identity (a drop at rate 0 is)"
 
 
 def _via(chain: tuple, mods: dict) -> str:
-    return f" (through {', '.join(_describe(n, mods) for n in chain)})" if chain else ""
+    return f", through {', '.join(_describe(n, mods) for n in chain)}," if chain else ""
 
 
 def _activation(node: fx.Node, x: fx.Node, mods: dict) -> Optional[str]:

@@ -534,11 +534,12 @@ NOT_FUSED = {
     ),
     "DropPath(0.2) before the add": (
         lambda m, y, r: torch.relu(m.drop_path(m.identity(y)) + r),
-        "output feeds drop_path (DropPath) at rate 0.2, not the identity (a drop at rate 0 is)",
+        "output, through identity (Identity), feeds drop_path (DropPath) at rate 0.2, not the identity (a drop at "
+        "rate 0 is)",
     ),
     "identity read twice": (
         lambda m, y, r: (lambda i: torch.relu(i) + i)(m.identity(y)),
-        "output has 2 users (through identity (Identity))",
+        "output, through identity (Identity), has 2 users",
     ),
     "in-place op before the add, through an identity": (
         lambda m, y, r: m.identity(y) + torch.relu_(r * 2),
