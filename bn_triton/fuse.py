@@ -389,7 +389,9 @@ def _match(bn: fx.Node, mods: dict, no_shapes: Optional[str]) -> _Site | str:
     via = _via(chain, mods)
     users = list(end.users)
     if len(users) != 1:
-        return f"output{via} has {len(users)} users" if users else f"output{via} is not used"
+        if not users:
+            return f"output{via} is not used"
+        return f"output{via} has {len(users)} users: {', '.join(_describe(u, mods) for u in users)}"
     (user,) = users
     activation = _activation(user, end, mods)
     if activation is not None:
