@@ -1,10 +1,12 @@
-"""bn_triton.fuse: BatchNorm -> [add ->] ReLU found in a model's torch.fx trace and run as our fused layers.
+"""bn_triton.fuse: BatchNorm -> [add ->] activation, and BatchNorm -> add alone, found in a model's torch.fx
+trace (through nn.Identity and drops at rate 0) and run as our fused layers.
 
-torchvision may not be importable, so the blocks are built here as torchvision writes them (conv1x1 /
-conv3x3 helpers, downsample = Sequential(conv1x1, BatchNorm2d), ``out += identity``, one
-``nn.ReLU(inplace=True)`` called several times, a conv-BN-ReLU-maxpool stem), at tiny widths: the
-interpreter's cost is per launch, so the one test that trains the ResNet-50-shaped net (212 launches a
-step) does all its checks on the same steps, in channels_last (a few programs per launch there).
+torchvision's and timm's own models are in tests/test_real_models.py. Here torchvision may not be
+importable, so the blocks are built as torchvision writes them (conv1x1 / conv3x3 helpers,
+downsample = Sequential(conv1x1, BatchNorm2d), ``out += identity``, one ``nn.ReLU(inplace=True)``
+called several times, a conv-BN-ReLU-maxpool stem), at tiny widths: the interpreter's cost is per
+launch, so the one test that trains the ResNet-50-shaped net (212 launches a step) does all its
+checks on the same steps, in channels_last (a few programs per launch there).
 """
 
 import collections
@@ -682,20 +684,3 @@ def test_untraceable_model_is_converted_without_fusion_on_request(device):
     assert result.fusion_report.fused == [] and result.fusion_report.left == [("bn", UNTRACEABLE)]
     x, _ = _inputs(device)
     torch.testing.assert_close(result(x), expected(x), **TOL[torch.float32])
-
-
-# ---------------------------------------------------------------- torchvision's own, where it loads
-def test_torchvision_resnet18(device):
-    try:
-        import torchvision.models
-    except Exception as exc:  # noqa: BLE001 - a broken install skips as a missing one does
-        pytest.skip(f"torchvision is not importable here ({type(exc).__name__}: {exc}); this checks its resnet18")
-    torch.manual_seed(0)
-    model = torchvision.models.resnet18(num_classes=10).to(device, memory_format=CL)
-    x = _images(0, device)
-    gm = bn_triton.fuse(copy.deepcopy(model), x)
-    assert collections.Counter(k for _, k in gm.fusion_report.fused) == {"relu": 9, "add+relu": 8}
-    assert [n for n, _ in gm.fusion_report.left] == [f"layer{i}.0.downsample.1" for i in (2, 3, 4)]
-    unfused = bn_triton.convert_batchnorm(model)
-    _close(gm(x), unfused(x), "train output")
-    _close(gm.eval()(x), unfused.eval()(x), "eval output")

@@ -1,11 +1,11 @@
 """timm's norm + activation layers (BatchNormAct2d, SyncBatchNormAct) under bn_triton's converters:
 recognized by module and class name (timm is never imported by bn_triton), converted to ours with
 their very tensors and drop/act modules, the activation fused where the table has it and drop is the
-identity, timm's order (BN, drop, act) kept otherwise. A stand-in with timm's module and class name
-and timm's forward serves where timm is not installed; the real classes are checked where it is."""
+identity, timm's order (BN, drop, act) kept otherwise; and under bn_triton.fuse, which also fuses a
+layer whose act and drop are identities into the pattern after it. Stand-ins with timm's module and
+class names and timm's forward serve here; the real classes are checked in tests/test_real_models.py."""
 
 import copy
-import importlib.util
 
 import pytest
 import torch
@@ -148,27 +148,6 @@ def test_timms_gelu_classes_are_in_the_table():
         cls.__module__, cls.__qualname__ = "timm.layers.activations", cls.__name__
     assert activations.of_module(GELU()) == "gelu"
     assert activations.of_module(GELUTanh()) == "gelu_tanh"
-
-
-@pytest.mark.skipif(importlib.util.find_spec("timm") is None, reason="timm is not installed here")
-def test_the_real_timm_classes(device):
-    from timm.layers import BatchNormAct2d as TimmBNAct
-    from timm.layers.norm_act import convert_sync_batchnorm
-
-    layers = [TimmBNAct(4, act_layer=a) for a in ("silu", "hard_swish", "gelu", "leaky_relu")] + [
-        TimmBNAct(4, apply_act=False)
-    ]
-    model = nn.Sequential(*layers).double()
-    ref = copy.deepcopy(model)
-    bn_triton.convert_batchnorm(model)
-    assert [m.activation for m in model] == ["silu", "hardswish", "gelu", "leaky_relu(0.01)", None]
-    x = make((2, 4, 3, 3), torch.float64, "cpu", seed=4)
-    model.to(device)
-    for training in (True, False):
-        model.train(training), ref.train(training)
-        torch.testing.assert_close(model(x.to(device)).cpu(), ref(x), atol=1e-10, rtol=1e-9)
-    synced = bn_triton.SyncBatchNorm.convert_sync_batchnorm(convert_sync_batchnorm(copy.deepcopy(ref)))
-    assert all(type(m) is bn_triton.SyncBatchNormAct for m in synced)
 
 
 # ---------------------------------------------------------------- bn_triton.fuse
