@@ -1,6 +1,7 @@
-"""``bn_triton.fuse``: a model's BatchNorm -> activation and BatchNorm -> add -> activation, found in its
-torch.fx trace and rewritten into our fused layers, so that ``act(BN(x) + residual)`` takes one kernel
-pass each way instead of BN, an add and an activation apart (torchvision's ResNets, unchanged).
+"""``bn_triton.fuse``: a model's BatchNorm -> activation, BatchNorm -> add -> activation and BatchNorm ->
+add, found in its torch.fx trace and rewritten into our fused layers, so that ``act(BN(x) + residual)``
+takes one kernel pass each way instead of BN, an add and an activation apart (torchvision's and
+timm's ResNets, MobileNets, EfficientNets, RegNets, CSP nets, unchanged: bench/fusion_report.py).
 
 ``fuse(model, example_inputs)`` traces ``model`` (a GraphModule is taken as it is, not retraced),
 records every node's shape and dtype from ``example_inputs`` on fake tensors (ShapeProp: nothing
@@ -8,20 +9,34 @@ runs, no buffer moves), rewrites the graph, and returns a GraphModule with a ``f
 (also logged on the "bn_triton" logger at INFO). The model itself is not changed; the result holds
 its very Parameter and buffer objects and its other layers, so their state_dicts load into each other.
 
-What fuses, call by call:
-* a call of torch's or our BatchNorm1d/2d/3d (exactly these types) whose output has one user, an
-  activation of bn_triton/activations.py's table (its module, function or Tensor method, in place or
-  not: ``nn.ReLU``, ``F.silu``, ``nn.LeakyReLU(0.1)``, ``Tensor.relu_`` ...): the call becomes one of
-  our layer with that ``activation``;
+The layers: torch's and our BatchNorm1d/2d/3d, and timm's and our BatchNormAct2d (timm's recognized by
+module and name, never imported; exactly these types). A norm + activation layer whose ``act`` is in
+bn_triton/activations.py's table and whose ``drop`` is the identity computes its act in our kernels
+(kind: the activation); one whose act and drop are identities (timm's ``apply_act=False``) is a plain
+BatchNorm below; one with another act or a real drop is converted, act and drop run after it, as timm
+runs them. Each becomes our BatchNormAct2d holding its very drop and act.
+
+What fuses, call by call, looking through identities (``nn.Identity``; a drop at rate 0: nn.Dropout*,
+``F.dropout``, timm's DropPath and DropBlock2d, torchvision's stochastic depth; a dropout call in a
+graph where its ``training`` is False) that each read the value alone:
+* a call whose output has one user, an activation of the table (its module, function or Tensor
+  method, in place or not: ``nn.ReLU``, ``F.silu``, ``nn.LeakyReLU(0.1)``, ``Tensor.relu_`` ...): the
+  call becomes one of our layer with that ``activation`` (kind: the activation);
 * one whose output has one user, an add (``+``, ``+=``, ``torch.add``, ``Tensor.add(_)``, alpha 1)
-  of a tensor of exactly its shape and dtype, whose result has one user, such an activation: one call
-  with ``residual=`` the other operand, where the add was.
-A layer fuses if every call of it fuses alike. The rest is left as it is, its torch BatchNorms
-converted to ours as ``convert_batchnorm`` does (layers forward never calls are kept unconverted).
-One user means nobody else reads the tensor, through any alias, so the fused call may return a new
-one where an in-place activation or ``+=`` wrote into it; an add that writes into its other operand in
-place does not fuse, since the fused call would leave that tensor unwritten. The BatchNorm runs
-later, at its add: only if no call in between could write in place or use the same layer.
+  of a tensor of exactly its shape and dtype: one call with ``residual=`` the other operand, where the
+  add was, and the activation if the add's result has one user, such an activation (kind "add+act"),
+  else none (kind "add": the end of an inverted residual block).
+A drop above rate 0 is not the identity (in training), so it blocks the pattern it sits in; the
+report says so. A layer fuses if every call of it fuses alike, in every graph (where some calls
+take their add's activation and others do not, all take the add alone). Where two BatchNorms could
+take one add, its first operand does (``out += identity``). The rest is left, each with its reason in
+the report; its torch and timm layers converted to ours as ``convert_batchnorm`` does (layers forward
+never calls are kept as they are). One user means nobody else reads the tensor, through any alias,
+so the fused call may return a new one where an in-place activation, identity or ``+=`` wrote into
+it; an add that writes into its other operand in place does not fuse, since the fused call would
+leave that tensor unwritten. The BatchNorm runs later, at its add: only if no call in between (but
+the identities it goes through) could write in place or use the same layer. The identities go with
+the pattern: a drop at rate 0 whose rate is raised after ``fuse`` is not called by the result.
 
 Without ``example_inputs`` no shape is known, so no add fuses (a broadcasting one must not). The
 shapes and dtypes are the example's (fuse under the autocast the model runs in): an input on which
@@ -34,8 +49,10 @@ one is traced with its modes as at the call, with every module in training and w
 eval mode; if the graphs differ, the result is a ``GraphPerMode`` whose ``forward`` runs the graph of
 the modes those modules are in now (another mix of them raises an error), and a layer fuses only if
 its calls fuse alike in every graph. A model that traces in one of these modes but not in another is
-untraceable, as above. Modules that read their own mode as they run (BatchNorm, nn.Dropout) may be in
-any mode.
+untraceable, as above. Modules that read their own mode as they run (BatchNorm, nn.Dropout, and
+timm's DropPath and DropBlock2d, which the trace keeps whole, as torch.fx keeps torch's layers) may be
+in any mode. So ``F.dropout(y, 0.2, self.training)`` between a BatchNorm and its add is looked through
+in the eval graph and not in the training graph: the BatchNorm is left (not every call fuses alike).
 """
 
 import ast
@@ -88,7 +105,8 @@ def describe_kind(kind: str) -> str:
 @dataclasses.dataclass
 class FusionReport:
     """What ``fuse`` did: ``fused`` as (layer name, kind), the kind the activation's canonical string
-    (bn_triton/activations.py), "add+" and it for an add first; ``left`` as (name, reason)."""
+    (bn_triton/activations.py), "add+" and it for an add first, "add" for an add alone; ``left`` as
+    (name, reason)."""
 
     fused: list = dataclasses.field(default_factory=list)
     left: list = dataclasses.field(default_factory=list)
@@ -134,7 +152,8 @@ class _Site:
 
 
 def fuse(model: nn.Module, example_inputs=None, *, on_untraceable: str = "raise") -> nn.Module:
-    """``model`` as a GraphModule whose BatchNorm -> [add ->] activation patterns run as our fused layers.
+    """``model`` as a GraphModule whose BatchNorm -> [add ->] activation and BatchNorm -> add patterns run
+    as our fused layers.
 
     ``example_inputs``: a tensor, or a tuple of ``forward``'s positional arguments, of the shapes and
     dtypes the model will see (without it no add fuses). ``on_untraceable``: "raise" (a model that
