@@ -210,10 +210,6 @@ def _fusable(layer: nn.Module) -> bool:
     return cls in FUSABLE or (cls.__module__, cls.__qualname__) == TIMM_NORM_ACT
 
 
-def _is_norm_act(layer: nn.Module) -> bool:
-    return isinstance(layer, modules.NormActMixin) or convert.is_norm_act(layer)
-
-
 @dataclasses.dataclass
 class _Traced:
     """The graphs of a model, one per distinct code: ``graphs[keys[k]]`` was traced with
@@ -445,7 +441,7 @@ def _own_activation(layer: nn.Module) -> tuple:
     """(activation, why not) of a norm + activation layer: (its act's canonical string, None) where
     it computes its act itself; (None, the reason) where it cannot; (None, None) where drop and act
     are identities (a plain BatchNorm to the patterns), and for every other layer."""
-    if not _is_norm_act(layer):
+    if not convert.is_norm_act(layer):
         return None, None
     drop, act = layer.drop, layer.act
     if not activations.is_identity(drop):
@@ -713,7 +709,7 @@ def _replace_layers(gm: fx.GraphModule, decisions: dict) -> dict:
         fused = isinstance(decisions[name], list)
         if not fused and type(layer) in OWN:
             continue  # ours already, unfused: kept as it is
-        if _is_norm_act(layer):
+        if convert.is_norm_act(layer):
             new = convert_layer(layer, modules.BatchNormAct2d, drop=layer.drop, act=layer.act)
         else:
             new = convert_layer(layer, OURS.get(type(layer), type(layer)))
