@@ -341,7 +341,20 @@ class DropPath(nn.Module):
         return x * x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep).div_(keep)
 
 
-DropPath.__module__ = "timm.layers.drop"
+class DropBlock2d(nn.Module):
+    """timm.layers.drop.DropBlock2d's structure: the identity at rate 0 or in eval mode."""
+
+    def __init__(self, drop_prob=0.1):
+        super().__init__()
+        self.drop_prob = drop_prob
+
+    def forward(self, x):
+        if not self.training or not self.drop_prob:
+            return x
+        raise NotImplementedError("not needed here: only the rate-0 block runs")
+
+
+DropPath.__module__ = DropBlock2d.__module__ = "timm.layers.drop"
 
 
 class _Pattern(nn.Module):
@@ -355,7 +368,7 @@ class _Pattern(nn.Module):
         self.offset = nn.Parameter(torch.randn(3, 1, 1))
         self.identity = nn.Identity()
         self.drop0, self.drop0_inplace, self.drop = nn.Dropout(0.0), nn.Dropout(0.0, inplace=True), nn.Dropout(0.5)
-        self.drop_path0, self.drop_path = DropPath(0.0), DropPath(0.2)
+        self.drop_path0, self.drop_path, self.drop_block0 = DropPath(0.0), DropPath(0.2), DropBlock2d(0.0)
         self.fn = fn
 
     def forward(self, x, r):
@@ -402,6 +415,7 @@ ADDS_ALONE = {  # BN -> add, its result read by anything but one activation: the
 }
 LOOKED_THROUGH = {  # identities between the BatchNorm, its add and its activation: spelling -> kind
     "nn.Identity -> relu": (lambda m, y, r: m.relu(m.identity(y)), "relu"),
+    "DropBlock2d(0) -> relu": (lambda m, y, r: m.relu(m.drop_block0(y)), "relu"),
     "Dropout(0) -> Identity -> relu6": (lambda m, y, r: F.relu6(m.identity(m.drop0(y))), "relu6"),
     "F.dropout(training=False) -> silu": (lambda m, y, r: F.silu(F.dropout(y, 0.5, training=False)), "silu"),
     "F.dropout(p=0) -> add -> Identity -> relu": (

@@ -210,6 +210,10 @@ def test_fuse_takes_norm_act_layers(converted_first, device):
         assert ours.weight is theirs.weight and ours.running_var is theirs.running_var, name
     assert [gm.get_submodule(n).activation for n in "abcdef"] == ["silu", "relu", None, None, None, "hardswish"]
     assert list(gm.state_dict()) == list(ref.state_dict())
+    for k, v in ref.state_dict().items():
+        assert torch.equal(gm.state_dict()[k], v), k
+    gm.load_state_dict(ref.state_dict(), strict=True)  # timm's tensors into ours, and back
+    copy.deepcopy(ref).load_state_dict(gm.state_dict(), strict=True)
     assert [n.target for n in gm.graph.nodes if n.op == "call_module"] == list("abcdef")
     for step, training in enumerate((True, True, False)):
         (y0, g0, b0), (y1, g1, b1) = _run(ref, x, r, training, step), _run(gm, x, r, training, step)
