@@ -9,6 +9,7 @@ Run ``python -m bench`` (see __main__.py). Modules, one job each:
   report.py       CSV, tables, verdict, PNG plots, environment JSON
   stub.py         bn_triton's kernels replaced by recording or no-op launches
   e2e.py          training steps of a whole model (``python -m bench --model resnet50``)
+  fusion_report.py what bn_triton.fuse fuses in torchvision's and timm's models (``python -m bench.fusion_report``)
   overhead.py     host cost per call of the public API, kernels stubbed or not
   inspect_sass.py sm_90 SASS of every kernel launch, compiled without a GPU
   gpu_check.sh    one call on a GPU machine: versions, the test suite on the GPU, e2e, suite v1,

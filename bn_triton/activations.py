@@ -7,6 +7,11 @@ C (plans are keyed on them), pickle as they are, and fit a custom op's schema. `
 what a user passes (a name, or an instance of torch's activation module) into it; ``parse`` gives
 the kernels' ``ACT`` constexpr and parameter (kernels/activation.py computes act and act' under
 that constexpr). Adding an activation: one entry here, one branch there, one in reference.py.
+
+Beside it, the drops: dropout-like layers and calls that compute the identity at rate 0 (torch's
+Dropout, timm's DropPath and DropBlock2d, torchvision's stochastic depth). ``fuse`` looks through
+them (and ``nn.Identity``) where they are the identity; a norm + activation layer fuses its ``act``
+only where its ``drop`` is.
 """
 
 import dataclasses
@@ -211,3 +216,63 @@ def apply(v: torch.Tensor, activation: Optional[str]) -> torch.Tensor:
         return v
     name, param = parse(activation)
     return TABLE[name].torch(v, param)
+
+
+# ---------------------------------------------------------------- the drops
+# Modules that compute the identity at rate 0 (in training too), with the attribute holding the rate;
+# other libraries' as "module.qualname" (never imported). Each reads its own ``training`` as it runs.
+DROP_MODULES = {
+    nn.Dropout: "p",
+    nn.Dropout1d: "p",
+    nn.Dropout2d: "p",
+    nn.Dropout3d: "p",
+    "timm.layers.drop.DropPath": "drop_prob",
+    "timm.layers.drop.DropBlock2d": "drop_prob",
+}
+# Calls that compute the identity at rate 0, or where their ``training`` argument is False (a constant
+# in a torch.fx graph: each mode's graph has its own): (function, its parameters after the input in
+# order with their defaults, the name of the rate, the name of the training flag); other libraries'
+# functions as "module.name" (torch.fx.wrap keeps torchvision's stochastic depth one call node).
+_DROP = _params(p=0.5, training=True, inplace=False)
+DROP_FUNCTIONS = (
+    (F.dropout, _DROP, "p", "training"),
+    (F.dropout1d, _DROP, "p", "training"),
+    (F.dropout2d, _DROP, "p", "training"),
+    (F.dropout3d, _DROP, "p", "training"),
+    (torch.dropout, _params(p=None, train=None), "p", "train"),
+    ("torchvision.ops.stochastic_depth.stochastic_depth", _params(p=None, mode=None, training=True), "p", "training"),
+)
+
+
+def _qualname(obj) -> str:
+    return f"{getattr(obj, '__module__', None)}.{getattr(obj, '__qualname__', None)}"
+
+
+def drop_rate(module) -> Optional[float]:
+    """The rate of a drop module of DROP_MODULES (exactly these classes), or None for any other module."""
+    cls = type(module)
+    name = DROP_MODULES.get(cls) or DROP_MODULES.get(_qualname(cls))
+    rate = getattr(module, name, None) if name else None
+    return float(rate) if isinstance(rate, (int, float)) and not isinstance(rate, bool) else None
+
+
+def is_identity(module) -> bool:
+    """Whether ``module`` computes its input as it is, in every mode: nn.Identity, or a drop at rate 0."""
+    return type(module) is nn.Identity or drop_rate(module) == 0.0
+
+
+def drop_call(target, args: tuple, kwargs: dict) -> Optional[tuple]:
+    """(rate, training) of a call of DROP_FUNCTIONS on ``args[0]``, or None for any other call (or one
+    whose rate or flag is not a constant)."""
+    for fn, params, rate, flag in DROP_FUNCTIONS:
+        if not ((target is fn) if callable(fn) else (callable(target) and _qualname(target) == fn)):
+            continue
+        names = [n for n, _ in params]
+        if len(args) > 1 + len(params) or not set(kwargs) <= set(names):
+            return None
+        arguments = {**dict(params), **dict(zip(names, args[1:], strict=False)), **kwargs}
+        p, training = arguments[rate], arguments[flag]
+        if isinstance(p, bool) or not isinstance(p, (int, float)) or not isinstance(training, bool):
+            return None
+        return float(p), training
+    return None

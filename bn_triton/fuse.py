@@ -1,6 +1,7 @@
-"""``bn_triton.fuse``: a model's BatchNorm -> activation and BatchNorm -> add -> activation, found in its
-torch.fx trace and rewritten into our fused layers, so that ``act(BN(x) + residual)`` takes one kernel
-pass each way instead of BN, an add and an activation apart (torchvision's ResNets, unchanged).
+"""``bn_triton.fuse``: a model's BatchNorm -> activation, BatchNorm -> add -> activation and BatchNorm ->
+add, found in its torch.fx trace and rewritten into our fused layers, so that ``act(BN(x) + residual)``
+takes one kernel pass each way instead of BN, an add and an activation apart (torchvision's and
+timm's ResNets, MobileNets, EfficientNets, RegNets, CSP nets, unchanged: bench/fusion_report.py).
 
 ``fuse(model, example_inputs)`` traces ``model`` (a GraphModule is taken as it is, not retraced),
 records every node's shape and dtype from ``example_inputs`` on fake tensors (ShapeProp: nothing
@@ -8,20 +9,34 @@ runs, no buffer moves), rewrites the graph, and returns a GraphModule with a ``f
 (also logged on the "bn_triton" logger at INFO). The model itself is not changed; the result holds
 its very Parameter and buffer objects and its other layers, so their state_dicts load into each other.
 
-What fuses, call by call:
-* a call of torch's or our BatchNorm1d/2d/3d (exactly these types) whose output has one user, an
-  activation of bn_triton/activations.py's table (its module, function or Tensor method, in place or
-  not: ``nn.ReLU``, ``F.silu``, ``nn.LeakyReLU(0.1)``, ``Tensor.relu_`` ...): the call becomes one of
-  our layer with that ``activation``;
+The layers: torch's and our BatchNorm1d/2d/3d, and timm's and our BatchNormAct2d (timm's recognized by
+module and name, never imported; exactly these types). A norm + activation layer whose ``act`` is in
+bn_triton/activations.py's table and whose ``drop`` is the identity computes its act in our kernels
+(kind: the activation); one whose act and drop are identities (timm's ``apply_act=False``) is a plain
+BatchNorm below; one with another act or a real drop is converted, act and drop run after it, as timm
+runs them. Each becomes our BatchNormAct2d holding its very drop and act.
+
+What fuses, call by call, looking through identities (``nn.Identity``; a drop at rate 0: nn.Dropout*,
+``F.dropout``, timm's DropPath and DropBlock2d, torchvision's stochastic depth; a dropout call in a
+graph where its ``training`` is False) that each read the value alone:
+* a call whose output has one user, an activation of the table (its module, function or Tensor
+  method, in place or not: ``nn.ReLU``, ``F.silu``, ``nn.LeakyReLU(0.1)``, ``Tensor.relu_`` ...): the
+  call becomes one of our layer with that ``activation`` (kind: the activation);
 * one whose output has one user, an add (``+``, ``+=``, ``torch.add``, ``Tensor.add(_)``, alpha 1)
-  of a tensor of exactly its shape and dtype, whose result has one user, such an activation: one call
-  with ``residual=`` the other operand, where the add was.
-A layer fuses if every call of it fuses alike. The rest is left as it is, its torch BatchNorms
-converted to ours as ``convert_batchnorm`` does (layers forward never calls are kept unconverted).
-One user means nobody else reads the tensor, through any alias, so the fused call may return a new
-one where an in-place activation or ``+=`` wrote into it; an add that writes into its other operand in
-place does not fuse, since the fused call would leave that tensor unwritten. The BatchNorm runs
-later, at its add: only if no call in between could write in place or use the same layer.
+  of a tensor of exactly its shape and dtype: one call with ``residual=`` the other operand, where the
+  add was, and the activation if the add's result has one user, such an activation (kind "add+act"),
+  else none (kind "add": the end of an inverted residual block).
+A drop above rate 0 is not the identity (in training), so it blocks the pattern it sits in; the
+report says so. A layer fuses if every call of it fuses alike, in every graph (where some calls
+take their add's activation and others do not, all take the add alone). Where two BatchNorms could
+take one add, its first operand does (``out += identity``). The rest is left, each with its reason in
+the report; its torch and timm layers converted to ours as ``convert_batchnorm`` does (layers forward
+never calls are kept as they are). One user means nobody else reads the tensor, through any alias,
+so the fused call may return a new one where an in-place activation, identity or ``+=`` wrote into
+it; an add that writes into its other operand in place does not fuse, since the fused call would
+leave that tensor unwritten. The BatchNorm runs later, at its add: only if no call in between (but
+the identities it goes through) could write in place or use the same layer. The identities go with
+the pattern: a drop at rate 0 whose rate is raised after ``fuse`` is not called by the result.
 
 Without ``example_inputs`` no shape is known, so no add fuses (a broadcasting one must not). The
 shapes and dtypes are the example's (fuse under the autocast the model runs in): an input on which
@@ -34,8 +49,10 @@ one is traced with its modes as at the call, with every module in training and w
 eval mode; if the graphs differ, the result is a ``GraphPerMode`` whose ``forward`` runs the graph of
 the modes those modules are in now (another mix of them raises an error), and a layer fuses only if
 its calls fuse alike in every graph. A model that traces in one of these modes but not in another is
-untraceable, as above. Modules that read their own mode as they run (BatchNorm, nn.Dropout) may be in
-any mode.
+untraceable, as above. Modules that read their own mode as they run (BatchNorm, nn.Dropout, and
+timm's DropPath and DropBlock2d, which the trace keeps whole, as torch.fx keeps torch's layers) may be
+in any mode. So ``F.dropout(y, 0.2, self.training)`` between a BatchNorm and its add is looked through
+in the eval graph and not in the training graph: the BatchNorm is left (not every call fuses alike).
 """
 
 import ast
@@ -57,13 +74,17 @@ from torch.fx.graph_module import _forward_from_src
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.package import sys_importer
 
-from bn_triton import activations, modules
+from bn_triton import activations, convert, modules
 from bn_triton.convert import convert_batchnorm, convert_layer
 
 LOG = logging.getLogger("bn_triton")
 
 OURS = {nn.BatchNorm1d: modules.BatchNorm1d, nn.BatchNorm2d: modules.BatchNorm2d, nn.BatchNorm3d: modules.BatchNorm3d}
-FUSABLE = (*OURS, *OURS.values())
+OWN = (*OURS.values(), modules.BatchNormAct2d)  # ours: a layer left unfused is kept as it is
+FUSABLE = (*OURS, *OWN)
+# timm's norm + activation layer, recognized by module and name (timm is never imported).
+TIMM_NORM_ACT = ("timm.layers.norm_act", "BatchNormAct2d")
+ONLY_THESE = "only torch's and bn_triton's BatchNorm1d/2d/3d and timm's and bn_triton's BatchNormAct2d fuse"
 ADD_FUNCTIONS = (operator.add, operator.iadd, torch.add)
 ADD_METHODS = ("add", "add_")
 INPLACE_OPERATORS = tuple(
@@ -84,7 +105,8 @@ def describe_kind(kind: str) -> str:
 @dataclasses.dataclass
 class FusionReport:
     """What ``fuse`` did: ``fused`` as (layer name, kind), the kind the activation's canonical string
-    (bn_triton/activations.py), "add+" and it for an add first; ``left`` as (name, reason)."""
+    (bn_triton/activations.py), "add+" and it for an add first, "add" for an add alone; ``left`` as
+    (name, reason)."""
 
     fused: list = dataclasses.field(default_factory=list)
     left: list = dataclasses.field(default_factory=list)
@@ -105,21 +127,33 @@ class FusionReport:
 
 @dataclasses.dataclass
 class _Site:
-    """One call of a BatchNorm that fuses: its node, its activation's node and canonical string, and
-    the add's node (None: BN -> activation)."""
+    """One call of a BatchNorm that fuses: its node; the activation's canonical string (None: an add
+    alone); the add's node (None: BN -> activation) and its operand that carries the BatchNorm's
+    output (that output, or the last identity it goes through); and the nodes the fused call takes
+    over, in graph order: identities looked through, the add, identities after it, the activation
+    (none for a norm + activation layer's own act, computed in the layer already)."""
 
     bn: fx.Node
-    act: fx.Node
-    activation: str
+    activation: Optional[str]
     add: Optional[fx.Node] = None
+    operand: Optional[fx.Node] = None
+    nodes: tuple = ()
 
     @property
     def kind(self) -> str:
-        return self.activation if self.add is None else f"add+{self.activation}"
+        if self.add is None:
+            return self.activation
+        return "add" if self.activation is None else f"add+{self.activation}"
+
+    def add_alone(self) -> "_Site":
+        """The same add, its activation left to run after the fused call."""
+        end = self.nodes.index(self.add) + 1
+        return dataclasses.replace(self, activation=None, nodes=self.nodes[:end])
 
 
 def fuse(model: nn.Module, example_inputs=None, *, on_untraceable: str = "raise") -> nn.Module:
-    """``model`` as a GraphModule whose BatchNorm -> [add ->] activation patterns run as our fused layers.
+    """``model`` as a GraphModule whose BatchNorm -> [add ->] activation and BatchNorm -> add patterns run
+    as our fused layers.
 
     ``example_inputs``: a tensor, or a tuple of ``forward``'s positional arguments, of the shapes and
     dtypes the model will see (without it no add fuses). ``on_untraceable``: "raise" (a model that
@@ -143,7 +177,7 @@ def fuse(model: nn.Module, example_inputs=None, *, on_untraceable: str = "raise"
         no_shapes = _record_shapes(gm, example_inputs)
         mods = dict(gm.named_modules())
         for node in gm.graph.nodes:
-            if node.op == "call_module" and type(mods[node.target]) in FUSABLE:
+            if node.op == "call_module" and _fusable(mods[node.target]):
                 calls[node.target].append(_match(node, mods, no_shapes))
                 modes[node.target].append(label)
     _one_claim_per_add(calls)
@@ -162,10 +196,18 @@ def fuse(model: nn.Module, example_inputs=None, *, on_untraceable: str = "raise"
 
 class _Tracer(fx.Tracer):
     """torch.fx's tracer, with every BatchNorm a leaf: a user's subclass is called, not traced
-    through (its input checks are control flow on the input's shape)."""
+    through (its input checks are control flow on the input's shape); and the drops of
+    activations.DROP_MODULES (timm's DropPath and DropBlock2d) too: one node, which fuse looks through
+    at rate 0, and which reads its own ``training`` as it runs, as nn.Dropout does."""
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return isinstance(m, _BatchNorm) or super().is_leaf_module(m, qualname)
+        leaf = isinstance(m, _BatchNorm) or activations.drop_rate(m) is not None
+        return leaf or super().is_leaf_module(m, qualname)
+
+
+def _fusable(layer: nn.Module) -> bool:
+    cls = type(layer)
+    return cls in FUSABLE or (cls.__module__, cls.__qualname__) == TIMM_NORM_ACT
 
 
 @dataclasses.dataclass
@@ -351,35 +393,117 @@ def _match(bn: fx.Node, mods: dict, no_shapes: Optional[str]) -> _Site | str:
     layer = mods[bn.target]
     if len(bn.args) != 1 or bn.kwargs:
         return "called with a residual or more arguments already"
+    own, why = _own_activation(layer)
+    if why is not None:
+        return why
+    if own is not None:
+        return _Site(bn, own)
     if getattr(layer, "activation", None) is not None:
         return f"already fused (activation={layer.activation!r})"
-    users = list(bn.users)
+    end, chain = _identities(bn, mods)
+    via = _via(chain, mods)
+    users = list(end.users)
     if len(users) != 1:
-        return f"output has {len(users)} users" if users else "output is not used"
+        if not users:
+            return f"output{via} is not used"
+        return f"output{via} has {len(users)} users: {', '.join(_describe(u, mods) for u in users)}"
     (user,) = users
-    activation = _activation(user, bn, mods)
+    activation = _activation(user, end, mods)
     if activation is not None:
-        return _Site(bn, user, activation)
+        return _Site(bn, activation, nodes=(*chain, user))
     operands = _add_operands(user)
     if operands is None:
-        return f"output feeds {_describe(user, mods)}, not an activation bn_triton fuses or an add"
+        return _not_identity(user, end, mods, via) or (
+            f"output{via} feeds {_describe(user, mods)}, not an activation bn_triton fuses or an add"
+        )
     if isinstance(operands, str):
         return operands
     first, second, inplace = operands
-    if first is bn and second is bn:
+    if first is end and second is end:
         return "output is added to itself"
-    if first is not bn and inplace:
+    if first is not end and inplace:
         return "the add writes into its other operand in place"
-    other = second if first is bn else first
+    other = second if first is end else first
     if not isinstance(other, fx.Node):
         return f"the add's other operand is {other!r}, not a tensor"
-    after = list(user.users)
-    activation = _activation(after[0], user, mods) if len(after) == 1 else None
-    if activation is None:
-        what = f"{len(after)} users" if len(after) != 1 else f"one user, {_describe(after[0], mods)}"
-        return f"output feeds an add whose result has {what}, not an activation bn_triton fuses"
-    site = _Site(bn, after[0], activation, user)
-    return no_shapes or _mismatch(bn, other) or _unsafe_between(bn, user, mods) or site
+    nodes = (*chain, user)
+    last, after = _identities(user, mods)
+    if len(last.users) == 1:
+        (next_user,) = last.users
+        activation = _activation(next_user, last, mods)
+        if activation is not None:
+            nodes = (*nodes, *after, next_user)
+    site = _Site(bn, activation, user, end, nodes)
+    return no_shapes or _mismatch(bn, other) or _unsafe_between(bn, user, mods, chain) or site
+
+
+def _own_activation(layer: nn.Module) -> tuple:
+    """(activation, why not) of a norm + activation layer: (its act's canonical string, None) where
+    it computes its act itself; (None, the reason) where it cannot; (None, None) where drop and act
+    are identities (a plain BatchNorm to the patterns), and for every other layer."""
+    if not convert.is_norm_act(layer):
+        return None, None
+    drop, act = layer.drop, layer.act
+    if not activations.is_identity(drop):
+        return None, f"its drop, {_words(drop)}, is not the identity: drop and act run after the layer"
+    if activations.is_identity(act):
+        return None, None
+    own = activations.of_module(act)
+    if own is None:
+        return None, f"its act, {_words(act)}, is not an activation bn_triton fuses: it runs after the layer"
+    if getattr(layer, "activation", None) not in (None, own):
+        return None, f"already fused (activation={layer.activation!r})"
+    return own, None
+
+
+def _words(module: nn.Module) -> str:
+    text = repr(module)
+    return text if "\n" not in text else type(module).__name__
+
+
+def _identities(node: fx.Node, mods: dict) -> tuple:
+    """(end, chain): ``node``'s value carried through the identities that each read it alone
+    (nn.Identity, drops at rate 0), ``chain`` these nodes in order and ``end`` the last of them
+    (``node`` where there is none)."""
+    chain = []
+    while len(node.users) == 1:
+        (user,) = node.users
+        if not _is_identity(user, node, mods):
+            break
+        chain.append(user)
+        node = user
+    return node, tuple(chain)
+
+
+def _is_identity(node: fx.Node, x: fx.Node, mods: dict) -> bool:
+    """Whether ``node`` returns ``x`` as it is, in the mode of its graph."""
+    if not node.args or node.args[0] is not x:
+        return False
+    if node.op == "call_module":
+        return len(node.args) == 1 and not node.kwargs and activations.is_identity(mods[node.target])
+    if node.op == "call_function":
+        drop = activations.drop_call(node.target, tuple(node.args), dict(node.kwargs))
+        return drop is not None and (drop[0] == 0.0 or not drop[1])
+    return False
+
+
+def _not_identity(node: fx.Node, x: fx.Node, mods: dict, via: str) -> Optional[str]:
+    """Why ``node``, a drop that reads ``x``, is not looked through; None where it is no drop."""
+    if not node.args or node.args[0] is not x:
+        return None
+    if node.op == "call_module":
+        rate = activations.drop_rate(mods[node.target])
+    elif node.op == "call_function":
+        rate = (activations.drop_call(node.target, tuple(node.args), dict(node.kwargs)) or (None,))[0]
+    else:
+        return None
+    if rate is None:
+        return None
+    return f"output{via} feeds {_describe(node, mods)} at rate {rate:g}, not the identity (a drop at rate 0 is)"
+
+
+def _via(chain: tuple, mods: dict) -> str:
+    return f", through {', '.join(_describe(n, mods) for n in chain)}," if chain else ""
 
 
 def _activation(node: fx.Node, x: fx.Node, mods: dict) -> Optional[str]:
@@ -425,10 +549,14 @@ def _mismatch(bn: fx.Node, other: fx.Node) -> Optional[str]:
     return None
 
 
-def _unsafe_between(bn: fx.Node, add: fx.Node, mods: dict) -> Optional[str]:
-    """Why the BatchNorm may not run later, at its add (where the fused call goes), or None."""
+def _unsafe_between(bn: fx.Node, add: fx.Node, mods: dict, chain: tuple) -> Optional[str]:
+    """Why the BatchNorm may not run later, at its add (where the fused call goes), or None. The
+    identities of ``chain`` go with it: each reads only the one before and is read only by the next."""
     node = bn.next
     while node is not add:
+        if node in chain:
+            node = node.next
+            continue
         if node.op == "call_module" and node.target == bn.target:
             return "called again between its call and its add"
         if node.op == "get_attr" and node.target.startswith(f"{bn.target}."):
@@ -442,7 +570,8 @@ def _unsafe_between(bn: fx.Node, add: fx.Node, mods: dict) -> Optional[str]:
 def _may_write_in_place(node: fx.Node, mods: dict) -> bool:
     if node.op == "call_module":
         layer = mods[node.target]
-        known = type(layer).__module__.startswith(("torch.nn.", "bn_triton."))
+        known = type(layer).__module__.startswith(("torch.nn.", "bn_triton.")) or _fusable(layer)
+        known = known or activations.drop_rate(layer) is not None  # timm's drops: their inplace flag
         return not known or getattr(layer, "inplace", False) is True  # a user's leaf: anything
     if node.op not in ("call_function", "call_method"):
         return False
@@ -495,7 +624,7 @@ def _one_claim_per_add(calls: dict) -> None:
     for add, claimants in claims.items():
         if len(claimants) < 2:
             continue
-        keep = next(((res, i) for res, i in claimants if res[i].bn is add.args[0]), claimants[0])
+        keep = next(((res, i) for res, i in claimants if res[i].operand is add.args[0]), claimants[0])
         for res, i in claimants:
             if res is not keep[0] or i != keep[1]:
                 res[i] = RESIDUAL
@@ -505,8 +634,11 @@ def _decide(results: list, modes: list) -> list | str:
     """The sites to fuse, if every call of the layer fuses alike, in every graph (``modes``: each call's);
     else why the layer stays."""
     kinds = [r.kind if isinstance(r, _Site) else r for r in results]
-    if all(isinstance(r, _Site) for r in results) and len(set(kinds)) == 1:
+    sites = all(isinstance(r, _Site) for r in results)
+    if sites and len(set(kinds)) == 1:
         return results
+    if sites and all(r.add is not None for r in results):  # some take their add's activation, some not
+        return [r.add_alone() for r in results]
     if len(set(kinds)) == 1:
         return kinds[0]
     fused = {r.kind for r in results if isinstance(r, _Site)}
@@ -527,10 +659,9 @@ def _report(model: nn.Module, calls: dict, decisions: dict) -> FusionReport:
     report = FusionReport()
     for name, layer in _batchnorms(model):
         decision = decisions.get(name)
-        if type(layer) not in FUSABLE:
+        if not _fusable(layer):
             cls = type(layer)
-            why = f"a {cls.__module__}.{cls.__qualname__}: only torch's and bn_triton's BatchNorm1d/2d/3d fuse"
-            report.left.append((name, why))
+            report.left.append((name, f"a {cls.__module__}.{cls.__qualname__}: {ONLY_THESE}"))
         elif name not in calls:
             report.left.append((name, "not called by forward (absent from the torch.fx trace), kept as it is"))
         elif isinstance(decision, list):
@@ -542,38 +673,46 @@ def _report(model: nn.Module, calls: dict, decisions: dict) -> FusionReport:
 
 # ---------------------------------------------------------------- rewriting
 def _rewrite(gm: fx.GraphModule, fused: dict) -> None:
-    """Each fused call in place of its BatchNorm, [add,] activation nodes. Operands are read from the
-    graph as it is now: an earlier rewrite may have replaced them (a block's input is the last one's
-    activation)."""
+    """Each fused call in place of its BatchNorm, identity, [add,] activation nodes. Operands are read
+    from the graph as it is now: an earlier rewrite may have replaced them (a block's input is the last
+    one's activation)."""
     graph = gm.graph
     for name, sites in fused.items():
         for site in sites:
+            if not site.nodes:  # a norm + activation layer's own act: only the layer changes
+                continue
+            last = site.nodes[-1]
             if site.add is None:  # the BatchNorm's node stays, its layer becomes the fused one
-                site.act.replace_all_uses_with(site.bn)
-                graph.erase_node(site.act)
+                last.replace_all_uses_with(site.bn)
+                for node in reversed(site.nodes):
+                    graph.erase_node(node)
                 continue
             first, second = site.add.args
-            residual = second if first is site.bn else first
+            residual = second if first is site.operand else first
             with graph.inserting_before(site.add):
                 call = graph.call_module(name, (site.bn.args[0],), {"residual": residual})
-            call.meta.update(site.act.meta)
-            site.act.replace_all_uses_with(call)
-            for node in (site.act, site.add, site.bn):
+            call.meta.update(last.meta)
+            last.replace_all_uses_with(call)
+            for node in (*reversed(site.nodes), site.bn):
                 graph.erase_node(node)
     graph.lint()
     gm.recompile()
 
 
 def _replace_layers(gm: fx.GraphModule, decisions: dict) -> dict:
-    """Fused layers become ours with their activation, torch's others ours, at the same names, with
-    the same tensors. Returns {id(old layer): new layer}."""
+    """Fused layers become ours with their activation, torch's and timm's others ours, at the same
+    names, with the same tensors (a norm + activation layer: with its very drop and act). Returns
+    {id(old layer): new layer}."""
     replaced = {}
     for name in decisions:
         layer = gm.get_submodule(name)
         fused = isinstance(decisions[name], list)
-        if not fused and type(layer) not in OURS:
+        if not fused and type(layer) in OWN:
             continue  # ours already, unfused: kept as it is
-        new = convert_layer(layer, OURS.get(type(layer), type(layer)))
+        if convert.is_norm_act(layer):
+            new = convert_layer(layer, modules.BatchNormAct2d, drop=layer.drop, act=layer.act)
+        else:
+            new = convert_layer(layer, OURS.get(type(layer), type(layer)))
         if fused:
             new.activation = decisions[name][0].activation
         prefix, _, field = name.rpartition(".")

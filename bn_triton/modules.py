@@ -89,16 +89,20 @@ class BatchNorm3d(TritonBatchNormMixin, torch.nn.BatchNorm3d):
 
 class NormActMixin:
     """timm's norm + activation layers (its BatchNormAct2d, SyncBatchNormAct): the BatchNorm, then the
-    child ``drop``, then the child ``act``, as timm computes them. Where ``drop`` is the identity and
-    the activation table (bn_triton/activations.py) has ``act``, the activation is fused into the
-    layer's kernels (``activation``) and ``act`` is kept, not called; else both run after the layer.
-    ``drop`` and ``act`` hold no tensors of the layer's: the state_dict is timm's."""
+    child ``drop``, then the child ``act``, as timm computes them. Where ``drop`` is the identity
+    (nn.Identity, or a dropout at rate 0: activations.is_identity) and the activation table
+    (bn_triton/activations.py) has ``act``, the activation is fused into the layer's kernels
+    (``activation``) and ``act`` is kept, not called; else both run after the layer, unless
+    ``activation`` is set: ``bn_triton.fuse`` sets it on a layer whose drop and act are identities (timm's
+    ``apply_act=False``) to the activation that followed the layer in the model, which then runs in
+    the layer and drop and act (identities) are not called. ``drop`` and ``act`` hold no tensors of the
+    layer's: the state_dict is timm's."""
 
     def __init__(self, *args, drop=None, act=None, **kwargs):
         super().__init__(*args, **kwargs)
         self.drop = torch.nn.Identity() if drop is None else drop
         self.act = torch.nn.Identity() if act is None else act
-        self.activation = activations.of_module(self.act) if type(self.drop) is torch.nn.Identity else None
+        self.activation = activations.of_module(self.act) if activations.is_identity(self.drop) else None
 
     def forward(self, input: Tensor, residual=None) -> Tensor:
         if isinstance(input, torch.fx.Proxy):

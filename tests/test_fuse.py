@@ -1,10 +1,12 @@
-"""bn_triton.fuse: BatchNorm -> [add ->] ReLU found in a model's torch.fx trace and run as our fused layers.
+"""bn_triton.fuse: BatchNorm -> [add ->] activation, and BatchNorm -> add alone, found in a model's torch.fx
+trace (through nn.Identity and drops at rate 0) and run as our fused layers.
 
-torchvision may not be importable, so the blocks are built here as torchvision writes them (conv1x1 /
-conv3x3 helpers, downsample = Sequential(conv1x1, BatchNorm2d), ``out += identity``, one
-``nn.ReLU(inplace=True)`` called several times, a conv-BN-ReLU-maxpool stem), at tiny widths: the
-interpreter's cost is per launch, so the one test that trains the ResNet-50-shaped net (212 launches a
-step) does all its checks on the same steps, in channels_last (a few programs per launch there).
+torchvision's and timm's own models are in tests/test_real_models.py. Here torchvision may not be
+importable, so the blocks are built as torchvision writes them (conv1x1 / conv3x3 helpers,
+downsample = Sequential(conv1x1, BatchNorm2d), ``out += identity``, one ``nn.ReLU(inplace=True)``
+called several times, a conv-BN-ReLU-maxpool stem), at tiny widths: the interpreter's cost is per
+launch, so the one test that trains the ResNet-50-shaped net (212 launches a step) does all its
+checks on the same steps, in channels_last (a few programs per launch there).
 """
 
 import collections
@@ -20,7 +22,7 @@ from torch.profiler import ProfilerActivity, profile
 
 import bn_triton
 from bn_triton import launch
-from bn_triton.fuse import RESIDUAL, UNTRACEABLE
+from bn_triton.fuse import RESIDUAL, UNTRACEABLE, describe_kind
 from tests.helpers import TOL, make, train_launches
 
 CL = torch.channels_last
@@ -324,8 +326,39 @@ def test_result_traces_and_compiles_again(device):
 
 
 # ---------------------------------------------------------------- every spelling of ReLU and add
+class DropPath(nn.Module):
+    """timm.layers.drop.DropPath's structure and forward: each sample zeroed with probability
+    ``drop_prob`` in training, the rest scaled by 1 / (1 - drop_prob)."""
+
+    def __init__(self, drop_prob=0.0):
+        super().__init__()
+        self.drop_prob = drop_prob
+
+    def forward(self, x):
+        if self.drop_prob == 0.0 or not self.training:
+            return x
+        keep = 1 - self.drop_prob
+        return x * x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep).div_(keep)
+
+
+class DropBlock2d(nn.Module):
+    """timm.layers.drop.DropBlock2d's structure: the identity at rate 0 or in eval mode."""
+
+    def __init__(self, drop_prob=0.1):
+        super().__init__()
+        self.drop_prob = drop_prob
+
+    def forward(self, x):
+        if not self.training or not self.drop_prob:
+            return x
+        raise NotImplementedError("not needed here: only the rate-0 block runs")
+
+
+DropPath.__module__ = DropBlock2d.__module__ = "timm.layers.drop"
+
+
 class _Pattern(nn.Module):
-    """BN -> [add ->] ReLU spelled by ``fn(self, bn(x), r)``."""
+    """BN -> [identities ->] [add ->] [identities ->] ReLU spelled by ``fn(self, bn(x), r)``."""
 
     def __init__(self, fn):
         super().__init__()
@@ -333,6 +366,9 @@ class _Pattern(nn.Module):
         self.relu = nn.ReLU()
         self.relu_inplace = nn.ReLU(inplace=True)
         self.offset = nn.Parameter(torch.randn(3, 1, 1))
+        self.identity = nn.Identity()
+        self.drop0, self.drop0_inplace, self.drop = nn.Dropout(0.0), nn.Dropout(0.0, inplace=True), nn.Dropout(0.5)
+        self.drop_path0, self.drop_path, self.drop_block0 = DropPath(0.0), DropPath(0.2), DropBlock2d(0.0)
         self.fn = fn
 
     def forward(self, x, r):
@@ -365,6 +401,37 @@ ADDS = {
 }
 
 
+def _iadd_alone(m, y, r):
+    y += r
+    return y
+
+
+ADDS_ALONE = {  # BN -> add, its result read by anything but one activation: the add alone fuses
+    "+": lambda m, y, r: y + r,
+    "+ (residual first), two users": lambda m, y, r: (lambda s: m.relu(s) * s)(r + y),
+    "+=": _iadd_alone,
+    "torch.add then sigmoid": lambda m, y, r: torch.sigmoid(torch.add(y, r)),
+    "Tensor.add_ then a product": lambda m, y, r: y.add_(r) * 2,
+}
+LOOKED_THROUGH = {  # identities between the BatchNorm, its add and its activation: spelling -> kind
+    "nn.Identity -> relu": (lambda m, y, r: m.relu(m.identity(y)), "relu"),
+    "DropBlock2d(0) -> relu": (lambda m, y, r: m.relu(m.drop_block0(y)), "relu"),
+    "Dropout(0) -> Identity -> relu6": (lambda m, y, r: F.relu6(m.identity(m.drop0(y))), "relu6"),
+    "F.dropout(training=False) -> silu": (lambda m, y, r: F.silu(F.dropout(y, 0.5, training=False)), "silu"),
+    "F.dropout(p=0) -> add -> Identity -> relu": (
+        lambda m, y, r: torch.relu(m.identity(F.dropout(y, 0.0, m.training) + r)),
+        "add+relu",
+    ),
+    "DropPath(0) -> add": (lambda m, y, r: m.drop_path0(y) + r, "add"),
+    "Dropout(0, inplace=True) -> add -> DropPath(0) -> hardswish": (
+        lambda m, y, r: F.hardswish(m.drop_path0(r + m.drop0_inplace(y))),
+        "add+hardswish",
+    ),
+    "add -> Identity, then no activation": (lambda m, y, r: m.identity(y + r) * 2, "add"),
+    "add -> Dropout(0.5) -> relu": (lambda m, y, r: torch.relu(m.drop(y + r)), "add"),
+}
+
+
 def _inputs(device):
     x = make((2, 3, 4, 5), torch.float32, device, seed=1)
     return x, make((2, 3, 4, 5), torch.float32, device, seed=2)
@@ -377,6 +444,7 @@ def _same_as_original(model, gm, device, backward=True):
     results = []
     for m in (model, gm):
         xs = [x.clone().requires_grad_(backward), r.clone().requires_grad_(backward)]
+        torch.manual_seed(0)  # the same dropout masks
         y = m(*xs)
         grads = {}
         if backward:
@@ -404,6 +472,26 @@ def test_every_relu_and_add_spelling_fuses(spelling, device):
     gm = bn_triton.fuse(copy.deepcopy(model), _inputs(device))
     assert gm.fusion_report.fused == [("bn", kind)] and gm.fusion_report.left == []
     assert [n.op for n in gm.graph.nodes] == ["placeholder", "placeholder", "call_module", "output"]
+    _same_as_original(model, gm, device)
+
+
+@pytest.mark.parametrize("spelling", list(ADDS_ALONE) + list(LOOKED_THROUGH))
+def test_adds_alone_and_identities_fuse(spelling, device):
+    """BN -> add with no activation after it: one call with the residual (the end of an inverted
+    residual block); nn.Identity and drops at rate 0 are looked through, before and after the add."""
+    fn, kind = (ADDS_ALONE[spelling], "add") if spelling in ADDS_ALONE else LOOKED_THROUGH[spelling]
+    torch.manual_seed(0)
+    model = _Pattern(fn).to(device)
+    gm = bn_triton.fuse(copy.deepcopy(model), _inputs(device))
+    assert gm.fusion_report.fused == [("bn", kind)] and gm.fusion_report.left == []
+    assert str(gm.fusion_report) == f"fused 1 of 1 BatchNorm layers: 1 {describe_kind(kind)}"
+    (call,) = _batchnorm_calls(gm)
+    assert ("residual" in call.kwargs) == kind.startswith("add")
+    assert gm.bn.activation == (None if kind == "add" else kind.removeprefix("add+"))
+    assert [n for n in gm.graph.nodes if n.op == "call_function" and n.target in (operator.add, F.dropout)] == []
+    kept = {"add -> Identity, then no activation": ["identity"], "add -> Dropout(0.5) -> relu": ["drop"]}
+    modules = [n.target for n in gm.graph.nodes if n.op == "call_module" and n.target not in ("bn", "relu")]
+    assert modules == kept.get(spelling, [])
     _same_as_original(model, gm, device)
 
 
@@ -437,10 +525,6 @@ def test_in_place_add_fuses_only_into_the_batchnorm_output(first_is_bn, device):
 NOT_FUSED = {
     "BN output used twice": (lambda m, y, r: m.relu(y) + y, "output has 2 users"),
     "ReLU on a tensor read elsewhere": (lambda m, y, r: torch.relu(y + r) * (y + r), "output has 2 users"),
-    "add result read elsewhere": (
-        lambda m, y, r: (lambda s: m.relu(s) * s)(y + r),
-        "output feeds an add whose result has 2 users, not an activation bn_triton fuses",
-    ),
     "add_ alias read after": (lambda m, y, r: y.add_(r).relu() * y, "output has 2 users"),
     "broadcast (N, C, 1, 1)": (
         lambda m, y, r: torch.relu(y + r.mean((2, 3), keepdim=True)),
@@ -460,7 +544,28 @@ NOT_FUSED = {
         lambda m, y, r: torch.relu(y + torch.relu_(r * 2)),
         "torch.relu_ may write in place between its call and its add",
     ),
-    "add without ReLU": (lambda m, y, r: y + r, "output feeds an add whose result has one user, the model's output"),
+    "Dropout(0.5) before the ReLU": (
+        lambda m, y, r: torch.relu(m.drop(y)),
+        "output feeds drop (Dropout) at rate 0.5, not the identity (a drop at rate 0 is)",
+    ),
+    "DropPath(0.2) before the add": (
+        lambda m, y, r: torch.relu(m.drop_path(m.identity(y)) + r),
+        "output, through identity (Identity), feeds drop_path (DropPath) at rate 0.2, not the identity (a drop at "
+        "rate 0 is)",
+    ),
+    "identity read twice": (
+        lambda m, y, r: (lambda i: torch.relu(i) + i)(m.identity(y)),
+        "output, through identity (Identity), has 2 users",
+    ),
+    "in-place op before the add, through an identity": (
+        lambda m, y, r: m.identity(y) + torch.relu_(r * 2),
+        "torch.relu_ may write in place between its call and its add",
+    ),
+    "F.dropout(p=0.5) in training": (
+        lambda m, y, r: torch.relu(F.dropout(y, 0.5, m.training)),
+        "not every call fuses alike: in training mode 1 not (output feeds torch.nn.functional.dropout at rate 0.5, "
+        "not the identity (a drop at rate 0 is)); in eval mode 1 into relu",
+    ),
     "not an activation": (
         lambda m, y, r: torch.sigmoid(y),
         "output feeds torch.sigmoid, not an activation bn_triton fuses or an add",
@@ -478,6 +583,8 @@ def test_what_must_not_fuse_stays(case, device):
     assert name == "bn" and why.startswith(reason), why
     assert gm.fusion_report.fused == []
     assert type(gm.bn) is bn_triton.BatchNorm2d and gm.bn.activation is None
+    if "DropPath" in case:  # timm's drops are leaves: one node, which reads its own mode as it runs
+        assert "drop_path" in [n.target for n in gm.graph.nodes if n.op == "call_module"]
     _same_as_original(model, gm, device, backward=False)
 
 
@@ -501,8 +608,9 @@ class _TwoCalls(nn.Module):
         (lambda y, r: torch.relu(y + r), lambda y, r: F.relu(r + y), "add+relu"),
         (lambda y, r: torch.relu(y), lambda y, r: y * 2, None),
         (lambda y, r: torch.relu(y), lambda y, r: torch.relu(y + r), None),
+        (lambda y, r: torch.relu(y + r), lambda y, r: r + y, "add"),
     ],
-    ids=["both-relu", "both-add-relu", "relu-and-none", "relu-and-add-relu"],
+    ids=["both-relu", "both-add-relu", "relu-and-none", "relu-and-add-relu", "add-relu-and-add"],
 )
 def test_a_layer_called_twice_fuses_only_if_both_calls_fuse_alike(first, second, fused, device):
     torch.manual_seed(0)
@@ -510,7 +618,7 @@ def test_a_layer_called_twice_fuses_only_if_both_calls_fuse_alike(first, second,
     gm = bn_triton.fuse(copy.deepcopy(model), _inputs(device))
     if fused:
         assert gm.fusion_report.fused == [("bn", fused)]
-        assert len(_batchnorm_calls(gm)) == 2 and gm.bn.activation == "relu"
+        assert len(_batchnorm_calls(gm)) == 2 and gm.bn.activation == (None if fused == "add" else "relu")
     else:
         ((name, why),) = gm.fusion_report.left
         assert name == "bn" and why.startswith("called 2 times, and not every call fuses alike: 1 into relu, 1 ")
@@ -542,7 +650,7 @@ def test_other_batchnorms_are_left_with_their_reason():
     gm = bn_triton.fuse(model, torch.randn(2, 3, 4, 4))
     left = dict(gm.fusion_report.left)
     assert gm.fusion_report.fused == []
-    only = "only torch's and bn_triton's BatchNorm1d/2d/3d fuse"
+    only = "only torch's and bn_triton's BatchNorm1d/2d/3d and timm's and bn_triton's BatchNormAct2d fuse"
     assert left["sync"] == f"a torch.nn.modules.batchnorm.SyncBatchNorm: {only}"
     assert left["mine"] == f"a tests.test_fuse._Others.MyBN: {only}"
     assert left["unused"] == "not called by forward (absent from the torch.fx trace), kept as it is"
@@ -590,23 +698,6 @@ def test_untraceable_model_is_converted_without_fusion_on_request(device):
     assert result.fusion_report.fused == [] and result.fusion_report.left == [("bn", UNTRACEABLE)]
     x, _ = _inputs(device)
     torch.testing.assert_close(result(x), expected(x), **TOL[torch.float32])
-
-
-# ---------------------------------------------------------------- torchvision's own, where it loads
-def test_torchvision_resnet18(device):
-    try:
-        import torchvision.models
-    except Exception as exc:  # noqa: BLE001 - a broken install skips as a missing one does
-        pytest.skip(f"torchvision is not importable here ({type(exc).__name__}: {exc}); this checks its resnet18")
-    torch.manual_seed(0)
-    model = torchvision.models.resnet18(num_classes=10).to(device, memory_format=CL)
-    x = _images(0, device)
-    gm = bn_triton.fuse(copy.deepcopy(model), x)
-    assert collections.Counter(k for _, k in gm.fusion_report.fused) == {"relu": 9, "add+relu": 8}
-    assert [n for n, _ in gm.fusion_report.left] == [f"layer{i}.0.downsample.1" for i in (2, 3, 4)]
-    unfused = bn_triton.convert_batchnorm(model)
-    _close(gm(x), unfused(x), "train output")
-    _close(gm.eval()(x), unfused.eval()(x), "eval output")
 
 
 def test_fused_from_float32_then_run_under_autocast(device):

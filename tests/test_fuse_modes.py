@@ -4,13 +4,13 @@ in each mode, and the result runs the graph of the modes its modules are in.
 
 Each model is fused in training mode and in eval mode (from a copy: the result holds the model's very
 tensors), then run beside the original in a sequence of modes, both under the same seed before each
-call: outputs, every gradient and the running statistics must agree at every step.
+call: outputs, every gradient and the running statistics must agree at every step. torchvision's and
+timm's models that read their modes are in tests/test_real_models.py.
 """
 
 import copy
 import io
 import pickle
-import warnings
 
 import pytest
 import torch
@@ -277,45 +277,3 @@ def test_a_model_untraceable_in_one_mode_is_not_fused_in_the_other():
         result = bn_triton.fuse(model, on_untraceable="convert")
     assert result is model and result.fusion_report.left == [("bn", UNTRACEABLE)]
     assert model.training, "the modes are restored"
-
-
-# ---------------------------------------------------------------- torchvision's and timm's own, where they load
-def _import(name):
-    try:
-        return __import__(name)
-    except Exception as exc:  # noqa: BLE001 - a broken install skips as a missing one does
-        pytest.skip(f"{name} is not importable here ({type(exc).__name__}: {exc}); this checks its models")
-
-
-def _real_models():
-    torchvision = _import("torchvision")
-    timm = _import("timm")
-    return {  # the model, and how many modules' modes its trace reads
-        "efficientnet_b0": (lambda: torchvision.models.efficientnet_b0(weights=None, stochastic_depth_prob=0.9), 9),
-        "ghostnet_100": (lambda: timm.create_model("ghostnet_100", pretrained=False), 1),
-    }
-
-
-@pytest.mark.parametrize("name", ["efficientnet_b0", "ghostnet_100"])
-def test_torchvision_and_timm_models_with_mode_reads(name, device):
-    """efficientnet_b0 reads ``self.training`` in 9 stochastic-depth calls, ghostnet_100 in its head's
-    dropout. Fused in training, it evaluates as the original does; fused in eval, it trains as the
-    original does (same seed). One forward each: the interpreter takes minutes for one."""
-    build, reads = _real_models()[name]
-    x = make((2, 3, 64, 64), torch.float32, device, seed=0)  # 2x2 maps at the end: 8 values per channel
-    for fused_in, run_in, seed in (("train", "eval", 0), ("eval", "train", 1)):
-        torch.manual_seed(0)
-        model = build().to(device).train(fused_in == "train")
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            fused = bn_triton.fuse(copy.deepcopy(model), x)
-        assert len(fused.mode_names) == reads and len(fused.mode_graphs) == 1
-        model.train(run_in == "train")
-        fused.train(run_in == "train")
-        outputs = []
-        for m in (model, fused):
-            torch.manual_seed(seed)
-            with torch.no_grad():
-                outputs.append(m(x))
-        scale = float(outputs[0].abs().max())  # efficientnet_b0's eval output is about 1e-14 at its init
-        _close(outputs[1], outputs[0], f"fused in {fused_in}, run in {run_in}", atol=1e-3 * scale, rtol=1e-3)

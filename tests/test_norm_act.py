@@ -1,11 +1,11 @@
 """timm's norm + activation layers (BatchNormAct2d, SyncBatchNormAct) under bn_triton's converters:
 recognized by module and class name (timm is never imported by bn_triton), converted to ours with
 their very tensors and drop/act modules, the activation fused where the table has it and drop is the
-identity, timm's order (BN, drop, act) kept otherwise. A stand-in with timm's module and class name
-and timm's forward serves where timm is not installed; the real classes are checked where it is."""
+identity, timm's order (BN, drop, act) kept otherwise; and under bn_triton.fuse, which also fuses a
+layer whose act and drop are identities into the pattern after it. Stand-ins with timm's module and
+class names and timm's forward serve here; the real classes are checked in tests/test_real_models.py."""
 
 import copy
-import importlib.util
 
 import pytest
 import torch
@@ -150,22 +150,89 @@ def test_timms_gelu_classes_are_in_the_table():
     assert activations.of_module(GELUTanh()) == "gelu_tanh"
 
 
-@pytest.mark.skipif(importlib.util.find_spec("timm") is None, reason="timm is not installed here")
-def test_the_real_timm_classes(device):
-    from timm.layers import BatchNormAct2d as TimmBNAct
-    from timm.layers.norm_act import convert_sync_batchnorm
+# ---------------------------------------------------------------- bn_triton.fuse
+class _NormActNet(nn.Module):
+    """timm's norm + activation layers as its blocks use them: ``a`` computes its own SiLU; ``b``
+    (apply_act=False) feeds a DropPath that is the identity, an add and a ReLU; ``c`` an add alone (the
+    end of an inverted residual block); ``d``'s act has no kernel; ``e``'s drop is a real dropout;
+    ``f``'s drop is a dropout at rate 0."""
 
-    layers = [TimmBNAct(4, act_layer=a) for a in ("silu", "hard_swish", "gelu", "leaky_relu")] + [
-        TimmBNAct(4, apply_act=False)
-    ]
-    model = nn.Sequential(*layers).double()
+    def __init__(self):
+        super().__init__()
+        self.a = _layer(nn.SiLU(inplace=True), seed=1)
+        self.b = _layer(None, seed=2)
+        self.drop_path, self.act = nn.Identity(), nn.ReLU(inplace=True)
+        self.c = _layer(None, seed=3)
+        self.d = _layer(nn.Sigmoid(), seed=4)
+        self.e = _layer(nn.SiLU(), nn.Dropout(0.3), seed=5)
+        self.f = _layer(nn.Hardswish(), nn.Dropout(0.0), seed=6)
+
+    def forward(self, x, r):
+        y = self.act(self.drop_path(self.b(self.a(x))) + r)
+        return self.f(self.e(self.d(self.c(y) + r)))
+
+
+FUSED = [("a", "silu"), ("b", "add+relu"), ("c", "add"), ("f", "hardswish")]
+LEFT = [
+    ("d", "its act, Sigmoid(), is not an activation bn_triton fuses: it runs after the layer"),
+    ("e", "its drop, Dropout(p=0.3, inplace=False), is not the identity: drop and act run after the layer"),
+]
+
+
+def _run(model, x, r, training, seed):
+    model.train(training)
+    xs = [x.clone().requires_grad_(), r.clone().requires_grad_()]
+    torch.manual_seed(seed)  # the same dropout mask
+    y = model(*xs)
+    params = dict(model.named_parameters())
+    weight = torch.linspace(-1, 1, y.numel(), dtype=y.dtype, device=y.device).view_as(y)  # BN does not cancel it
+    grads = torch.autograd.grad((y * weight).sum(), [*xs, *params.values()])
+    grads = dict(zip(["x", "r", *params], grads, strict=True))
+    return y.detach(), grads, {k: v.clone() for k, v in model.named_buffers()}
+
+
+@pytest.mark.parametrize("converted_first", [False, True], ids=["timm", "ours"])
+def test_fuse_takes_norm_act_layers(converted_first, device):
+    """Each layer becomes our BatchNormAct2d holding timm's very tensors, drop and act: its own act
+    fused, its identity act replaced by the pattern after it, or, where it cannot fuse, timm's order
+    kept; the result computes what timm's layers compute, in training and eval."""
+    model = _NormActNet().to(device)
     ref = copy.deepcopy(model)
-    bn_triton.convert_batchnorm(model)
-    assert [m.activation for m in model] == ["silu", "hardswish", "gelu", "leaky_relu(0.01)", None]
-    x = make((2, 4, 3, 3), torch.float64, "cpu", seed=4)
-    model.to(device)
-    for training in (True, False):
-        model.train(training), ref.train(training)
-        torch.testing.assert_close(model(x.to(device)).cpu(), ref(x), atol=1e-10, rtol=1e-9)
-    synced = bn_triton.SyncBatchNorm.convert_sync_batchnorm(convert_sync_batchnorm(copy.deepcopy(ref)))
-    assert all(type(m) is bn_triton.SyncBatchNormAct for m in synced)
+    source = bn_triton.convert_batchnorm(copy.deepcopy(model)) if converted_first else model
+    x, r = make((2, 4, 3, 5), torch.float64, device, seed=7), make((2, 4, 3, 5), torch.float64, device, seed=8)
+    gm = bn_triton.fuse(source, (x, r))
+    assert gm.fusion_report.fused == FUSED and gm.fusion_report.left == LEFT
+    assert str(gm.fusion_report).startswith("fused 4 of 6 BatchNorm layers: 1 into silu, 1 into add + relu, 1 into add")
+    for name in "abcdef":
+        theirs, ours = source.get_submodule(name), gm.get_submodule(name)
+        assert type(ours) is bn_triton.BatchNormAct2d, name
+        assert ours.act is theirs.act and ours.drop is theirs.drop, name
+        assert ours.weight is theirs.weight and ours.running_var is theirs.running_var, name
+    assert [gm.get_submodule(n).activation for n in "abcdef"] == ["silu", "relu", None, None, None, "hardswish"]
+    assert list(gm.state_dict()) == list(ref.state_dict())
+    for k, v in ref.state_dict().items():
+        assert torch.equal(gm.state_dict()[k], v), k
+    gm.load_state_dict(ref.state_dict(), strict=True)  # timm's tensors into ours, and back
+    copy.deepcopy(ref).load_state_dict(gm.state_dict(), strict=True)
+    assert [n.target for n in gm.graph.nodes if n.op == "call_module"] == list("abcdef")
+    for step, training in enumerate((True, True, False)):
+        (y0, g0, b0), (y1, g1, b1) = _run(ref, x, r, training, step), _run(gm, x, r, training, step)
+        torch.testing.assert_close(y1, y0, atol=1e-10, rtol=1e-9)
+        for k in g0:
+            torch.testing.assert_close(g1[k], g0[k], atol=1e-10, rtol=1e-9, msg=k)
+        assert list(b1) == list(b0)
+        for k in b0:
+            torch.testing.assert_close(b1[k], b0[k], atol=1e-10, rtol=1e-9, msg=k)
+
+
+def test_fusing_again_and_syncing_keep_the_activations(device):
+    model = _NormActNet().to(device)
+    x, r = make((2, 4, 3, 5), torch.float64, device, seed=7), make((2, 4, 3, 5), torch.float64, device, seed=8)
+    gm = bn_triton.fuse(model, (x, r))
+    again = bn_triton.fuse(gm, (x, r)).fusion_report
+    assert again.fused == [("a", "silu"), ("f", "hardswish")]  # their own acts, as before
+    residual = "called with a residual or more arguments already"
+    assert again.left == [("b", residual), ("c", residual), *LEFT]
+    synced = bn_triton.SyncBatchNorm.convert_sync_batchnorm(gm)
+    assert [type(synced.get_submodule(n)) for n in "abcdef"] == [bn_triton.SyncBatchNormAct] * 6
+    assert [synced.get_submodule(n).activation for n in "abcdef"] == ["silu", "relu", None, None, None, "hardswish"]
