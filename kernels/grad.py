@@ -36,6 +36,7 @@ from .tile import (
     launched,
     load_partials,
     split_range,
+    sum_rows,
     sum_rs,
     tile_offsets,
 )
@@ -197,8 +198,8 @@ def grad_sums_kernel(
         sum_dy = tl.zeros([BLOCK_C], ACC)
         sum_dy_xhat = tl.zeros([BLOCK_C], ACC)
         for p0 in range(0, num_splits, BLOCK_P):
-            sum_dy += tl.sum(load_partials(PART, 0, p0, num_splits, C, c, cm, BLOCK_P), axis=0)
-            sum_dy_xhat += tl.sum(load_partials(PART, 1, p0, num_splits, C, c, cm, BLOCK_P), axis=0)
+            sum_dy += sum_rows(load_partials(PART, 0, p0, num_splits, C, c, cm, BLOCK_P))
+            sum_dy_xhat += sum_rows(load_partials(PART, 1, p0, num_splits, C, c, cm, BLOCK_P))
         tl.store(SUM_DY + c, sum_dy, mask=cm)
         tl.store(SUM_DY_XHAT + c, sum_dy_xhat, mask=cm)
         if HAS_DW:
