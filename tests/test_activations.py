@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import bn_triton
-from bn_triton import _config, activations, launch, reference
+from bn_triton import _config, activations, launch, ops, reference
 from tests.helpers import TOL, make, np64
 
 EPS = 1e-5
@@ -341,3 +341,22 @@ def test_compile_fullgraph_and_export_with_every_activation(device):
     program = torch.export.export(model, (x,))
     torch.testing.assert_close(program.module()(x), eager(x), atol=0, rtol=0)
     torch._dynamo.reset()
+
+
+# ---------------------------------------------------------------- opcheck
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+def test_opcheck_with_every_activation(activation, device):
+    """The ops that take an activation, under torch.library.opcheck (schema, fake, AOT): the
+    forward with a residual, the backward sums recomputing act' (storing d(residual)), and dx."""
+    x, dy, r = (make((2, 3, 4), torch.float32, device, seed=s) for s in (0, 1, 2))
+    w, b = make((3,), torch.float32, device, offset=1.0, seed=3), make((3,), torch.float32, device, seed=4)
+    mean, rstd, _ = ops.stats(x, None, None, 0.1, None, 1e-5, True)
+    s1, s2, *_ = ops.grad_sums(dy, x, mean, rstd, w, b, None, r, 1e-5, False, activation, False, False, False, True)
+    cases = [
+        (ops.normalize, (x, mean, rstd, w, b, 1e-5, False, r, activation)),
+        (ops.grad_sums, (dy, x, mean, rstd, w, b, None, r, 1e-5, False, activation, False, True, True, True)),
+        (ops.grad_input, (dy, x, mean, rstd, w, s1, s2, b, None, r, 1e-5, True, 8, activation, False, True, True)),
+    ]
+    for op, args in cases:
+        results = torch.library.opcheck(op, args)
+        assert set(results.values()) == {"SUCCESS"}, (op, results)

@@ -26,6 +26,7 @@ INPUTS = {
     "channels_last": lambda: make((16, 32, 7, 7), torch.float32, "cpu", "channels_last", seed=0),
     "2-D": lambda: make((16, 32), torch.float32, "cpu", seed=0),
 }
+ACTIVATIONS = ["relu", "relu6", "leaky_relu(0.2)", "elu(0.5)", "silu", "hardswish", "gelu", "gelu_tanh", "mish"]
 FUSED = {
     "plain": {},
     "relu": dict(activation="relu"),
@@ -70,6 +71,18 @@ def test_python_calls_and_allocations_per_call(layout, fused, path, monkeypatch)
             assert calls <= max_calls, f"{name}: {calls} Python calls (at most {max_calls})"
             if not fused:  # the common path; a residual's backward also writes d(residual)
                 assert allocs <= max_allocs, f"{name}: {allocs} allocations (at most {max_allocs})"
+
+
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+@pytest.mark.parametrize("residual", [False, True], ids=["", "residual"])
+def test_every_activation_within_the_budgets(activation, residual):
+    """Each activation is data in one table: its calls, on NCHW, count as the others' do."""
+    with stub.stubbed_kernels():
+        for name, (fn, grad) in _calls("NCHW", dict(activation=activation, residual=residual)).items():
+            with torch.set_grad_enabled(grad):
+                fn()
+                calls = counts.python_calls(fn)
+            assert calls <= LIMITS[name][0], f"{name}: {calls} Python calls (at most {LIMITS[name][0]})"
 
 
 def test_the_count_of_an_empty_function_is_what_the_docstring_says():
